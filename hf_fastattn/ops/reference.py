@@ -1,0 +1,192 @@
+"""Naive quadratic references: materialize the N x N weights in fp32. For tests and debugging only.
+
+Every efficient operator in `hf_fastattn.ops` and `hf_fastattn.kernels` is checked against these.
+Layout: q `[B, H, N, D]`, k `[B, Hkv, N, D]`, v `[B, Hkv, N, Dv]` with Hkv dividing H; outputs `[B, H, N, Dv]`
+in the dtype of q. `padding_mask` is `[B, N]` bool, True for real tokens; a padded key contributes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .feature_maps import FeatureMap, get_feature_map
+
+
+def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Repeat the K/V heads of `x` `[B, Hkv, N, D]` so that it has `num_heads` heads (GQA / MQA)."""
+    hkv = x.shape[1]
+    if num_heads % hkv != 0:
+        raise ValueError(f"the number of query heads ({num_heads}) must be a multiple of the K/V heads ({hkv})")
+    return x if hkv == num_heads else x.repeat_interleave(num_heads // hkv, dim=1)
+
+
+def allowed_mask(
+    n_q: int, n_k: int, *, causal: bool, padding_mask: torch.Tensor | None = None, device=None
+) -> torch.Tensor:
+    """`[B or 1, 1, Nq, Nk]` bool: which keys each query may see. Queries are the last `n_q` positions."""
+    i = torch.arange(n_k - n_q, n_k, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    allowed = (j <= i) if causal else torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    allowed = allowed[None, None]
+    if padding_mask is not None:
+        allowed = allowed & padding_mask[:, None, None, :].to(device=allowed.device, dtype=torch.bool)
+    return allowed
+
+
+def naive_weighted_attention(weights: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Normalize non-negative `weights` `[B, H, Nq, Nk]` per row and apply them to `v`; empty rows give 0."""
+    denom = weights.sum(-1, keepdim=True)
+    return (weights @ v.float() / denom.clamp_min(1e-6)).to(out_dtype)
+
+
+def naive_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str | FeatureMap | torch.nn.Module = "elu",
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j), over allowed j (Katharopoulos et al. 2020)."""
+    fmap = get_feature_map(feature_map)
+    h = q.shape[1]
+    qf = fmap(q.float())
+    kf = repeat_kv(fmap(k.float()), h)
+    weights = qf @ kf.transpose(-1, -2)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=padding_mask, device=q.device)
+    return naive_weighted_attention(weights * allowed, repeat_kv(v, h), q.dtype)
+
+
+def naive_feature_attention(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Linear attention on already feature-mapped `qf` `[B, H, N, F]`, `kf` `[B, H, N, F]`, `v` `[B, H, N, Dv]`.
+
+    Returns `(out [B, H, N, Dv], (S [B, H, F, Dv], z [B, H, F]))`, the final recurrent state
+    S = S0 + sum_j kf_j v_j^T, z = z0 + sum_j kf_j. The initial state counts as keys seen before position 0.
+    """
+    qf, kf, vf = qf.float(), kf.float(), v.float()
+    n = qf.shape[2]
+    weights = qf @ kf.transpose(-1, -2)
+    if causal:
+        weights = weights * allowed_mask(n, n, causal=True, device=qf.device)
+    num = weights @ vf
+    den = weights.sum(-1)
+    s_final = kf.transpose(-1, -2) @ vf
+    z_final = kf.sum(2)
+    if initial_state is not None:
+        s0, z0 = initial_state[0].float(), initial_state[1].float()
+        num = num + qf @ s0
+        den = den + (qf * z0[:, :, None, :]).sum(-1)
+        s_final, z_final = s_final + s0, z_final + z0
+    out = num / den.clamp_min(1e-6)[..., None]
+    return out.to(v.dtype), (s_final, z_final)
+
+
+def fast_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Mean-centre and L2-normalize each token vector over its last dimension (fastmax's q-hat / k-hat)."""
+    x = x - x.mean(-1, keepdim=True)
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
+
+
+def fastmax_weight(s: torch.Tensor, order: int) -> torch.Tensor:
+    """f(s) = sum_{l <= order} s^l / l!, the Taylor truncation of exp(s)."""
+    return 1 + s if order == 1 else 1 + s + 0.5 * s * s
+
+
+def naive_fast_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    order: int = 2,
+    temperature: float = 1.0,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FAST fastmax (Gerami et al. 2024), per-token normalization: weights f(q_hat.k_hat / T), rows normalized."""
+    h = q.shape[1]
+    qn = fast_normalize(q.float())
+    kn = repeat_kv(fast_normalize(k.float()), h)
+    weights = fastmax_weight(qn @ kn.transpose(-1, -2) / temperature, order)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=padding_mask, device=q.device)
+    return naive_weighted_attention(weights * allowed, repeat_kv(v, h), q.dtype)
+
+
+def sparse_pattern_mask(
+    n: int,
+    *,
+    causal: bool,
+    pattern: str = "strided",
+    stride: int,
+    local: int | None = None,
+    summary: int = 1,
+    device=None,
+) -> torch.Tensor:
+    """`[N, N]` bool: the Child et al. 2019 pattern, both heads merged into one allowed set.
+
+    "strided": |i - j| < local (default stride) or |i - j| a multiple of stride.
+    "fixed":   floor(i / stride) == floor(j / stride) or j mod stride >= stride - summary.
+    """
+    i = torch.arange(n, device=device)[:, None]
+    j = torch.arange(n, device=device)[None, :]
+    if pattern == "strided":
+        dist = (i - j).abs()
+        allowed = (dist < (stride if local is None else local)) | (dist % stride == 0)
+    elif pattern == "fixed":
+        allowed = (i // stride == j // stride) | (j % stride >= stride - summary)
+    else:
+        raise ValueError(f"pattern must be 'strided' or 'fixed', got {pattern!r}")
+    if causal:
+        allowed = allowed & (j <= i)
+    return allowed
+
+
+def naive_softmax_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    allowed: torch.Tensor | None = None,
+    causal: bool = False,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention in fp32 restricted to `allowed` (`[..., Nq, Nk]` bool); rows with no key give 0."""
+    h = q.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scaling is None else scaling
+    scores = q.float() @ repeat_kv(k, h).float().transpose(-1, -2) * scale
+    mask = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=padding_mask, device=q.device)
+    if allowed is not None:
+        mask = mask & allowed
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ repeat_kv(v, h).float()).to(q.dtype)
+
+
+def naive_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    pattern: str = "strided",
+    stride: int,
+    local: int | None = None,
+    summary: int = 1,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Softmax attention under `sparse_pattern_mask` (self-attention: Nq == Nk)."""
+    allowed = sparse_pattern_mask(
+        q.shape[2], causal=causal, pattern=pattern, stride=stride, local=local, summary=summary, device=q.device
+    )
+    return naive_softmax_attention(q, k, v, allowed=allowed, scaling=scaling, padding_mask=padding_mask)
