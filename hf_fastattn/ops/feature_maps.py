@@ -1,0 +1,79 @@
+"""Feature maps phi for linear attention: phi(q) . phi(k) stands in for exp(q . k).
+
+Every map is an `nn.Module` taking `[..., D]` and returning non-negative features `[..., F]`, so that fixed
+maps (elu+1, relu, fastmax) and learned maps (T2R, Hedgehog; see `hf_fastattn.conversion`) plug into the same
+operators. A learned map may be per head: it then receives `[B, H, N, D]` and uses the head dimension.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureMap(nn.Module):
+    """Base class: `forward(x [..., D]) -> [..., F]`; `feature_dim(head_dim)` gives F."""
+
+    def feature_dim(self, head_dim: int) -> int:
+        return head_dim
+
+
+class EluFeatureMap(FeatureMap):
+    """phi(x) = elu(x) + 1 (Katharopoulos et al. 2020): positive, so denominators stay positive."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.elu(x) + 1
+
+
+class ReluFeatureMap(FeatureMap):
+    """phi(x) = relu(x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x)
+
+
+class FastmaxFeatureMap(FeatureMap):
+    """Features whose dot product is fastmax's f(s) = 1 + s + s^2/2 (order 2) or 1 + s (order 1), s = x.y / T.
+
+    x is used as given (normalize it first with `fast_normalize`). The order-2 term uses the symmetric part of
+    x x^T only: diagonal x_i^2 / sqrt(2) and upper triangle x_i x_j (i < j), so F = 1 + D + D(D+1)/2 rather than
+    1 + D + D^2, with the same dot products.
+    """
+
+    def __init__(self, order: int = 2, temperature: float = 1.0):
+        super().__init__()
+        self.order = order
+        self.temperature = temperature
+
+    def feature_dim(self, head_dim: int) -> int:
+        return 1 + head_dim + (head_dim * (head_dim + 1) // 2 if self.order == 2 else 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x / math.sqrt(self.temperature)
+        parts = [torch.ones_like(x[..., :1]), x]
+        if self.order == 2:
+            d = x.shape[-1]
+            rows, cols = torch.triu_indices(d, d, device=x.device)
+            outer = x[..., rows] * x[..., cols]
+            # off-diagonal products appear twice in (x.y)^2, diagonal ones once: weight 1 and 1/sqrt(2)
+            weight = torch.where(rows == cols, 1 / math.sqrt(2), 1.0).to(x.dtype)
+            parts.append(outer * weight)
+        return torch.cat(parts, dim=-1)
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluFeatureMap, "relu": ReluFeatureMap}
+
+
+def get_feature_map(feature_map: str | nn.Module) -> nn.Module:
+    """Resolve a feature map given by name ("elu", "relu") or as an `nn.Module`."""
+    if isinstance(feature_map, nn.Module):
+        return feature_map
+    if isinstance(feature_map, str) and feature_map in FEATURE_MAPS:
+        return FEATURE_MAPS[feature_map]()
+    raise ValueError(
+        f"feature_map must be one of {sorted(FEATURE_MAPS)} or an nn.Module mapping [..., D] to [..., F], "
+        f"got {feature_map!r}"
+    )

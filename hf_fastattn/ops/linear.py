@@ -1,0 +1,312 @@
+"""Linear attention (Katharopoulos et al. 2020, "Transformers are RNNs").
+
+    out_i = phi(q_i) . S_i / phi(q_i) . z_i,   S_i = sum_{j <= i} phi(k_j) v_j^T,   z_i = sum_{j <= i} phi(k_j)
+
+Three forms of one computation (all accumulate in fp32):
+- `chunk_linear_attention`: the parallel form for training and prefill. The sequence is cut into chunks of C
+  tokens; inside a chunk the weights phi(q) phi(k)^T are formed explicitly (C x C), across chunks the state
+  S is carried: O(N C F + N F Dv) for feature size F. All chunks of a segment are done in one batched matmul with
+  a cumulative sum of per-chunk states (no Python loop over chunks), which is what makes it fast on CPU.
+- `recurrent_linear_step`: one token against the state (S, z): O(F Dv) whatever the position. Used for decoding.
+- the bidirectional form: one state over all keys.
+
+Layout: q `[B, H, N, D]`, k `[B, Hkv, N, D]`, v `[B, Hkv, N, Dv]`, Hkv dividing H. The recurrent state has the
+K/V heads: S `[B, Hkv, F, Dv]`, z `[B, Hkv, F]` (query heads of one group share it, as in GQA).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .feature_maps import get_feature_map
+from .reference import repeat_kv
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+# about 256 MiB of fp32 intermediates per segment of the chunked form
+_SEGMENT_BUDGET = 1 << 26
+_EPS = 1e-6
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Whether `backend` ("auto" | "torch" | "triton", or $HF_FASTATTN_BACKEND) picks the Triton kernels."""
+    from ..kernels.dispatch import resolve_backend
+
+    return resolve_backend(backend, *tensors) == "triton"
+
+
+def _group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Split query heads into K/V groups: q -> `[B, Hkv, G, N, *]`, k/v -> `[B, Hkv, 1, N, *]`."""
+    b, h, n, _ = q.shape
+    hkv = k.shape[1]
+    if h % hkv != 0 or v.shape[1] != hkv:
+        raise ValueError(
+            f"q has {h} heads and k/v have {hkv}/{v.shape[1]}: the K/V heads must be equal and divide the query heads"
+        )
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"q, k and v must have the same length, got {n}, {k.shape[2]} and {v.shape[2]}")
+    return q.view(b, hkv, h // hkv, n, q.shape[-1]), k.unsqueeze(2), v.unsqueeze(2)
+
+
+def _apply_map(feature_map, x: torch.Tensor) -> torch.Tensor:
+    """Apply a feature map to grouped `[B, Hkv, G, L, D]` as to `[B, Hkv * G, L, D]` (per-head maps see heads)."""
+    b, hkv, g, length, d = x.shape
+    return feature_map(x.reshape(b, hkv * g, length, d)).reshape(b, hkv, g, length, -1)
+
+
+def _segment_length(batch_heads: int, feature_dim: int, value_dim: int, chunk_size: int) -> int:
+    per_token = batch_heads * (2 * feature_dim + 3 * feature_dim * value_dim / chunk_size)
+    return max(chunk_size, int(_SEGMENT_BUDGET / per_token) // chunk_size * chunk_size)
+
+
+def _causal_segment(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    intra: torch.Tensor,
+    s0: torch.Tensor,
+    z0: torch.Tensor,
+    chunk_size: int,
+):
+    """One segment (length a multiple of C) of the chunked causal form.
+
+    qf `[B, Hkv, G, L, F]`, kf `[B, Hkv, 1, L, F]`, v `[B, Hkv, 1, L, Dv]`, intra `[B, Hkv, G, L/C, C, C]` the
+    within-chunk weights (already causal-masked), s0 `[B, Hkv, 1, F, Dv]`, z0 `[B, Hkv, 1, F]`.
+    Returns numerator `[B, Hkv, G, L, Dv]`, denominator `[B, Hkv, G, L]` and the state after the segment.
+    """
+    b, hkv, g, length, f = qf.shape
+    nc = length // chunk_size
+    q = qf.reshape(b, hkv, g, nc, chunk_size, f)
+    k = kf.reshape(b, hkv, 1, nc, chunk_size, f)
+    vc = v.reshape(b, hkv, 1, nc, chunk_size, v.shape[-1])
+    # state entering each chunk: s0 plus every earlier chunk's k^T v (exclusive prefix sum over chunks)
+    s_incl = torch.cumsum(k.transpose(-1, -2) @ vc, dim=3) + s0.unsqueeze(3)  # [B, Hkv, 1, nc, F, Dv]
+    z_incl = torch.cumsum(k.sum(-2), dim=3) + z0.unsqueeze(3)  # [B, Hkv, 1, nc, F]
+    s_excl = torch.cat([s0.unsqueeze(3), s_incl[:, :, :, :-1]], dim=3)
+    z_excl = torch.cat([z0.unsqueeze(3), z_incl[:, :, :, :-1]], dim=3)
+    num = q @ s_excl + intra @ vc  # [B, Hkv, G, nc, C, Dv]
+    den = (q @ z_excl.unsqueeze(-1)).squeeze(-1) + intra.sum(-1)  # [B, Hkv, G, nc, C]
+    return (
+        num.reshape(b, hkv, g, length, -1),
+        den.reshape(b, hkv, g, length),
+        (s_incl[:, :, :, -1], z_incl[:, :, :, -1]),
+    )
+
+
+def causal_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    intra_weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    key_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, State | None]:
+    """Chunked causal linear attention with the feature map applied segment by segment (bounded memory).
+
+    Args:
+        q, k, v: `[B, H, N, D]`, `[B, Hkv, N, D]`, `[B, Hkv, N, Dv]`, before the feature map.
+        feature_map: maps `[..., D]` to non-negative features `[..., F]`.
+        intra_weights: optional `(q_chunk, k_chunk) -> weights [..., C, C]` equal to phi(q) phi(k)^T but cheaper
+            (fastmax computes f(q.k) in D dimensions rather than F). Defaults to the feature-space product.
+        key_mask: `[B, N]` bool or 0/1, False/0 for keys that must contribute nothing (padding).
+        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, keys seen before position 0.
+        output_final_state: also return the state after the last token.
+        chunk_size: C, tokens per chunk.
+
+    Returns:
+        `(out [B, H, N, Dv]` in v's dtype, `(S, z)` or None).
+    """
+    out_dtype = v.dtype
+    b, h, n, _ = q.shape
+    qg, kg, vg = _group(q.float(), k.float(), v.float())
+    hkv, g = kg.shape[1], qg.shape[2]
+    mask = None if key_mask is None else key_mask.to(torch.float32).view(b, 1, 1, n, 1)
+    tril = torch.ones(chunk_size, chunk_size, device=q.device).tril()
+
+    f_dim = feature_map(q[:, :, :1].float()).shape[-1]
+    if initial_state is None:
+        s = torch.zeros(b, hkv, 1, f_dim, v.shape[-1], device=q.device)
+        z = torch.zeros(b, hkv, 1, f_dim, device=q.device)
+    else:
+        s, z = initial_state[0].float().unsqueeze(2), initial_state[1].float().unsqueeze(2)
+    seg = _segment_length(b * h, f_dim, v.shape[-1], chunk_size)
+    outs = []
+    for start in range(0, n, seg):
+        end = min(n, start + seg)
+        pad = (-(end - start)) % chunk_size
+        qs, ks, vs = (
+            torch.nn.functional.pad(x[..., start:end, :], (0, 0, 0, pad)) for x in (qg, kg, vg)
+        )
+        qf, kf = _apply_map(feature_map, qs), _apply_map(feature_map, ks)
+        if mask is not None:
+            ms = torch.nn.functional.pad(mask[..., start:end, :], (0, 0, 0, pad))
+            kf = kf * ms
+        elif pad:
+            # zero-padded keys at the tail would still have phi(0) > 0: mask them out
+            ms = (torch.arange(end - start + pad, device=q.device) < end - start).float().view(1, 1, 1, -1, 1)
+            kf = kf * ms
+        nc = qs.shape[3] // chunk_size
+        if intra_weights is None:
+            a = qf.reshape(b, hkv, g, nc, chunk_size, -1) @ kf.reshape(b, hkv, 1, nc, chunk_size, -1).transpose(-1, -2)
+        else:
+            a = intra_weights(qs.reshape(b, hkv, g, nc, chunk_size, -1), ks.reshape(b, hkv, 1, nc, chunk_size, -1))
+            if mask is not None or pad:
+                a = a * ms.reshape(b if mask is not None else 1, 1, 1, nc, 1, chunk_size)
+        num, den, (s, z) = _causal_segment(qf, kf, vs, a * tril, s, z, chunk_size)
+        outs.append((num / den.clamp_min(_EPS).unsqueeze(-1))[..., : end - start, :])
+    out = torch.cat(outs, dim=3).reshape(b, h, n, -1).to(out_dtype)
+    return out, ((s.squeeze(2), z.squeeze(2)) if output_final_state else None)
+
+
+def bidirectional_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Non-causal linear attention: one state S = sum_j phi(k_j) v_j^T over all (unmasked) keys."""
+    b, h, n, _ = q.shape
+    qg, kg, vg = _group(q.float(), k.float(), v.float())
+    kf = _apply_map(feature_map, kg)
+    if key_mask is not None:
+        kf = kf * key_mask.to(torch.float32).view(b, 1, 1, n, 1)
+    s = kf.transpose(-1, -2) @ vg  # [B, Hkv, 1, F, Dv]
+    z = kf.sum(-2, keepdim=True)  # [B, Hkv, 1, 1, F]
+    qf = _apply_map(feature_map, qg)
+    out = (qf @ s) / (qf * z).sum(-1, keepdim=True).clamp_min(_EPS)
+    return out.reshape(b, h, n, -1).to(v.dtype)
+
+
+def chunk_linear_attention(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Linear attention on already feature-mapped inputs, with recurrent state in and out (fla's "chunk" mode).
+
+    Args:
+        qf: `[B, H, N, F]` phi(q). kf: `[B, Hkv, N, F]` phi(k), zero rows for keys to ignore. v: `[B, Hkv, N, Dv]`.
+        causal: prefix sums (True) or one state over all keys (False).
+        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])` or None.
+
+    Returns:
+        `(out [B, H, N, Dv], final state or None)`.
+    """
+    if use_triton(backend, qf, kf, v):
+        from ..kernels import linear_attention_triton
+
+        return _triton_grouped(linear_attention_triton, qf, kf, v, causal, initial_state, output_final_state)
+    if causal:
+        return causal_linear_attention(
+            qf, kf, v, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
+        )
+    out, state = _bidirectional_with_state(qf, kf, v, initial_state)
+    return out, (state if output_final_state else None)
+
+
+def _bidirectional_with_state(qf, kf, v, initial_state):
+    qg, kg, vg = _group(qf.float(), kf.float(), v.float())
+    s = kg.transpose(-1, -2) @ vg
+    z = kg.sum(-2)
+    if initial_state is not None:
+        s = s + initial_state[0].float().unsqueeze(2)
+        z = z + initial_state[1].float().unsqueeze(2)
+    out = (qg @ s) / (qg @ z.unsqueeze(-1)).clamp_min(_EPS)
+    return out.reshape(qf.shape[0], qf.shape[1], qf.shape[2], -1).to(v.dtype), (s.squeeze(2), z.squeeze(2))
+
+
+def _triton_grouped(kernel, qf, kf, v, causal, initial_state, output_final_state):
+    """Call a Triton kernel that wants equal head counts: repeat K/V (and the state) over the query groups."""
+    h, hkv = qf.shape[1], kf.shape[1]
+    rep = h // hkv
+    if rep > 1:
+        kf, v = kf.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        if initial_state is not None:
+            initial_state = tuple(x.repeat_interleave(rep, 1) for x in initial_state)
+    out, state = kernel(qf, kf, v, causal=causal, initial_state=initial_state, output_final_state=output_final_state)
+    if state is not None and rep > 1:
+        state = tuple(x[:, ::rep] for x in state)
+    return out, state
+
+
+def recurrent_linear_step(
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, state: State, *, backend: str = "auto"
+) -> tuple[torch.Tensor, State]:
+    """One decoding step: fold the new token into the state, then read it with the query. O(F Dv) per head.
+
+    Args:
+        qf: `[B, H, 1, F]`. kf: `[B, Hkv, 1, F]` (zeros for a padded token). v: `[B, Hkv, 1, Dv]`.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`.
+
+    Returns:
+        `(out [B, H, 1, Dv], new state)`; the new state is a new tensor (the old one is not modified).
+    """
+    if qf.shape[2] != 1:
+        raise ValueError(f"recurrent_linear_step takes one token, got {qf.shape[2]}; use chunk_linear_attention")
+    if use_triton(backend, qf, kf, v):
+        from ..kernels import recurrent_linear_step_triton
+
+        h, hkv = qf.shape[1], kf.shape[1]
+        if h == hkv:
+            return recurrent_linear_step_triton(qf, kf, v, state)
+    qg, kg, vg = _group(qf.float(), kf.float(), v.float())
+    s = state[0].float() + (kg.transpose(-1, -2) @ vg).squeeze(2)  # [B, Hkv, F, Dv]
+    z = state[1].float() + kg.squeeze(2).squeeze(2)  # [B, Hkv, F]
+    out = (qg @ s.unsqueeze(2)) / (qg @ z[:, :, None, :, None]).clamp_min(_EPS)
+    return out.reshape(qf.shape[0], qf.shape[1], 1, -1).to(v.dtype), (s, z)
+
+
+def linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    feature_map: str | nn.Module = "elu",
+    padding_mask: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Linear attention with feature map phi applied to q and k as given (no scaling).
+
+    Args:
+        q: `[B, H, N, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H.
+        causal: attend to j <= i (True) or to all j (False).
+        feature_map: "elu" (elu + 1), "relu", or an `nn.Module` mapping `[..., D]` to `[..., F]` (learned maps).
+        padding_mask: `[B, N]` bool, True for real tokens; padded keys contribute nothing.
+        backend: "auto" | "torch" | "triton" (see `hf_fastattn.kernels.dispatch`).
+
+    Returns:
+        `[B, H, N, Dv]` in v's dtype.
+    """
+    fmap = get_feature_map(feature_map)
+    if getattr(fmap, "per_head", False) and k.shape[1] != q.shape[1]:
+        # a per-head learned map has one set of weights per query head: give k those heads too
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    if use_triton(backend, q, k, v):
+        qf, kf = fmap(q), fmap(k)
+        if padding_mask is not None:
+            kf = kf * padding_mask[:, None, :, None].to(kf.dtype)
+        return chunk_linear_attention(qf, kf, v, causal=causal, backend="triton")[0]
+    if causal:
+        return causal_linear_attention(q, k, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)[0]
+    return bidirectional_linear_attention(q, k, v, feature_map=fmap, key_mask=padding_mask)
