@@ -1,0 +1,283 @@
+"""Registration of "linear", "fast", "sparse" and "mqa" with transformers' attention and mask interfaces.
+
+Every function follows the contract of `transformers.integrations.sdpa_attention.sdpa_attention_forward`:
+`fn(module, query [B, H, Nq, D], key [B, Hkv, N, D], value [B, Hkv, N, Dv], attention_mask, dropout, scaling,
+is_causal, **kwargs) -> (out [B, Nq, H, Dv], None)`, called after RoPE and after the K/V cache update.
+
+Masks: "mqa" uses transformers' own `sdpa_mask`. The O(N) variants register `padding_mask`, which hands the
+attention function the 2D padding mask `[B, N]` itself (or None): an N x N mask would defeat linear memory, and
+causality comes from the module. Without a registered mask function transformers passes `attention_mask=None`
+and a padded batch silently attends to its padding.
+
+Options live in `model.config.fastattn` (a dict, saved in config.json) and are validated by `FastAttnOptions`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from ..ops.fast import fast_attention, validate_fast_options
+from ..ops.feature_maps import FEATURE_MAPS
+from ..ops.linear import chunk_linear_attention, linear_attention
+from ..ops.sparse import SparsePattern, sparse_attention
+
+IMPLEMENTATIONS = ("linear", "fast", "sparse", "mqa")
+# model_type values whose attention modules follow the contract above and are tested here
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
+CONFIG_KEY = "fastattn"
+
+
+@dataclass
+class FastAttnOptions:
+    """Options of the hf_fastattn attention implementations, stored as `config.fastattn`.
+
+    Args:
+        feature_map: "linear": "elu" (elu + 1) or "relu". Learned maps (T2R, Hedgehog) are set by conversion.
+        order: "fast": Taylor order of exp, 1 or 2.
+        temperature: "fast": s = q_hat . k_hat / temperature (> 0; >= 1 for order 1).
+        pattern: "sparse": "strided" or "fixed" (Child et al. 2019).
+        stride: "sparse": period / block size.
+        local: "sparse" strided: band width, default `stride`.
+        summary: "sparse" fixed: summary keys per block.
+        kv_groups: "mqa": number of K/V head groups after mean pooling (1 = multi-query, G = grouped-query).
+        chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form.
+        backend: "auto" | "torch" | "triton" kernels for the operators.
+    """
+
+    feature_map: str = "elu"
+    order: int = 2
+    temperature: float = 1.0
+    pattern: str = "strided"
+    stride: int = 128
+    local: int | None = None
+    summary: int = 1
+    kv_groups: int = 1
+    chunk_size: int = 64
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"fastattn option feature_map={self.feature_map!r} is not one of {sorted(FEATURE_MAPS)}")
+        validate_fast_options(self.order, self.temperature)
+        SparsePattern(self.pattern, self.stride, self.local, self.summary)
+        if not isinstance(self.kv_groups, int) or self.kv_groups < 1:
+            raise ValueError(f"fastattn option kv_groups must be a positive int, got {self.kv_groups!r}")
+        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
+            raise ValueError(f"fastattn option chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"fastattn option backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any] | None) -> FastAttnOptions:
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown fastattn option(s) {unknown}; valid options are {valid}")
+        return cls(**options)
+
+
+def configure(target, **options) -> FastAttnOptions:
+    """Validate `options` and store them in `config.fastattn` of a model or config (merged with what is there).
+
+    Example: `hf_fastattn.configure(model, order=1, temperature=2.0)`; they are saved by `save_pretrained`.
+    """
+    config = target if isinstance(target, PreTrainedConfig) else target.config
+    merged = {**(getattr(config, CONFIG_KEY, None) or {}), **options}
+    parsed = FastAttnOptions.from_dict(merged)
+    setattr(config, CONFIG_KEY, {k: v for k, v in asdict(parsed).items() if k in merged})
+    return parsed
+
+
+def get_options(config) -> FastAttnOptions:
+    return FastAttnOptions.from_dict(getattr(config, CONFIG_KEY, None))
+
+
+def check_supported(module: torch.nn.Module, implementation: str) -> None:
+    model_type = getattr(module.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"hf_fastattn: attn_implementation={implementation!r} is not supported for model_type={model_type!r}; "
+            f"supported model types are {list(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
+def padding_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
+) -> torch.Tensor | None:
+    """Mask builder for the O(N) variants: the 2D padding mask `[B, kv_length]` (True = real token), or None."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+    return None if bool(mask.all()) else mask
+
+
+def _key_padding(attention_mask: torch.Tensor | None, kv_length: int, implementation: str) -> torch.Tensor | None:
+    if attention_mask is None:
+        return None
+    if attention_mask.dim() != 2:
+        raise ValueError(
+            f"hf_fastattn {implementation!r} attention takes a 2D padding mask [batch, keys] (True = attend); got a "
+            f"{attention_mask.dim()}D mask of shape {tuple(attention_mask.shape)}. Custom 4D masks are not supported."
+        )
+    if attention_mask.shape[-1] != kv_length:
+        raise ValueError(f"padding mask covers {attention_mask.shape[-1]} keys but attention has {kv_length}")
+    return attention_mask
+
+
+def feature_map_of(module: torch.nn.Module, options: FastAttnOptions):
+    """The learned feature map attached by conversion (`module.fastattn_feature_map`), else the configured one."""
+    return getattr(module, "fastattn_feature_map", None) or options.feature_map
+
+
+def _linear_like(module, query, key, value, attention_mask, is_causal, implementation, run):
+    """Shared body of "linear" and "fast": padding, and queries that are only the last Nq of N positions."""
+    check_supported(module, implementation)
+    mask = _key_padding(attention_mask, key.shape[2], implementation)
+    causal = _is_causal(module, is_causal)
+    nq, n = query.shape[2], key.shape[2]
+    if nq == n:
+        out = run(query, key, value, causal, mask)
+    elif causal and nq < n:
+        out = _suffix_queries(query, key, value, mask, run)
+    else:
+        raise ValueError(f"hf_fastattn {implementation!r}: {nq} queries against {n} keys is only supported causally")
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _suffix_queries(query, key, value, mask, run):
+    """Causal queries at the last Nq of N positions (decoding with a plain K/V cache): the earlier keys are summed
+    into one state in O(N), then the queries attend causally to their own tokens on top of it."""
+    nq, n = query.shape[2], key.shape[2]
+    prefix_mask = None if mask is None else mask[:, : n - nq]
+    suffix_mask = None if mask is None else mask[:, n - nq :]
+    return run(query, key[:, :, n - nq :], value[:, :, n - nq :], True, suffix_mask, (key[:, :, : n - nq], value[:, :, : n - nq], prefix_mask))
+
+
+def linear_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """"linear": Katharopoulos et al. elu+1 (or relu, or a learned map). `scaling` is not used: phi sees q, k as given."""
+    options = get_options(module.config)
+    fmap = feature_map_of(module, options)
+
+    def run(q, k, v, causal, mask, prefix=None):
+        if prefix is None:
+            return linear_attention(
+                q, k, v, causal=causal, feature_map=fmap, padding_mask=mask, chunk_size=options.chunk_size,
+                backend=options.backend,
+            )
+        return _with_prefix_state(q, k, v, mask, prefix, fmap, options)
+
+    return _linear_like(module, query, key, value, attention_mask, is_causal, "linear", run)
+
+
+def _with_prefix_state(q, k, v, mask, prefix, fmap, options):
+    from ..ops.feature_maps import get_feature_map
+    from ..ops.reference import repeat_kv
+
+    phi = get_feature_map(fmap)
+    pk, pv, pmask = prefix
+    if getattr(phi, "per_head", False) and k.shape[1] != q.shape[1]:
+        k, v, pk, pv = (repeat_kv(x, q.shape[1]) for x in (k, v, pk, pv))
+    kf_prefix = phi(pk.float())
+    if pmask is not None:
+        kf_prefix = kf_prefix * pmask[:, None, :, None]
+    state = (kf_prefix.transpose(-1, -2) @ pv.float(), kf_prefix.sum(2))
+    kf = phi(k.float())
+    if mask is not None:
+        kf = kf * mask[:, None, :, None]
+    out, _ = chunk_linear_attention(
+        phi(q.float()), kf, v, causal=True, initial_state=state, chunk_size=options.chunk_size, backend=options.backend
+    )
+    return out
+
+
+def fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """"fast": FAST fastmax of order 1 or 2. `scaling` is not used: q and k are normalized, `temperature` scales."""
+    options = get_options(module.config)
+
+    def run(q, k, v, causal, mask, prefix=None):
+        if prefix is None:
+            return fast_attention(
+                q, k, v, causal=causal, order=options.order, temperature=options.temperature, padding_mask=mask,
+                chunk_size=options.chunk_size, backend=options.backend,
+            )
+        from ..ops.fast import fast_feature_map
+        from ..ops.reference import fast_normalize
+
+        pk, pv, pmask = prefix
+        fmap = fast_feature_map(options.order, options.temperature)
+        return _with_prefix_state(
+            fast_normalize(q.float()), fast_normalize(k.float()), v, mask,
+            (fast_normalize(pk.float()), pv, pmask), fmap, options,
+        )
+
+    return _linear_like(module, query, key, value, attention_mask, is_causal, "fast", run)
+
+
+def sparse_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """"sparse": softmax attention under the Child et al. pattern of `config.fastattn` (pattern, stride, ...)."""
+    check_supported(module, "sparse")
+    options = get_options(module.config)
+    mask = _key_padding(attention_mask, key.shape[2], "sparse")
+    out = sparse_attention(
+        query, key, value, causal=_is_causal(module, is_causal), pattern=options.pattern, stride=options.stride,
+        local=options.local, summary=options.summary, scaling=scaling, padding_mask=mask, backend=options.backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def mean_pool_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[B, Hkv, N, D]` -> `[B, groups, N, D]`: the mean of each run of Hkv / groups consecutive heads."""
+    b, hkv, n, d = x.shape
+    if hkv % groups != 0:
+        raise ValueError(f"mqa: kv_groups={groups} must divide the model's {hkv} key/value heads")
+    return x.view(b, groups, hkv // groups, n, d).mean(2)
+
+
+def mqa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """"mqa": K/V mean-pooled into `kv_groups` heads at run time (Ainslie et al. 2023 init), then SDPA.
+
+    Pooling after RoPE equals pooling the projections (RoPE rotates every head alike), so this is exactly the model
+    whose K/V projections were mean-pooled.
+    """
+    check_supported(module, "mqa")
+    groups = get_options(module.config).kv_groups
+    key, value = mean_pool_heads(key, groups), mean_pool_heads(value, groups)
+    shim = SimpleNamespace(
+        num_key_value_groups=query.shape[1] // groups, is_causal=getattr(module, "is_causal", True),
+        layer_idx=getattr(module, "layer_idx", None),
+    )
+    return sdpa_attention_forward(shim, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+ATTENTION_FUNCTIONS = {
+    "linear": linear_attention_forward,
+    "fast": fast_attention_forward,
+    "sparse": sparse_attention_forward,
+    "mqa": mqa_attention_forward,
+}
+MASK_FUNCTIONS = {"linear": padding_mask, "fast": padding_mask, "sparse": padding_mask, "mqa": sdpa_mask}
+
+
+def register() -> None:
+    """Register every implementation with `AttentionInterface` and `AttentionMaskInterface` (idempotent)."""
+    for name, fn in ATTENTION_FUNCTIONS.items():
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, MASK_FUNCTIONS[name])
