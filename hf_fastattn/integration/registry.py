@@ -47,7 +47,7 @@ class FastAttnOptions:
         local: "sparse" strided: band width, default `stride`.
         summary: "sparse" fixed: summary keys per block.
         kv_groups: "mqa": number of K/V head groups after mean pooling (1 = multi-query, G = grouped-query).
-        chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form.
+        chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form (None: 128, or 256 for large feature maps).
         backend: "auto" | "torch" | "triton" kernels for the operators.
     """
 
@@ -59,7 +59,7 @@ class FastAttnOptions:
     local: int | None = None
     summary: int = 1
     kv_groups: int = 1
-    chunk_size: int = 64
+    chunk_size: int | None = None
     backend: str = "auto"
 
     def __post_init__(self):
@@ -69,8 +69,8 @@ class FastAttnOptions:
         SparsePattern(self.pattern, self.stride, self.local, self.summary)
         if not isinstance(self.kv_groups, int) or self.kv_groups < 1:
             raise ValueError(f"fastattn option kv_groups must be a positive int, got {self.kv_groups!r}")
-        if not isinstance(self.chunk_size, int) or self.chunk_size < 1:
-            raise ValueError(f"fastattn option chunk_size must be a positive int, got {self.chunk_size!r}")
+        if self.chunk_size is not None and (not isinstance(self.chunk_size, int) or self.chunk_size < 1):
+            raise ValueError(f"fastattn option chunk_size must be a positive int or None (auto), got {self.chunk_size!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"fastattn option backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
 

@@ -47,7 +47,7 @@ def fast_attention(
     order: int = 2,
     temperature: float = 1.0,
     padding_mask: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """FAST fastmax attention in O(N).

@@ -69,35 +69,35 @@ def _segment_length(batch_heads: int, feature_dim: int, value_dim: int, chunk_si
 def _causal_segment(
     qf: torch.Tensor,
     kf: torch.Tensor,
-    v: torch.Tensor,
+    v1: torch.Tensor,
     intra: torch.Tensor,
-    s0: torch.Tensor,
-    z0: torch.Tensor,
+    state: torch.Tensor | None,
     chunk_size: int,
 ):
     """One segment (length a multiple of C) of the chunked causal form.
 
-    qf `[B, Hkv, G, L, F]`, kf `[B, Hkv, 1, L, F]`, v `[B, Hkv, 1, L, Dv]`, intra `[B, Hkv, G, L/C, C, C]` the
-    within-chunk weights (already causal-masked), s0 `[B, Hkv, 1, F, Dv]`, z0 `[B, Hkv, 1, F]`.
-    Returns numerator `[B, Hkv, G, L, Dv]`, denominator `[B, Hkv, G, L]` and the state after the segment.
+    qf `[B, Hkv, G, L, F]`, kf `[B, Hkv, 1, L, F]`, v1 `[B, Hkv, 1, L, Dv + 1]` (v with a column of ones, so
+    one matmul gives numerator and denominator), intra `[B, Hkv, G, L/C, C, C]` the causal within-chunk weights,
+    state `[B, Hkv, 1, F, Dv + 1]` (S and z side by side) or None for zeros.
+    Returns `[B, Hkv, G, L, Dv + 1]` (numerator | denominator) and the state after the segment.
     """
     b, hkv, g, length, f = qf.shape
     nc = length // chunk_size
     q = qf.reshape(b, hkv, g, nc, chunk_size, f)
     k = kf.reshape(b, hkv, 1, nc, chunk_size, f)
-    vc = v.reshape(b, hkv, 1, nc, chunk_size, v.shape[-1])
-    # state entering each chunk: s0 plus every earlier chunk's k^T v (exclusive prefix sum over chunks)
-    s_incl = torch.cumsum(k.transpose(-1, -2) @ vc, dim=3) + s0.unsqueeze(3)  # [B, Hkv, 1, nc, F, Dv]
-    z_incl = torch.cumsum(k.sum(-2), dim=3) + z0.unsqueeze(3)  # [B, Hkv, 1, nc, F]
-    s_excl = torch.cat([s0.unsqueeze(3), s_incl[:, :, :, :-1]], dim=3)
-    z_excl = torch.cat([z0.unsqueeze(3), z_incl[:, :, :, :-1]], dim=3)
-    num = q @ s_excl + intra @ vc  # [B, Hkv, G, nc, C, Dv]
-    den = (q @ z_excl.unsqueeze(-1)).squeeze(-1) + intra.sum(-1)  # [B, Hkv, G, nc, C]
-    return (
-        num.reshape(b, hkv, g, length, -1),
-        den.reshape(b, hkv, g, length),
-        (s_incl[:, :, :, -1], z_incl[:, :, :, -1]),
-    )
+    vc = v1.reshape(b, hkv, 1, nc, chunk_size, v1.shape[-1])
+    # states entering each chunk: an exclusive prefix sum of the chunks' k^T [v | 1], written after a zero slot
+    kv = k.transpose(-1, -2) @ vc  # [B, Hkv, 1, nc, F, Dv + 1]
+    if kv.requires_grad:
+        states = torch.cat([torch.zeros_like(kv[:, :, :, :1]), torch.cumsum(kv, dim=3)], dim=3)
+    else:
+        # without autograd, skip the concatenation copy: cumsum straight into the buffer
+        states = kv.new_zeros(b, hkv, 1, nc + 1, f, v1.shape[-1])
+        torch.cumsum(kv, dim=3, out=states[:, :, :, 1:])
+    if state is not None:
+        states = states + state.unsqueeze(3)
+    out = q @ states[:, :, :, :-1] + intra @ vc  # [B, Hkv, G, nc, C, Dv + 1]
+    return out.reshape(b, hkv, g, length, -1), states[:, :, :, -1]
 
 
 def causal_linear_attention(
@@ -110,7 +110,7 @@ def causal_linear_attention(
     key_mask: torch.Tensor | None = None,
     initial_state: State | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, State | None]:
     """Chunked causal linear attention with the feature map applied segment by segment (bounded memory).
 
@@ -122,7 +122,7 @@ def causal_linear_attention(
         key_mask: `[B, N]` bool or 0/1, False/0 for keys that must contribute nothing (padding).
         initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, keys seen before position 0.
         output_final_state: also return the state after the last token.
-        chunk_size: C, tokens per chunk.
+        chunk_size: C, tokens per chunk; None picks 128 for small feature maps and 256 for large ones.
 
     Returns:
         `(out [B, H, N, Dv]` in v's dtype, `(S, z)` or None).
@@ -131,42 +131,52 @@ def causal_linear_attention(
     b, h, n, _ = q.shape
     qg, kg, vg = _group(q.float(), k.float(), v.float())
     hkv, g = kg.shape[1], qg.shape[2]
+    dv = v.shape[-1]
     mask = None if key_mask is None else key_mask.to(torch.float32).view(b, 1, 1, n, 1)
-    tril = torch.ones(chunk_size, chunk_size, device=q.device).tril()
-
     f_dim = feature_map(q[:, :, :1].float()).shape[-1]
-    if initial_state is None:
-        s = torch.zeros(b, hkv, 1, f_dim, v.shape[-1], device=q.device)
-        z = torch.zeros(b, hkv, 1, f_dim, device=q.device)
-    else:
-        s, z = initial_state[0].float().unsqueeze(2), initial_state[1].float().unsqueeze(2)
-    seg = _segment_length(b * h, f_dim, v.shape[-1], chunk_size)
+    if chunk_size is None:
+        # large feature maps (fastmax order 2) pay per chunk state: fewer, longer chunks
+        chunk_size = 128 if f_dim <= 256 else 256
+    state = None
+    if initial_state is not None:
+        s0, z0 = initial_state
+        state = torch.cat([s0.float(), z0.float().unsqueeze(-1)], dim=-1).unsqueeze(2)  # [B, Hkv, 1, F, Dv + 1]
+    # a column of ones after v: the same matmuls then also give the denominators sum phi(q) . phi(k)
+    v1 = torch.cat([vg, torch.ones_like(vg[..., :1])], dim=-1)
+    # small maps: many chunks per segment, states of all chunks at once; large maps: one chunk per segment, a
+    # sequential loop whose single state stays in cache instead of materializing one F x Dv state per chunk
+    seg = _segment_length(b * h, f_dim, dv + 1, chunk_size) if f_dim <= 256 else chunk_size
     outs = []
     for start in range(0, n, seg):
         end = min(n, start + seg)
-        pad = (-(end - start)) % chunk_size
-        qs, ks, vs = (
-            torch.nn.functional.pad(x[..., start:end, :], (0, 0, 0, pad)) for x in (qg, kg, vg)
-        )
+        length = end - start
+        pad = (-length) % chunk_size
+        qs, ks, vs = (torch.nn.functional.pad(x[..., start:end, :], (0, 0, 0, pad)) for x in (qg, kg, v1))
         qf, kf = _apply_map(feature_map, qs), _apply_map(feature_map, ks)
+        keep = None
         if mask is not None:
-            ms = torch.nn.functional.pad(mask[..., start:end, :], (0, 0, 0, pad))
-            kf = kf * ms
+            keep = torch.nn.functional.pad(mask[..., start:end, :], (0, 0, 0, pad))
         elif pad:
             # zero-padded keys at the tail would still have phi(0) > 0: mask them out
-            ms = (torch.arange(end - start + pad, device=q.device) < end - start).float().view(1, 1, 1, -1, 1)
-            kf = kf * ms
+            keep = (torch.arange(length + pad, device=q.device) < length).float().view(1, 1, 1, -1, 1)
+        if keep is not None:
+            kf = kf * keep
         nc = qs.shape[3] // chunk_size
         if intra_weights is None:
             a = qf.reshape(b, hkv, g, nc, chunk_size, -1) @ kf.reshape(b, hkv, 1, nc, chunk_size, -1).transpose(-1, -2)
         else:
             a = intra_weights(qs.reshape(b, hkv, g, nc, chunk_size, -1), ks.reshape(b, hkv, 1, nc, chunk_size, -1))
-            if mask is not None or pad:
-                a = a * ms.reshape(b if mask is not None else 1, 1, 1, nc, 1, chunk_size)
-        num, den, (s, z) = _causal_segment(qf, kf, vs, a * tril, s, z, chunk_size)
-        outs.append((num / den.clamp_min(_EPS).unsqueeze(-1))[..., : end - start, :])
-    out = torch.cat(outs, dim=3).reshape(b, h, n, -1).to(out_dtype)
-    return out, ((s.squeeze(2), z.squeeze(2)) if output_final_state else None)
+            if keep is not None:
+                a = a * keep.reshape(keep.shape[0], 1, 1, nc, 1, chunk_size)
+        out, state = _causal_segment(qf, kf, vs, a.tril(), state, chunk_size)
+        out = out[..., :length, :]
+        outs.append(out[..., :dv] / out[..., dv:].clamp_min(_EPS))
+    out = (outs[0] if len(outs) == 1 else torch.cat(outs, dim=3)).reshape(b, h, n, dv).to(out_dtype)
+    if not output_final_state:
+        return out, None
+    if state is None:  # n == 0
+        state = torch.zeros(b, hkv, 1, f_dim, dv + 1, device=q.device)
+    return out, (state[..., :dv].squeeze(2), state[..., dv].squeeze(2))
 
 
 def bidirectional_linear_attention(
@@ -198,7 +208,7 @@ def chunk_linear_attention(
     causal: bool = True,
     initial_state: State | None = None,
     output_final_state: bool = False,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, State | None]:
     """Linear attention on already feature-mapped inputs, with recurrent state in and out (fla's "chunk" mode).
@@ -283,7 +293,7 @@ def linear_attention(
     causal: bool,
     feature_map: str | nn.Module = "elu",
     padding_mask: torch.Tensor | None = None,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Linear attention with feature map phi applied to q and k as given (no scaling).
