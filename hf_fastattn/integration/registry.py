@@ -47,7 +47,7 @@ class FastAttnOptions:
         local: "sparse" strided: band width, default `stride`.
         summary: "sparse" fixed: summary keys per block.
         kv_groups: "mqa": number of K/V head groups after mean pooling (1 = multi-query, G = grouped-query).
-        chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form (None: 128, or 256 for large feature maps).
+        chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form (None: 64, or 256 for large feature maps).
         backend: "auto" | "torch" | "triton" kernels for the operators.
     """
 

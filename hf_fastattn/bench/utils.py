@@ -1,0 +1,55 @@
+"""Small helpers shared by the benchmarks: timing, peak memory on CPU, tables and plots."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+
+def best_time(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
+    """The best of `repeats` wall-clock runs of `fn` in seconds, after `warmup` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _status_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_memory_mib(fn: Callable[[], object]) -> float:
+    """Peak resident memory added while `fn` runs, in MiB (Linux: resets VmHWM through /proc/self/clear_refs).
+
+    On CUDA tensors use torch.cuda.max_memory_allocated instead; this measures the CPU process.
+    """
+    if not os.path.exists("/proc/self/clear_refs"):
+        return float("nan")
+    before = _status_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    fn()
+    return max(0.0, _status_mib("VmHWM") - before)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-markdown table (printable in a terminal and pasteable into the README)."""
+    cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
+    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
+
+
+def machine_line() -> str:
+    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
