@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +28,8 @@ METHODS = {
 }
 
 
-def measure(method: str, n: int, mode: str, *, heads: int, dim: int, repeats: int) -> tuple[float, float]:
-    """(seconds, peak MiB) of one causal call (mode "fwd") or call + backward (mode "fwd+bwd")."""
+def _runner(method: str, n: int, mode: str, heads: int, dim: int):
+    """A closure running one causal call (mode "fwd") or call + backward (mode "fwd+bwd") on fresh inputs."""
     torch.manual_seed(0)
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(1, heads, n, dim, requires_grad=grad) for _ in range(3))
@@ -41,9 +43,21 @@ def measure(method: str, n: int, mode: str, *, heads: int, dim: int, repeats: in
             with torch.no_grad():
                 fn(q, k, v)
 
-    seconds = best_time(run, repeats=repeats, warmup=1 if n <= 8192 else 0)
+    return run
+
+
+def _peak_in_fresh_process(method: str, n: int, mode: str, heads: int, dim: int) -> float:
+    return peak_memory_mib(_runner(method, n, mode, heads, dim))
+
+
+def measure(method: str, n: int, mode: str, *, heads: int, dim: int, repeats: int, pool) -> tuple[float, float]:
+    """(best seconds, peak MiB). Memory is measured in a fresh process: in this one, memory freed by earlier
+    runs and kept by the allocator would hide new allocations."""
+    seconds = best_time(_runner(method, n, mode, heads, dim), repeats=repeats, warmup=1 if n <= 8192 else 0)
     gc.collect()
-    return seconds, peak_memory_mib(run)
+    if pool is None:
+        return seconds, _peak_in_fresh_process(method, n, mode, heads, dim)
+    return seconds, pool.submit(_peak_in_fresh_process, method, n, mode, heads, dim).result()
 
 
 def plot(results: dict, lengths: list[int], path: str) -> None:
@@ -88,10 +102,16 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[tuple[str, int, str], tuple[float, float]] = {}
     rows = []
+    # --quick measures memory in this process (spawning ~4 s a process would dominate a smoke test)
+    pool = None if args.quick else ProcessPoolExecutor(
+        1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
+    )
     for n in args.lengths:
         for mode in args.modes:
             for method in args.methods:
-                results[method, n, mode] = measure(method, n, mode, heads=args.heads, dim=args.dim, repeats=args.repeats)
+                results[method, n, mode] = measure(
+                    method, n, mode, heads=args.heads, dim=args.dim, repeats=args.repeats, pool=pool
+                )
             base = results.get(("sdpa", n, mode))
             for method in args.methods:
                 seconds, mib = results[method, n, mode]
@@ -105,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(os.path.join(args.out, "attention.md"), "w") as f:
         f.write(table + "\n")
     plot(results, args.lengths, os.path.join(args.out, "attention.png"))
+    if pool is not None:
+        pool.shutdown()
     print(f"\nwrote {args.out}/attention.md and {args.out}/attention.png")
     return 0
 
