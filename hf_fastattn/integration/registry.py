@@ -49,6 +49,8 @@ class FastAttnOptions:
         kv_groups: "mqa": number of K/V head groups after mean pooling (1 = multi-query, G = grouped-query).
         chunk_size: "linear" / "fast": tokens per chunk of the chunked causal form (None: 64, or 256 for large feature maps).
         backend: "auto" | "torch" | "triton" kernels for the operators.
+        window: "linear", causal only: LoLCATs hybrid, softmax over the last `window` keys and linear attention beyond
+            (`hf_fastattn.ops.hybrid`; the per-head mix is the module's `fastattn_window_factor`). None: plain linear.
     """
 
     feature_map: str = "elu"
@@ -61,6 +63,7 @@ class FastAttnOptions:
     kv_groups: int = 1
     chunk_size: int | None = None
     backend: str = "auto"
+    window: int | None = None
 
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
@@ -73,6 +76,8 @@ class FastAttnOptions:
             raise ValueError(f"fastattn option chunk_size must be a positive int or None (auto), got {self.chunk_size!r}")
         if self.backend not in ("auto", "torch", "triton"):
             raise ValueError(f"fastattn option backend must be 'auto', 'torch' or 'triton', got {self.backend!r}")
+        if self.window is not None and (not isinstance(self.window, int) or self.window < 1):
+            raise ValueError(f"fastattn option window must be a positive int or None, got {self.window!r}")
 
     @classmethod
     def from_dict(cls, options: dict[str, Any] | None) -> FastAttnOptions:
@@ -102,6 +107,9 @@ def get_options(config) -> FastAttnOptions:
 
 def check_supported(module: torch.nn.Module, implementation: str) -> None:
     model_type = getattr(module.config, "model_type", None)
+    # converted checkpoints carry model_type "hf_fastattn_<family>" (see hf_fastattn.conversion.modeling)
+    if isinstance(model_type, str):
+        model_type = model_type.removeprefix("hf_fastattn_")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"hf_fastattn: attn_implementation={implementation!r} is not supported for model_type={model_type!r}; "
@@ -175,6 +183,8 @@ def linear_attention_forward(module, query, key, value, attention_mask, dropout=
     """"linear": Katharopoulos et al. elu+1 (or relu, or a learned map). `scaling` is not used: phi sees q, k as given."""
     options = get_options(module.config)
     fmap = feature_map_of(module, options)
+    if options.window is not None:
+        return _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causal, fmap, options.window)
 
     def run(q, k, v, causal, mask, prefix=None):
         if prefix is None:
@@ -185,6 +195,20 @@ def linear_attention_forward(module, query, key, value, attention_mask, dropout=
         return _with_prefix_state(q, k, v, mask, prefix, fmap, options)
 
     return _linear_like(module, query, key, value, attention_mask, is_causal, "linear", run)
+
+
+def _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causal, fmap, window):
+    from ..ops.hybrid import sliding_window_linear_attention
+
+    check_supported(module, "linear")
+    if not _is_causal(module, is_causal):
+        raise ValueError("hf_fastattn 'linear' with option window (sliding-window hybrid) is causal only")
+    mask = _key_padding(attention_mask, key.shape[2], "linear")
+    out = sliding_window_linear_attention(
+        query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
+        window_factor=getattr(module, "fastattn_window_factor", None),
+    )
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _with_prefix_state(q, k, v, mask, prefix, fmap, options):

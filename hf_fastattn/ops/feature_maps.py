@@ -102,6 +102,72 @@ class _SymmetricQuadraticFeatures(torch.autograd.Function):
         return gx.addcmul_(diag, x, value=math.sqrt(2) - 2)
 
 
+class T2RFeatureMap(FeatureMap):
+    """T2R (Kasai et al. 2021): phi(x) = relu(W x + b), one learned map per head, shared by queries and keys.
+
+    Weights `[H, D, F]` and biases `[H, F]` start random, as `nn.Linear`'s default (the paper trains the map from a
+    random init together with the rest of the model). Takes `[B, H, N, D]` (`per_head`), returns `[B, H, N, F]`.
+    """
+
+    per_head = True
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int = 64):
+        super().__init__()
+        self.num_heads, self.head_dim, self.out_dim = num_heads, head_dim, feature_dim
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, feature_dim))
+        self.bias = nn.Parameter(torch.empty(num_heads, feature_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default for every head: U(-1/sqrt(D), 1/sqrt(D)) for weights and biases
+        bound = 1 / math.sqrt(self.head_dim)
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def feature_dim(self, head_dim: int) -> int:
+        return self.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        return F.relu(torch.einsum("bhnd,hdf->bhnf", x, w) + b[:, None, :])
+
+
+class HedgehogFeatureMap(FeatureMap):
+    """Hedgehog (Zhang et al. 2024): phi(x) = [softmax(x W + b), softmax(-(x W + b))] per head, W starting at identity.
+
+    The two softmaxes over the F features make phi(q) . phi(k) spiky and monotone in q . k near the identity init,
+    which is what lets it mimic softmax attention after a short attention transfer (LoLCATs). Takes
+    `[B, H, N, D]` (`per_head`), returns `[B, H, N, 2F]`; F defaults to D (then W = I exactly).
+    """
+
+    per_head = True
+
+    def __init__(self, num_heads: int, head_dim: int, feature_dim: int | None = None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.out_dim = head_dim if feature_dim is None else feature_dim
+        self.weight = nn.Parameter(torch.empty(num_heads, head_dim, self.out_dim))
+        self.bias = nn.Parameter(torch.empty(num_heads, self.out_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # identity (a rectangular one when F != D), for every head
+        with torch.no_grad():
+            self.weight.copy_(torch.eye(self.head_dim, self.out_dim).expand_as(self.weight))
+            self.bias.zero_()
+
+    def feature_dim(self, head_dim: int) -> int:
+        return 2 * self.out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
+        z = torch.einsum("bhnd,hdf->bhnf", x, w) + b[:, None, :]
+        return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
+
+
+LEARNED_FEATURE_MAPS: dict[str, type[FeatureMap]] = {"t2r": T2RFeatureMap, "hedgehog": HedgehogFeatureMap}
+
+
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluFeatureMap, "relu": ReluFeatureMap}
 
 

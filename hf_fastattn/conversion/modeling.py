@@ -1,0 +1,154 @@
+"""Persistence of converted models: distinct `model_type`s registered with the Auto classes.
+
+A converted model is saved with `model_type = "hf_fastattn_<family>"` (e.g. "hf_fastattn_llama"), its architecture
+class `HfFastattn<Arch>` (e.g. "HfFastattnLlamaForCausalLM"), the method and options in `config.fastattn_conversion`
+and the attention options in `config.fastattn`. Importing `hf_fastattn.conversion` (done by `import hf_fastattn`)
+generates, for each supported family, a config subclass and model subclasses of the family's classes and registers
+them with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` / `AutoModelForMaskedLM`. Their `__init__` sets the
+attention implementation and re-creates the feature maps before the weights load, so `from_pretrained` restores
+the converted model exactly.
+
+Without the plugin, transformers does not know the model type and `AutoConfig` / `AutoModel*.from_pretrained` raise
+`ValueError: The checkpoint you are trying to load has model type `hf_fastattn_llama` but Transformers does not
+recognize this architecture...`: the name says which library is needed, and `config.json` also carries a
+`fastattn_requires` line saying so. No model is built, so no weight is dropped silently.
+
+Standard checkpoints (a GQA-pooled Llama) are not marked: they keep their model type and load anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+
+from ..integration.registry import IMPLEMENTATIONS
+from .families import CONVERTED_PREFIX, FAMILIES, base_model_type
+
+REQUIRES = "pip install hf_fastattn, then `import hf_fastattn` before loading (converted attention, hf_fastattn)"
+
+# family -> (transformers module, config class, [(model class, Auto class)])
+_FAMILY_CLASSES = {
+    "llama": ("llama", "LlamaConfig", [("LlamaModel", AutoModel), ("LlamaForCausalLM", AutoModelForCausalLM)]),
+    "mistral": (
+        "mistral",
+        "MistralConfig",
+        [("MistralModel", AutoModel), ("MistralForCausalLM", AutoModelForCausalLM)],
+    ),
+    "qwen2": ("qwen2", "Qwen2Config", [("Qwen2Model", AutoModel), ("Qwen2ForCausalLM", AutoModelForCausalLM)]),
+    "qwen3": ("qwen3", "Qwen3Config", [("Qwen3Model", AutoModel), ("Qwen3ForCausalLM", AutoModelForCausalLM)]),
+    "gpt2": ("gpt2", "GPT2Config", [("GPT2Model", AutoModel), ("GPT2LMHeadModel", AutoModelForCausalLM)]),
+    "bert": ("bert", "BertConfig", [("BertModel", AutoModel), ("BertForMaskedLM", AutoModelForMaskedLM)]),
+}
+
+
+class ConvertedModel:
+    """Marker mixin of the generated converted-model classes."""
+
+
+_CONFIG_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[type, type] = {}
+
+
+_ATTN_PROPERTY = PretrainedConfig._attn_implementation
+
+
+def _set_attn_implementation(self, value):
+    # config.json stores "hf_fastattn_linear" (see `_config_to_dict`); the registered name is "linear"
+    if isinstance(value, str):
+        value = value.removeprefix(CONVERTED_PREFIX)
+    _ATTN_PROPERTY.fset(self, value)
+
+
+def _config_to_dict(self) -> dict:
+    # "attn_implementation" in config.json is read by every config class: a converted checkpoint loaded through the
+    # plain class (LlamaForCausalLM.from_pretrained) without hf_fastattn then fails on "hf_fastattn_linear" instead
+    # of running softmax attention with the learned maps dropped
+    out = super(type(self), self).to_dict()
+    impl = self._attn_implementation
+    if isinstance(impl, str) and impl in IMPLEMENTATIONS:
+        out["attn_implementation"] = CONVERTED_PREFIX + impl
+    return out
+
+
+def converted_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
+    """The config subclass of `base` with model_type "hf_fastattn_<family>" (generated once)."""
+    if base not in _CONFIG_CLASSES:
+        model_type = CONVERTED_PREFIX + base.model_type
+        _CONFIG_CLASSES[base] = type(
+            f"HfFastattn{base.__name__}",
+            (base,),
+            {
+                "model_type": model_type,
+                "__module__": __name__,
+                "_attn_implementation": property(_ATTN_PROPERTY.fget, _set_attn_implementation),
+                "to_dict": _config_to_dict,
+            },
+        )
+    return _CONFIG_CLASSES[base]
+
+
+def _converted_init(self, config, *args, **kwargs):
+    from .core import conversion_spec
+
+    spec = conversion_spec(config)
+    if not spec:
+        raise ValueError(f"{type(self).__name__} needs a config with a fastattn_conversion entry (a converted model)")
+    cls = _converted_base(type(self))
+    cls.__init__(self, config, *args, **kwargs)
+    from .core import attach_from_config
+
+    attach_from_config(self)
+
+
+def _converted_base(cls: type) -> type:
+    for klass in cls.__mro__:
+        if klass in _MODEL_CLASSES:
+            return klass
+    raise TypeError(f"{cls.__name__} is not a converted-model class")
+
+
+def converted_model_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
+    """The subclass of a transformers model class used for converted models of that class (generated once)."""
+    if base not in _MODEL_CLASSES:
+        config_class = converted_config_class(base.config_class)
+        _MODEL_CLASSES[base] = type(
+            f"HfFastattn{base.__name__}",
+            (ConvertedModel, base),
+            {"config_class": config_class, "__init__": _converted_init, "__module__": __name__},
+        )
+        globals()[_MODEL_CLASSES[base].__name__] = _MODEL_CLASSES[base]
+    return _MODEL_CLASSES[base]
+
+
+def mark_converted(model: nn.Module) -> None:
+    """Turn a converted model (feature maps attached, attention set) into its HfFastattn* class, in place."""
+    config = model.config
+    model.__class__ = converted_model_class(type(model))
+    config.__class__ = converted_config_class(type(config))
+    config.fastattn_requires = REQUIRES
+    config.architectures = [type(model).__name__]
+
+
+def register_auto_classes() -> None:
+    """Generate the converted classes of every supported family and register them with the Auto classes."""
+    for module_name, config_name, models in _FAMILY_CLASSES.values():
+        module = importlib.import_module(f"transformers.models.{module_name}")
+        config_class = converted_config_class(getattr(module, config_name))
+        globals()[config_class.__name__] = config_class
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        for model_name, auto in models:
+            auto.register(config_class, converted_model_class(getattr(module, model_name)), exist_ok=True)
+    assert set(_FAMILY_CLASSES) == set(FAMILIES)
+
+
+def is_converted_config(config) -> bool:
+    return str(getattr(config, "model_type", "")).startswith(CONVERTED_PREFIX) and base_model_type(config) in FAMILIES

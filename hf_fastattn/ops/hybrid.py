@@ -1,0 +1,75 @@
+"""LoLCATs hybrid attention: softmax over a sliding window of the last W keys, linear attention beyond it.
+
+For query i (causal), with m_i the largest window score and gamma = sigmoid(window_factor) per head:
+
+    w_ij = gamma * exp(s_ij - m_i)               for i - W < j <= i      (s_ij = q_i . k_j * scaling)
+    w_ij = (1 - gamma) * phi(q_i) . phi(k_j)     for j <= i - W
+    out_i = sum_j w_ij v_j / sum_j w_ij
+
+m_i depends only on query i and its own window, so any chunking (or a decoder holding the last W keys and a
+linear state) computes the same numbers. This form materializes the Nq x N weights (O(N^2) memory): it is meant for
+the short sequences of conversion and uptraining, where LoLCATs trains with the same quadratic form.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .feature_maps import get_feature_map
+from .reference import repeat_kv
+
+_EPS = 1e-6
+
+
+def sliding_window_linear_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str | nn.Module,
+    window: int,
+    window_factor: torch.Tensor | None = None,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal hybrid attention (see the module docstring); queries are the last Nq of the N key positions.
+
+    Args:
+        q: `[B, H, Nq, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H, Nq <= N.
+        feature_map: the map phi of the linear part ("elu", "relu" or a module; per-head modules see H heads).
+        window: W >= 1, keys i - W < j <= i get softmax weights.
+        window_factor: `[H]` logits of gamma (None: gamma = 1/2).
+        scaling: softmax scale, default D ** -0.5.
+        padding_mask: `[B, N]` bool, True for real tokens.
+
+    Returns:
+        `[B, H, Nq, Dv]` in v's dtype.
+    """
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    b, h, nq, d = q.shape
+    n = k.shape[2]
+    if nq > n:
+        raise ValueError(f"{nq} queries against {n} keys: queries must be the last positions of the keys")
+    scaling = d**-0.5 if scaling is None else scaling
+    qf32, kf32, vf32 = q.float(), repeat_kv(k.float(), h), repeat_kv(v.float(), h)
+    i = torch.arange(n - nq, n, device=q.device)[:, None]
+    j = torch.arange(n, device=q.device)[None, :]
+    in_window = (j <= i) & (j > i - window)  # [Nq, N]
+    beyond = j <= i - window
+    in_window, beyond = in_window[None, None], beyond[None, None]
+    if padding_mask is not None:
+        keep = padding_mask[:, None, None, :].to(torch.bool)
+        in_window, beyond = in_window & keep, beyond & keep
+    scores = (qf32 @ kf32.transpose(-1, -2)) * scaling  # [B, H, Nq, N]
+    m = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    soft = torch.exp(scores - m) * in_window
+    phi = get_feature_map(feature_map)
+    lin = (phi(qf32) @ phi(kf32).transpose(-1, -2)) * beyond
+    gamma = torch.full((h,), 0.5, device=q.device) if window_factor is None else torch.sigmoid(window_factor.float())
+    gamma = gamma.view(1, h, 1, 1)
+    weights = gamma * soft + (1 - gamma) * lin
+    out = (weights @ vf32) / weights.sum(-1, keepdim=True).clamp_min(_EPS)
+    return out.to(v.dtype)
