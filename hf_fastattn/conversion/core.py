@@ -32,7 +32,9 @@ class MethodConfig:
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ValueError(f"unknown option(s) {unknown} for conversion method {method!r}; valid options are {valid}")
+            raise ValueError(
+                f"unknown option(s) {unknown} for conversion method {method!r}; valid options are {valid}"
+            )
         return cls(**options)
 
     def validate(self) -> None:
@@ -69,7 +71,9 @@ def get_method(method: str) -> ConversionMethod:
     from . import methods  # noqa: F401  (registers the built-in methods)
 
     if method not in CONVERSION_METHODS:
-        raise ValueError(f"unknown conversion method {method!r}; valid methods are {sorted(CONVERSION_METHODS)}")
+        raise ValueError(
+            f"unknown conversion method {method!r}; valid methods are {sorted(CONVERSION_METHODS)}"
+        )
     return CONVERSION_METHODS[method]
 
 

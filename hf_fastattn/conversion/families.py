@@ -36,11 +36,15 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("llama", "LlamaAttention", True, True, r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)"),
-    "mistral": Family("mistral", "MistralAttention", True, True, r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)"),
+    "mistral": Family(
+        "mistral", "MistralAttention", True, True, r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)"
+    ),
     "qwen2": Family("qwen2", "Qwen2Attention", True, True, r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)"),
     "qwen3": Family("qwen3", "Qwen3Attention", True, True, r".*self_attn\.(q_proj|k_proj|v_proj|o_proj)"),
     "gpt2": Family("gpt2", "GPT2Attention", False, True, r".*\.attn\.(c_attn|c_proj)"),
-    "bert": Family("bert", "BertSelfAttention", False, False, r".*attention\.(self\.(query|key|value)|output\.dense)"),
+    "bert": Family(
+        "bert", "BertSelfAttention", False, False, r".*attention\.(self\.(query|key|value)|output\.dense)"
+    ),
 }
 assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
 
@@ -69,7 +73,9 @@ def attention_modules(model: nn.Module, family: Family) -> list[nn.Module]:
         if type(m).__name__ == family.attention_class and not getattr(m, "is_cross_attention", False)
     ]
     if not found:
-        raise ValueError(f"hf_fastattn.convert: no {family.attention_class} modules found in {type(model).__name__}")
+        raise ValueError(
+            f"hf_fastattn.convert: no {family.attention_class} modules found in {type(model).__name__}"
+        )
     return found
 
 

@@ -33,18 +33,32 @@ from transformers import (
 from ..integration.registry import IMPLEMENTATIONS
 from .families import CONVERTED_PREFIX, FAMILIES, base_model_type
 
-REQUIRES = "pip install hf_fastattn, then `import hf_fastattn` before loading (converted attention, hf_fastattn)"
+REQUIRES = (
+    "pip install hf_fastattn, then `import hf_fastattn` before loading (converted attention, hf_fastattn)"
+)
 
 # family -> (transformers module, config class, [(model class, Auto class)])
 _FAMILY_CLASSES = {
-    "llama": ("llama", "LlamaConfig", [("LlamaModel", AutoModel), ("LlamaForCausalLM", AutoModelForCausalLM)]),
+    "llama": (
+        "llama",
+        "LlamaConfig",
+        [("LlamaModel", AutoModel), ("LlamaForCausalLM", AutoModelForCausalLM)],
+    ),
     "mistral": (
         "mistral",
         "MistralConfig",
         [("MistralModel", AutoModel), ("MistralForCausalLM", AutoModelForCausalLM)],
     ),
-    "qwen2": ("qwen2", "Qwen2Config", [("Qwen2Model", AutoModel), ("Qwen2ForCausalLM", AutoModelForCausalLM)]),
-    "qwen3": ("qwen3", "Qwen3Config", [("Qwen3Model", AutoModel), ("Qwen3ForCausalLM", AutoModelForCausalLM)]),
+    "qwen2": (
+        "qwen2",
+        "Qwen2Config",
+        [("Qwen2Model", AutoModel), ("Qwen2ForCausalLM", AutoModelForCausalLM)],
+    ),
+    "qwen3": (
+        "qwen3",
+        "Qwen3Config",
+        [("Qwen3Model", AutoModel), ("Qwen3ForCausalLM", AutoModelForCausalLM)],
+    ),
     "gpt2": ("gpt2", "GPT2Config", [("GPT2Model", AutoModel), ("GPT2LMHeadModel", AutoModelForCausalLM)]),
     "bert": ("bert", "BertConfig", [("BertModel", AutoModel), ("BertForMaskedLM", AutoModelForMaskedLM)]),
 }
@@ -101,7 +115,9 @@ def _converted_init(self, config, *args, **kwargs):
 
     spec = conversion_spec(config)
     if not spec:
-        raise ValueError(f"{type(self).__name__} needs a config with a fastattn_conversion entry (a converted model)")
+        raise ValueError(
+            f"{type(self).__name__} needs a config with a fastattn_conversion entry (a converted model)"
+        )
     cls = _converted_base(type(self))
     cls.__init__(self, config, *args, **kwargs)
     from .core import attach_from_config
@@ -151,4 +167,7 @@ def register_auto_classes() -> None:
 
 
 def is_converted_config(config) -> bool:
-    return str(getattr(config, "model_type", "")).startswith(CONVERTED_PREFIX) and base_model_type(config) in FAMILIES
+    return (
+        str(getattr(config, "model_type", "")).startswith(CONVERTED_PREFIX)
+        and base_model_type(config) in FAMILIES
+    )

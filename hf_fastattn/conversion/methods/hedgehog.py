@@ -33,7 +33,9 @@ class HedgehogConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.feature_dim is not None and (not isinstance(self.feature_dim, int) or self.feature_dim < 1):
-            raise ValueError(f"hedgehog option feature_dim must be a positive int or None, got {self.feature_dim!r}")
+            raise ValueError(
+                f"hedgehog option feature_dim must be a positive int or None, got {self.feature_dim!r}"
+            )
         if not isinstance(self.hybrid, bool):
             raise ValueError(f"hedgehog option hybrid must be True or False, got {self.hybrid!r}")
         if not isinstance(self.window, int) or self.window < 1:
@@ -46,7 +48,9 @@ def attach_hedgehog(model: nn.Module, cfg: HedgehogConfig, family: Family) -> No
     h, _, d = head_counts(model.config, family)
     for module in attention_modules(model, family):
         ref = next(module.parameters())
-        module.fastattn_feature_map = HedgehogFeatureMap(h, d, cfg.feature_dim).to(device=ref.device, dtype=ref.dtype)
+        module.fastattn_feature_map = HedgehogFeatureMap(h, d, cfg.feature_dim).to(
+            device=ref.device, dtype=ref.dtype
+        )
         if cfg.hybrid:
             # logit 0: softmax window and linear part weighted 1/2 each at the start, learned per head
             module.fastattn_window_factor = nn.Parameter(torch.zeros(h, device=ref.device, dtype=ref.dtype))

@@ -1,4 +1,4 @@
-""""linear" and "fast": swap the attention function, no new parameters (fine-tuning optional)."""
+""" "linear" and "fast": swap the attention function, no new parameters (fine-tuning optional)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ class LinearConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.feature_map not in FEATURE_MAPS:
-            raise ValueError(f"linear option feature_map={self.feature_map!r} is not one of {sorted(FEATURE_MAPS)}")
+            raise ValueError(
+                f"linear option feature_map={self.feature_map!r} is not one of {sorted(FEATURE_MAPS)}"
+            )
 
 
 @dataclass

@@ -1,4 +1,4 @@
-""""mqa" and "gqa" (Ainslie et al. 2023): mean-pool the K and V projections within each group of heads.
+""" "mqa" and "gqa" (Ainslie et al. 2023): mean-pool the K and V projections within each group of heads.
 
 Llama, Mistral, Qwen2 and Qwen3 become standard checkpoints with `config.num_key_value_heads = G` (they load without
 hf_fastattn). GPT-2 and BERT have no native GQA: every head of a group gets its group's mean K/V weights and the
@@ -19,7 +19,7 @@ from ..families import Family, pool_kv
 
 @dataclass
 class MQAConfig(MethodConfig):
-    """"mqa": one K/V head. No options."""
+    """ "mqa": one K/V head. No options."""
 
     @property
     def groups(self) -> int:

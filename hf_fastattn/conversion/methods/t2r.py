@@ -33,7 +33,9 @@ def attach_t2r(model: nn.Module, cfg: T2RConfig, family: Family) -> None:
     h, _, d = head_counts(model.config, family)
     for module in attention_modules(model, family):
         ref = next(module.parameters())
-        module.fastattn_feature_map = T2RFeatureMap(h, d, cfg.feature_dim).to(device=ref.device, dtype=ref.dtype)
+        module.fastattn_feature_map = T2RFeatureMap(h, d, cfg.feature_dim).to(
+            device=ref.device, dtype=ref.dtype
+        )
     configure(model, feature_map="elu")
     model.config._attn_implementation = "linear"
 

@@ -1,0 +1,345 @@
+"""Uptraining converted models with the HF `Trainer`: attention transfer (stage 1), then LoRA or full fine-tuning.
+
+Stage 1 (Hedgehog / LoLCATs attention transfer): every converted attention layer runs both its softmax attention
+(the teacher, no gradient) and its linear attention (the student) on the same q, k, v; the loss is the MSE between
+their outputs, averaged over layers, and the teacher's output is passed on so that each layer learns from the
+original model's activations. Only the feature maps (and the hybrid's window factors) train.
+`AttentionTransferTrainer` is a `Trainer` whose `compute_loss` is that loss; it runs under `accelerate launch`.
+
+Stage 2: ordinary causal-LM (or masked-LM) fine-tuning with `Trainer`, through LoRA adapters (`peft`) on the
+attention projections, or of all / attention-only weights (T2R, MQA uptraining).
+
+Data helpers: `load_text` (a local text file or a `datasets` name), `lm_dataset` (fixed-length blocks) and
+`perplexity` (exact, over every held-out token).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, Trainer, TrainingArguments
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..integration.registry import linear_attention_forward, padding_mask
+from .families import attention_modules, family_of
+
+TRANSFER_IMPLEMENTATION = "fastattn_transfer"
+# parameter-name fragments of the modules conversion adds
+NEW_PARAMETER_NAMES = ("fastattn_feature_map", "fastattn_window_factor")
+STAGES = ("attention_transfer", "lora", "full", "attention")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1: the attention-transfer attention function and Trainer
+
+
+def transfer_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """Softmax attention (returned, detached) and the converted linear attention (its MSE stored on the module).
+
+    `attention_mask` is the 2D padding mask `[B, N]` or None (the registered mask function is `padding_mask`).
+    """
+    student, _ = linear_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
+    )
+    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    mask4d = None
+    if attention_mask is not None:
+        n = key.shape[2]
+        mask4d = attention_mask[:, None, None, :].to(torch.bool)  # [B, 1, 1, N]
+        if causal:
+            mask4d = mask4d & torch.ones(n, n, dtype=torch.bool, device=key.device).tril()
+    with torch.no_grad():
+        teacher, _ = sdpa_attention_forward(
+            module, query, key, value, mask4d, dropout=0.0, scaling=scaling, is_causal=causal, **kwargs
+        )
+    if mask4d is not None:
+        # padded queries have no meaningful target
+        keep = attention_mask[:, :, None, None].to(student.dtype)
+        module.fastattn_transfer_loss = ((student.float() - teacher.float()) ** 2 * keep).sum() / (
+            keep.sum() * student.shape[2] * student.shape[3]
+        ).clamp_min(1)
+    else:
+        module.fastattn_transfer_loss = F.mse_loss(student.float(), teacher.float())
+    return teacher.detach(), None
+
+
+def register_transfer_attention() -> None:
+    AttentionInterface.register(TRANSFER_IMPLEMENTATION, transfer_attention_forward)
+    AttentionMaskInterface.register(TRANSFER_IMPLEMENTATION, padding_mask)
+
+
+register_transfer_attention()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextlib.contextmanager
+def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Run `model` (possibly DDP- or peft-wrapped) with the transfer attention; yields its attention modules."""
+    base = _unwrap(model)
+    modules = attention_modules(base, family_of(base))
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = TRANSFER_IMPLEMENTATION
+    try:
+        yield modules
+    finally:
+        base.config._attn_implementation = previous
+
+
+def attention_transfer_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
+    """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention)."""
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    with attention_transfer(model) as modules:
+        model(**inputs, **extra)
+        losses = [m.__dict__.pop("fastattn_transfer_loss") for m in modules]
+    return torch.stack(losses).mean()
+
+
+class AttentionTransferTrainer(Trainer):
+    """A `Trainer` for stage 1: the loss is the attention-transfer MSE (labels, if any, are ignored)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = attention_transfer_loss(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = attention_transfer_loss(model, self._prepare_inputs(inputs))
+        return loss.detach(), None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which parameters train in each stage
+
+
+def set_trainable(model: nn.Module, stage: str) -> list[str]:
+    """Freeze everything but what `stage` trains; returns the trainable parameter names.
+
+    Stages: "attention_transfer" (the new feature maps / window factors), "full" (every weight), "attention" (the
+    attention modules, with their maps), "lora" (the LoRA adapters of a peft model: call after `add_lora`).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; valid stages are {list(STAGES)}")
+    base = _unwrap(model)
+    family = family_of(base)
+    attention = {id(p) for m in attention_modules(base, family) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if stage == "attention_transfer":
+            p.requires_grad_(any(part in name for part in NEW_PARAMETER_NAMES))
+        elif stage == "full":
+            p.requires_grad_(True)
+        elif stage == "attention":
+            p.requires_grad_(id(p) in attention)
+        else:
+            p.requires_grad_("lora_" in name)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"stage {stage!r} has no trainable parameters in {type(base).__name__}")
+    return trainable
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: int | None = None, dropout: float = 0.0):
+    """Wrap `model` with peft LoRA adapters on the attention projections (q, k, v, o) of its family."""
+    from peft import LoraConfig, get_peft_model
+
+    family = family_of(model)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        lora_dropout=dropout,
+        target_modules=family.lora_targets,
+        fan_in_fan_out=family.name == "gpt2",
+    )
+    peft_model = get_peft_model(model, config)
+    set_trainable(peft_model, "lora")
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data and evaluation
+
+
+def load_text(path_or_name: str, split: str = "train", text_column: str = "text") -> str:
+    """The text of a local file, or of a `datasets` dataset (name or local dataset directory), joined by newlines."""
+    import datasets
+
+    if os.path.isfile(path_or_name):
+        with open(path_or_name, encoding="utf-8") as f:
+            return f.read()
+    try:
+        ds = datasets.load_dataset(path_or_name, split=split)
+    except Exception as e:  # datasets raises many types for a bad name / no network
+        raise ValueError(
+            f"cannot load text from {path_or_name!r}: not a file, and datasets failed: {e}"
+        ) from e
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"dataset {path_or_name!r} has no column {text_column!r}; columns: {ds.column_names}"
+        )
+    return "\n".join(ds[text_column])
+
+
+def split_text(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
+    """(train, validation): the last `val_fraction` of the text is held out."""
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut], text[cut:]
+
+
+def lm_dataset(text: str, tokenizer, seq_len: int, max_blocks: int | None = None):
+    """`datasets.Dataset` of consecutive `seq_len`-token blocks (input_ids, attention_mask, labels)."""
+    import datasets
+
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n == 0:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+    blocks = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n)]
+    return datasets.Dataset.from_dict(
+        {"input_ids": blocks, "attention_mask": [[1] * seq_len] * n, "labels": [list(b) for b in blocks]}
+    )
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 8) -> float:
+    """Exact perplexity of a causal LM on `text`: every token after the first of each non-overlapping
+    `seq_len` window is scored (the tail shorter than a window included); exp(total NLL / tokens)."""
+    was_training = model.training
+    model.eval()
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    device = next(model.parameters()).device
+    windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
+    windows = [w for w in windows if len(w) > 1]
+    nll, count = 0.0, 0
+    full = [w for w in windows if len(w) == seq_len]
+    rest = [w for w in windows if len(w) != seq_len]
+    batches = [torch.stack(full[i : i + batch_size]) for i in range(0, len(full), batch_size)]
+    batches += [w[None] for w in rest]
+    for batch in batches:
+        batch = batch.to(device)
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        loss = F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+        )
+        nll += loss.item()
+        count += batch[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(nll / max(count, 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass
+class UptrainConfig:
+    """Args:
+    transfer_steps: stage-1 steps (attention transfer; t2r and hedgehog only, 0 to skip).
+    transfer_lr: stage-1 learning rate.
+    finetune: stage 2: "lora", "full", "attention" or "none".
+    finetune_steps: stage-2 steps.
+    finetune_lr: stage-2 learning rate.
+    lora_rank: LoRA rank for finetune="lora".
+    batch_size: global batch size (split over processes under accelerate).
+    seed: data order and init seed.
+    output_dir: Trainer output (safetensors checkpoints when save_steps > 0).
+    save_steps: checkpoint every N steps (0: none).
+    warmup_steps: linear warmup of each stage.
+    logging_steps: Trainer logging period.
+    """
+
+    transfer_steps: int = 0
+    transfer_lr: float = 1e-2
+    finetune: str = "lora"
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-3
+    lora_rank: int = 8
+    batch_size: int = 8
+    seed: int = 0
+    output_dir: str = "fastattn-uptrain"
+    save_steps: int = 0
+    warmup_steps: int = 0
+    logging_steps: int = 10
+
+    def __post_init__(self):
+        if self.finetune not in ("lora", "full", "attention", "none"):
+            raise ValueError(f"finetune must be 'lora', 'full', 'attention' or 'none', got {self.finetune!r}")
+        for name in ("transfer_steps", "finetune_steps", "save_steps", "warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        for name in ("batch_size", "lora_rank", "logging_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("transfer_lr", "finetune_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+
+def training_arguments(cfg: UptrainConfig, steps: int, lr: float, subdir: str) -> TrainingArguments:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % world:
+        raise ValueError(
+            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
+        )
+    return TrainingArguments(
+        output_dir=os.path.join(cfg.output_dir, subdir),
+        max_steps=steps,
+        per_device_train_batch_size=cfg.batch_size // world,
+        learning_rate=lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=0.0,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None) -> nn.Module:
+    """Run the recipe on a converted model: stage 1 (if `transfer_steps`), then stage 2 (if `finetune_steps`).
+
+    Returns the trained model with LoRA merged (a plain converted model, ready for `save_pretrained`).
+    """
+    has_maps = any(part in n for n, _ in model.named_parameters() for part in NEW_PARAMETER_NAMES)
+    if cfg.transfer_steps and has_maps:
+        set_trainable(model, "attention_transfer")
+        args = training_arguments(cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer")
+        AttentionTransferTrainer(
+            model=model, args=args, train_dataset=train_dataset, data_collator=data_collator
+        ).train()
+    if cfg.finetune_steps and cfg.finetune != "none":
+        target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
+        if cfg.finetune != "lora":
+            set_trainable(model, cfg.finetune)
+        args = training_arguments(cfg, cfg.finetune_steps, cfg.finetune_lr, "finetune")
+        Trainer(model=target, args=args, train_dataset=train_dataset, data_collator=data_collator).train()
+        if cfg.finetune == "lora":
+            model = target.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

