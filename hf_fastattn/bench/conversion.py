@@ -21,7 +21,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # method -> (convert options, recipe): steps are split transfer / finetune by the fractions below
 RECIPES = {
-    "hedgehog": ({"hybrid": True, "window": 64}, {"transfer": 0.3, "finetune": "lora", "lr": 3e-3, "transfer_lr": 1e-2}),
+    "hedgehog": (
+        {"hybrid": True, "window": 64},
+        {"transfer": 0.3, "finetune": "lora", "lr": 3e-3, "transfer_lr": 1e-2},
+    ),
     "t2r": ({"feature_dim": 64}, {"transfer": 0.3, "finetune": "full", "lr": 1e-3, "transfer_lr": 1e-2}),
     "mqa": ({}, {"transfer": 0.0, "finetune": "full", "lr": 1e-3}),
     "linear": ({}, {"transfer": 0.0, "finetune": "none", "lr": 0.0}),
@@ -48,7 +51,9 @@ def _teacher(args, train_text):
 
     from ..conversion.distill import training_arguments
 
-    cfg = UptrainConfig(batch_size=args.batch_size, output_dir=os.path.join(args.out, "teacher"), logging_steps=50)
+    cfg = UptrainConfig(
+        batch_size=args.batch_size, output_dir=os.path.join(args.out, "teacher"), logging_steps=50
+    )
     targs = training_arguments(cfg, args.teacher_steps, 3e-3, "teacher")
     Trainer(model=model, args=targs, train_dataset=lm_dataset(train_text, tok, args.seq_len)).train()
     return model.eval(), tok, args.teacher_steps * args.batch_size * args.seq_len
@@ -73,16 +78,31 @@ def run_lm(args, text):
     teacher, tok, teacher_tokens = _teacher(args, train_text)
     budget = int(args.budget * teacher_tokens)
     base_ppl = perplexity(teacher, tok, val_text, args.seq_len)
-    rows = [("teacher (softmax)", base_ppl, 1.0, teacher_tokens, decode_throughput(teacher, tok, val_text, args.new_tokens), "")]
+    rows = [
+        (
+            "teacher (softmax)",
+            base_ppl,
+            1.0,
+            teacher_tokens,
+            decode_throughput(teacher, tok, val_text, args.new_tokens),
+            "",
+        )
+    ]
     dataset = lm_dataset(train_text, tok, args.seq_len)
     for method in args.methods:
         options, recipe = RECIPES[method]
         steps = 0 if recipe["finetune"] == "none" else budget // (args.batch_size * args.seq_len)
         transfer = int(steps * recipe["transfer"])
         cfg = UptrainConfig(
-            transfer_steps=transfer, transfer_lr=recipe.get("transfer_lr", 1e-2), finetune=recipe["finetune"],
-            finetune_steps=steps - transfer, finetune_lr=recipe["lr"] or 1e-3, batch_size=args.batch_size,
-            output_dir=os.path.join(args.out, method), logging_steps=max(1, steps // 5), warmup_steps=min(10, steps // 10),
+            transfer_steps=transfer,
+            transfer_lr=recipe.get("transfer_lr", 1e-2),
+            finetune=recipe["finetune"],
+            finetune_steps=steps - transfer,
+            finetune_lr=recipe["lr"] or 1e-3,
+            batch_size=args.batch_size,
+            output_dir=os.path.join(args.out, method),
+            logging_steps=max(1, steps // 5),
+            warmup_steps=min(10, steps // 10),
             lora_rank=16,
         )
         start = time.perf_counter()
@@ -91,8 +111,19 @@ def run_lm(args, text):
         ppl = perplexity(model, tok, val_text, args.seq_len)
         tps = decode_throughput(model, tok, val_text, args.new_tokens)
         target = TARGETS.get(method)
-        verdict = "" if target is None else ("met" if ppl / base_ppl <= target else "MISSED") + f" (<= {target})"
-        rows.append((method, ppl, ppl / base_ppl, steps * args.batch_size * args.seq_len, tps, f"{verdict} {minutes:.1f} min"))
+        verdict = (
+            "" if target is None else ("met" if ppl / base_ppl <= target else "MISSED") + f" (<= {target})"
+        )
+        rows.append(
+            (
+                method,
+                ppl,
+                ppl / base_ppl,
+                steps * args.batch_size * args.seq_len,
+                tps,
+                f"{verdict} {minutes:.1f} min",
+            )
+        )
     return rows
 
 
@@ -122,7 +153,9 @@ def run_minilm(args, text):
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(len(train_lines), (16,), generator=gen).tolist()
-        batch = tok([train_lines[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
+        batch = tok(
+            [train_lines[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt"
+        )
         loss = attention_transfer_loss(model, dict(batch))
         opt.zero_grad()
         loss.backward()
@@ -133,7 +166,9 @@ def run_minilm(args, text):
         out = []
         with torch.no_grad():
             for i in range(0, len(sentences), 64):
-                b = tok(sentences[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                b = tok(
+                    sentences[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"
+                )
                 h = m(**b).last_hidden_state
                 mask = b["attention_mask"][..., None].float()
                 out.append((h * mask).sum(1) / mask.sum(1))
@@ -152,7 +187,13 @@ def plot(rows, path):
     names = [r[0] for r in rows[1:]]
     ratios = [r[2] for r in rows[1:]]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, ratios, color=["tab:blue" if r <= TARGETS.get(n, 1.05) else "tab:red" for n, r in zip(names, ratios)])
+    ax.bar(
+        names,
+        ratios,
+        color=[
+            "tab:blue" if r <= TARGETS.get(n, 1.05) else "tab:red" for n, r in zip(names, ratios, strict=True)
+        ],
+    )
     ax.axhline(1.05, ls="--", c="gray", label="1.05x (hedgehog, t2r target)")
     ax.axhline(1.03, ls=":", c="gray", label="1.03x (mqa target)")
     ax.set_yscale("log")
@@ -170,12 +211,16 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="hf-fastattn bench conversion", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny teacher, a few steps, small eval")
-    p.add_argument("--methods", nargs="+", default=["hedgehog", "t2r", "mqa", "linear"], choices=sorted(RECIPES))
+    p.add_argument(
+        "--methods", nargs="+", default=["hedgehog", "t2r", "mqa", "linear"], choices=sorted(RECIPES)
+    )
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--teacher-steps", type=int, default=1500, help="fallback teacher only")
-    p.add_argument("--teacher-tokens", type=int, default=None, help="teacher training tokens if the teacher does not say")
+    p.add_argument(
+        "--teacher-tokens", type=int, default=None, help="teacher training tokens if the teacher does not say"
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=64)

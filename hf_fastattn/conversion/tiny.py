@@ -48,9 +48,11 @@ def corpus(chars: int | None = None) -> str:
     """tinyshakespeare from the shared data folder (or tinylm's loader when present), first `chars` characters."""
     try:
         from ..tinylm import load_corpus
-
-        text = load_corpus()
     except ImportError:
+        load_corpus = None
+    if load_corpus is not None:
+        text = load_corpus()
+    else:
         import pathlib
 
         candidates = [pathlib.Path(__file__).resolve().parents[3] / "shared/data/tinyshakespeare.txt"]
