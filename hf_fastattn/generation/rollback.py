@@ -1,0 +1,61 @@
+"""Taking back speculative tokens from a transformers `Cache`.
+
+A speculative forward appends the K/V (or updates the recurrent state) of every guessed token. After verification
+only a prefix of the guesses is kept, so the cache must forget the rest:
+
+* K/V layers (`DynamicLayer`, `layer.is_croppable` True) simply drop their last entries: `layer.crop(-n)`.
+* Recurrent layers (`LinearAttentionLayer`, hf_fastattn's recurrent cache, ...) fold every token into a fixed-size
+  state, which cannot be cut. We copy such layers before the speculative forward and put the copy back afterwards;
+  the caller then feeds the accepted tokens again (see `jacobi.py`).
+
+The two functions below are the only place that knows about cache internals, so a new cache type needs at most a
+change here.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from transformers.cache_utils import Cache
+
+
+def needs_snapshot(cache: Cache | None) -> bool:
+    """Whether rolling `cache` back needs a saved copy (some layer cannot be cropped), rather than `crop`."""
+    if cache is None:
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a cache without per-layer objects: trust its own flag
+        return not getattr(cache, "is_croppable", False)
+    return any(not getattr(layer, "is_croppable", False) for layer in layers)
+
+
+def snapshot(cache: Cache) -> dict[int, object]:
+    """Deep copies of the layers of `cache` that cannot be cropped, keyed by layer index (taken before a guess)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        return {-1: copy.deepcopy(cache)}
+    return {
+        i: copy.deepcopy(layer) for i, layer in enumerate(layers) if not getattr(layer, "is_croppable", False)
+    }
+
+
+def rollback(cache: Cache, tokens_to_remove: int, saved: dict[int, object] | None = None) -> None:
+    """Forget the last `tokens_to_remove` tokens of `cache`.
+
+    Croppable layers drop their last entries; the layers in `saved` (from `snapshot`, taken exactly before the
+    speculative forward) are put back as they were, so for them *all* tokens of that forward are forgotten.
+    """
+    if tokens_to_remove <= 0 and not saved:
+        return
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        if saved:
+            cache.__dict__.update(saved[-1].__dict__)
+        else:
+            cache.crop(-tokens_to_remove)
+        return
+    for i, layer in enumerate(layers):
+        if saved and i in saved:
+            layers[i] = saved[i]
+        elif tokens_to_remove > 0:
+            layer.crop(-tokens_to_remove)
