@@ -65,10 +65,15 @@ def sliding_window_linear_attention(
     scores = (qf32 @ kf32.transpose(-1, -2)) * scaling  # [B, H, Nq, N]
     m = scores.masked_fill(~in_window, float("-inf")).amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    soft = torch.exp(scores - m) * in_window
+    # masked before exp: a score outside the window may exceed the window's max by enough to overflow (inf * 0)
+    soft = torch.exp((scores - m).masked_fill(~in_window, float("-inf")))
     phi = get_feature_map(feature_map)
     lin = (phi(qf32) @ phi(kf32).transpose(-1, -2)) * beyond
-    gamma = torch.full((h,), 0.5, device=q.device) if window_factor is None else torch.sigmoid(window_factor.float())
+    gamma = (
+        torch.full((h,), 0.5, device=q.device)
+        if window_factor is None
+        else torch.sigmoid(window_factor.float())
+    )
     gamma = gamma.view(1, h, 1, 1)
     weights = gamma * soft + (1 - gamma) * lin
     out = (weights @ vf32) / weights.sum(-1, keepdim=True).clamp_min(_EPS)

@@ -253,3 +253,26 @@ def test_all_minilm_converts_and_runs(tmp_path, method):
     loaded = AutoModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(**batch).last_hidden_state, out)
+
+
+def test_hybrid_window_attention_limits_and_large_scores():
+    from hf_fastattn.ops.feature_maps import HedgehogFeatureMap
+    from hf_fastattn.ops.hybrid import sliding_window_linear_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    # window covering everything with gamma -> 1 is causal softmax attention
+    out = sliding_window_linear_attention(
+        q, k, v, feature_map="elu", window=64, window_factor=torch.full((2,), 30.0)
+    )
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # scores outside the window far above the window's max must not overflow into NaN (inf * 0)
+    q10 = (10 * q).requires_grad_()
+    out = sliding_window_linear_attention(q10, 10 * k, v, feature_map=HedgehogFeatureMap(2, 8), window=4)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(q10.grad).all()
+    # queries at the last positions (decoding against a K/V cache) equal the rows of the full computation
+    full = sliding_window_linear_attention(q, k, v, feature_map="elu", window=4)
+    last = sliding_window_linear_attention(q[:, :, -3:], k, v, feature_map="elu", window=4)
+    torch.testing.assert_close(last, full[:, :, -3:])
