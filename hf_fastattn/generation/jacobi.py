@@ -123,6 +123,7 @@ def jacobi_decoding(
         `torch.LongTensor` `[B, P + new]` equal to `generate(do_sample=False)`, or a `JacobiDecoderOutput` with
         `num_forward_passes` and `accepted_per_pass` when `return_dict_in_generate=True`.
     """
+    _check_model(model)
     if generation_config is None:  # called directly: let generate prepare everything and call us back
         return model.generate(
             input_ids,
@@ -138,7 +139,7 @@ def jacobi_decoding(
             stopping_criteria=stopping_criteria,
             **model_kwargs,
         )
-    _check_applicable(model, generation_config, mode)
+    _check_config(generation_config, mode)
     if streamer is None and jacobi_streamer is not None:
         streamer = jacobi_streamer
         streamer.put(input_ids.cpu())  # generate() does this only for its own `streamer` argument
@@ -304,10 +305,8 @@ def _forward(model, tokens, positions, mask, cache, num_logits, keep_logits, ext
     return out.logits[:, -num_logits:].float()
 
 
-def _check_applicable(model, generation_config, mode: str) -> None:
+def _check_model(model) -> None:
     """Jacobi decoding reproduces greedy decoding of a decoder-only model; refuse anything else loudly."""
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a Jacobi decoding mode; choose one of {MODES}")
     if getattr(model.config, "is_encoder_decoder", False):
         raise ValueError(
             "Jacobi decoding is not applicable to encoder-decoder models: it needs a decoder-only LM"
@@ -317,6 +316,11 @@ def _check_applicable(model, generation_config, mode: str) -> None:
         raise ValueError(
             f"Jacobi decoding is not applicable to {type(model).__name__}: it needs a causal LM that can generate"
         )
+
+
+def _check_config(generation_config, mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a Jacobi decoding mode; choose one of {MODES}")
     if generation_config.do_sample:
         raise ValueError(
             "Jacobi decoding is greedy-only: do_sample=True is not supported (use do_sample=False)"
@@ -478,7 +482,7 @@ class LookaheadGuesser:
         self.trajectory = predictions[:, n:]
         self._index_text(ids)
         # (guess, prediction after it) pairs: the model's continuation of each guessed token, in context
-        for b, (g, p) in enumerate(zip(guesses.tolist(), predictions.tolist())):
+        for b, (g, p) in enumerate(zip(guesses.tolist(), predictions.tolist(), strict=True)):
             follow = self.pools[b].follow
             for j in range(n - 1, k):
                 follow[g[j]] = p[j + 1]
