@@ -1,0 +1,110 @@
+"""fast_attention (FAST fastmax) against the naive quadratic reference."""
+
+import math
+
+import pytest
+import torch
+
+from hf_fastattn.ops import FastmaxFeatureMap, fast_attention
+from hf_fastattn.ops.reference import fast_normalize, naive_fast_attention
+
+from .helpers import assert_bf16_close, assert_matches_reference, inputs, left_padding
+
+
+@pytest.mark.parametrize("n", [1, 63, 500])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("order,temperature", [(1, 1.0), (2, 1.0), (2, 0.5), (1, 3.0)])
+def test_fast_matches_reference(n, causal, order, temperature):
+    q, k, v = inputs(2, 4, 2, n, 16)
+    assert_matches_reference(
+        lambda q, k, v: fast_attention(q, k, v, causal=causal, order=order, temperature=temperature),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=causal, order=order, temperature=temperature),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_fast_padding(causal):
+    q, k, v = inputs(2, 2, 2, 90, 8)
+    mask = left_padding(2, 90, 31)
+    assert_matches_reference(
+        lambda q, k, v: fast_attention(q, k, v, causal=causal, padding_mask=mask),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=causal, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fastmax_features_factorize_the_weight(order):
+    x, y = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
+    fmap = FastmaxFeatureMap(order, temperature=1.7)
+    s = (x * y).sum(-1) / 1.7
+    expected = 1 + s + (s * s / 2 if order == 2 else 0)
+    torch.testing.assert_close((fmap(x) * fmap(y)).sum(-1), expected)
+    assert fmap(x).shape[-1] == fmap.feature_dim(7) == (1 + 7 + (28 if order == 2 else 0))
+
+
+def test_fastmax_feature_gradient():
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(FastmaxFeatureMap(2, 1.3), (x,))
+
+
+def test_normalization_is_per_token():
+    """Later tokens must not rescale earlier outputs (the paper's whole-sequence max norm would)."""
+    q, k, v = inputs(1, 2, 2, 40, 8, grad=False)
+    out = fast_attention(q, k, v, causal=True)
+    k2 = k.clone()
+    k2[:, :, -1] *= 100
+    torch.testing.assert_close(fast_attention(q, k2, v, causal=True)[:, :, :-1], out[:, :, :-1])
+    n = fast_normalize(torch.randn(4, 8))
+    torch.testing.assert_close(n.mean(-1), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(n.norm(dim=-1), torch.ones(4))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_bf16(order):
+    q, k, v = inputs(1, 2, 2, 150, 16, grad=False)
+    assert_bf16_close(
+        lambda q, k, v: fast_attention(q, k, v, causal=True, order=order),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=True, order=order),
+        q,
+        k,
+        v,
+    )
+
+
+def test_order1_opposite_vectors_no_nan():
+    """q_hat = -k_hat with one key: weight 1 + s = 0, the denominator must not produce NaN."""
+    q = torch.randn(1, 1, 1, 8)
+    out = fast_attention(q, -q, torch.randn(1, 1, 1, 8), causal=True, order=1)
+    assert torch.isfinite(out).all()
+    assert torch.isfinite(
+        fast_attention(*inputs(1, 1, 1, 32, 8, dtype=torch.float16, grad=False), causal=True)
+    ).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(order=3), "order must be 1 or 2"),
+        (dict(temperature=0.0), "temperature must be a positive number"),
+        (dict(order=1, temperature=0.5), "order 1 needs temperature >= 1"),
+    ],
+    ids=["order3", "temperature0", "order1-low-temperature"],
+)
+def test_bad_options(kwargs, match):
+    q, k, v = inputs(1, 1, 1, 4, 4, grad=False)
+    with pytest.raises(ValueError, match=match):
+        fast_attention(q, k, v, causal=True, **kwargs)
+
+
+def test_weights_are_taylor_of_exp():
+    """Sanity of the reference itself: f approximates exp on [-1, 1] within the Taylor remainder."""
+    s = torch.linspace(-1, 1, 11)
+    from hf_fastattn.ops.reference import fastmax_weight
+
+    assert (fastmax_weight(s, 2) - s.exp()).abs().max() <= math.e / 6 + 1e-6

@@ -1,0 +1,164 @@
+"""linear_attention, chunk_linear_attention and recurrent_linear_step against the naive quadratic reference."""
+
+import pytest
+import torch
+from torch import nn
+
+from hf_fastattn.ops import chunk_linear_attention, linear_attention, recurrent_linear_step
+from hf_fastattn.ops.reference import naive_feature_attention, naive_linear_attention, repeat_kv
+
+from .helpers import assert_bf16_close, assert_matches_reference, inputs, left_padding
+
+LENGTHS = [1, 63, 500]
+
+
+class ScaledSoftplus(nn.Module):
+    """A custom feature map with parameters: proves any nn.Module plugs in."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(d, 8) / d**0.5)
+
+    def forward(self, x):
+        return nn.functional.softplus(x @ self.w)
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_linear_matches_reference(n, causal, feature_map):
+    q, k, v = inputs(2, 4, 2, n, 16)
+    assert_matches_reference(
+        lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=feature_map, backend="torch"),
+        lambda q, k, v: naive_linear_attention(q, k, v, causal=causal, feature_map=feature_map),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_linear_custom_feature_map_and_padding(causal):
+    q, k, v = inputs(2, 4, 4, 70, 16)
+    fmap = ScaledSoftplus(16)
+    mask = left_padding(2, 70, 23)
+    assert_matches_reference(
+        lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=fmap, padding_mask=mask),
+        lambda q, k, v: naive_linear_attention(q, k, v, causal=causal, feature_map=fmap, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [1, 16, 64])
+def test_chunk_sizes_agree(chunk_size):
+    q, k, v = inputs(1, 2, 2, 130, 8, grad=False)
+    out = linear_attention(q, k, v, causal=True, chunk_size=chunk_size)
+    torch.testing.assert_close(out, naive_linear_attention(q, k, v, causal=True), atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("n", [1, 63, 130])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_chunk_state_in_and_out(n, causal):
+    qf, kf = torch.rand(2, 4, n, 8, requires_grad=True), torch.rand(2, 2, n, 8, requires_grad=True)
+    v = torch.randn(2, 2, n, 6, requires_grad=True)
+    s0 = torch.rand(2, 2, 8, 6, requires_grad=True)
+    z0 = torch.rand(2, 2, 8, requires_grad=True)
+    out, (s, z) = chunk_linear_attention(
+        qf, kf, v, causal=causal, initial_state=(s0, z0), output_final_state=True, chunk_size=16
+    )
+    ref, (rs, rz) = naive_feature_attention(
+        qf,
+        repeat_kv(kf, 4),
+        repeat_kv(v, 4),
+        causal=causal,
+        initial_state=(repeat_kv(s0, 4), repeat_kv(z0[..., None], 4)[..., 0]),
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, rs[:, ::2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z, rz[:, ::2], atol=1e-4, rtol=1e-4)
+    # gradients, the initial state's included
+    loss = out.square().sum() + s.sum() + z.sum()
+    grads = torch.autograd.grad(loss, (qf, kf, v, s0, z0))
+    ref_loss = ref.square().sum() + rs[:, ::2].sum() + rz[:, ::2].sum()
+    ref_grads = torch.autograd.grad(ref_loss, (qf, kf, v, s0, z0))
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, atol=1e-3, rtol=1e-3)
+
+
+def test_recurrent_steps_equal_chunked():
+    qf, kf, v = torch.rand(1, 4, 40, 8), torch.rand(1, 2, 40, 8), torch.randn(1, 2, 40, 5)
+    full, final = chunk_linear_attention(qf, kf, v, causal=True, output_final_state=True)
+    state = (torch.zeros(1, 2, 8, 5), torch.zeros(1, 2, 8))
+    outs = []
+    for t in range(40):
+        o, state = recurrent_linear_step(qf[:, :, t : t + 1], kf[:, :, t : t + 1], v[:, :, t : t + 1], state)
+        outs.append(o)
+    torch.testing.assert_close(torch.cat(outs, 2), full, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(state[0], final[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(state[1], final[1], atol=1e-4, rtol=1e-4)
+
+
+def test_prefill_then_continue_equals_whole():
+    """Chunked prefill handing its state to a second chunked call == one call over everything."""
+    qf, kf, v = torch.rand(1, 2, 90, 8), torch.rand(1, 2, 90, 8), torch.randn(1, 2, 90, 4)
+    whole, _ = chunk_linear_attention(qf, kf, v, causal=True)
+    a, state = chunk_linear_attention(
+        qf[:, :, :50], kf[:, :, :50], v[:, :, :50], causal=True, output_final_state=True
+    )
+    b, _ = chunk_linear_attention(
+        qf[:, :, 50:], kf[:, :, 50:], v[:, :, 50:], causal=True, initial_state=state
+    )
+    torch.testing.assert_close(torch.cat([a, b], 2), whole, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bf16_error_within_twice_reference_error(causal):
+    q, k, v = inputs(1, 2, 2, 200, 16, grad=False)
+    assert_bf16_close(
+        lambda q, k, v: linear_attention(q, k, v, causal=causal),
+        lambda q, k, v: naive_linear_attention(q, k, v, causal=causal),
+        q,
+        k,
+        v,
+    )
+
+
+def test_fp16_and_empty_rows_are_finite():
+    q, k, v = inputs(2, 2, 2, 64, 16, dtype=torch.float16, grad=False)
+    assert torch.isfinite(linear_attention(q, k, v, causal=True)).all()
+    # relu of all-negative keys: every weight is 0 -> the output is 0, not NaN
+    out = linear_attention(q, -k.abs() - 1, v, causal=True, feature_map="relu")
+    assert torch.isfinite(out).all()
+    # a query whose only keys are padding
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    mask[1, :10] = False
+    out = linear_attention(q.float(), k.float(), v.float(), causal=True, padding_mask=mask)
+    assert torch.isfinite(out).all() and out[1, :, :10].abs().max() == 0
+
+
+def test_causality():
+    q, k, v = inputs(1, 2, 2, 80, 8, grad=False)
+    out = linear_attention(q, k, v, causal=True)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 50:] += 3
+    v2[:, :, 50:] -= 2
+    out2 = linear_attention(q, k2, v2, causal=True)
+    torch.testing.assert_close(out[:, :, :50], out2[:, :, :50])
+    assert not torch.allclose(out[:, :, 50:], out2[:, :, 50:])
+
+
+def test_bad_input_errors():
+    q, k, v = inputs(1, 4, 3, 8, 8, grad=False)
+    with pytest.raises(ValueError, match="divide"):
+        linear_attention(q, k, v, causal=True)
+    q, k, v = inputs(1, 2, 2, 8, 8, grad=False)
+    with pytest.raises(ValueError, match="feature_map must be one of"):
+        linear_attention(q, k, v, causal=True, feature_map="softmax")
+    with pytest.raises(ValueError, match="same length"):
+        linear_attention(q, k[:, :, :5], v[:, :, :5], causal=True)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        linear_attention(q, k, v, causal=True, backend="cuda")
+    with pytest.raises(ValueError, match="one token"):
+        recurrent_linear_step(q, k, v, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)))
