@@ -1,18 +1,80 @@
-"""Backend choice for the operators: "torch" (any device) or "triton" (CUDA, or CPU under TRITON_INTERPRET=1)."""
+"""Backend choice for the operators: "torch" (any device) or "triton" (CUDA, or CPU under TRITON_INTERPRET=1).
+
+Triton reads `TRITON_INTERPRET` when a kernel is decorated with `triton.jit` (triton 3.9: `knobs.runtime.interpret`
+is read from the environment on every access, and `triton.jit` picks the interpreter if it is set at that moment).
+Our kernels are therefore decorated lazily, per mode, at their first launch (`_jit.lazy_jit`): setting
+`TRITON_INTERPRET=1` any time before the first CPU launch works, even if triton was imported without it.
+"""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
 BACKENDS = ("auto", "torch", "triton")
+ENV_VAR = "HF_FASTATTN_BACKEND"
+_TRUE = ("1", "true", "on", "yes")
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether `import triton` succeeds (cached: the answer does not change within a process)."""
+    try:
+        import triton  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    """Whether `TRITON_INTERPRET` is set to a true value now (read like triton's own knob)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def _validate(backend, source: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
-    backend = os.environ.get("HF_FASTATTN_BACKEND", backend)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    """Pick "torch" or "triton" for an operator call on `tensors`.
+
+    Args:
+        backend: "auto" | "torch" | "triton". The environment variable `HF_FASTATTN_BACKEND`, when set and non-empty,
+            overrides it (same values).
+        tensors: the operator's inputs; their device decides "auto".
+
+    Returns:
+        "torch" or "triton". "auto" gives "triton" iff all tensors are on CUDA and triton imports.
+
+    Raises:
+        ValueError: an unknown backend (argument or environment).
+        RuntimeError: "triton" forced where it cannot run: triton not importable, or CPU tensors without
+            `TRITON_INTERPRET=1`.
+    """
+    _validate(backend, "backend")
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env:
+        backend = _validate(env, f"${ENV_VAR}")
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
+    if backend == "torch":
         return "torch"
-    return backend
+    if backend == "auto":
+        return "triton" if on_cuda and triton_available() else "torch"
+    if not triton_available():
+        raise RuntimeError(
+            "backend='triton' needs the `triton` package, which cannot be imported here; "
+            "install triton or use backend='torch'"
+        )
+    if not on_cuda and not interpreter_enabled():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors runs only in Triton's interpreter: set the environment variable "
+            "TRITON_INTERPRET=1 (slow, for testing), move the tensors to CUDA, or use backend='torch'"
+        )
+    return "triton"
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "interpreter_enabled", "resolve_backend", "triton_available"]
