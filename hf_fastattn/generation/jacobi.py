@@ -406,37 +406,43 @@ class JacobiGuesser:
 
 
 class NGramPool:
-    """n-grams seen so far, keyed by their first `n - 1` tokens, newest continuation kept.
+    """The next token after every context of 1 to `n - 1` tokens seen so far (newest wins), longest context first.
 
-    Two sources: the committed text (prompt + output; "prompt lookup"), which is exact greedy text and often repeats,
-    and the Jacobi trajectories, whose (guess, prediction) pairs are continuations the model produced in context.
+    Two sources: the committed text (prompt + output; "prompt lookup"), which is exact greedy text and often
+    repeats, and the Jacobi trajectories, whose (guess, prediction) pairs are continuations the model produced in
+    context. Chaining lookups gives a guessed continuation as long as the window.
     """
 
     def __init__(self, n: int):
         self.n = n
-        self.table: dict[tuple[int, ...], tuple[int, ...]] = {}
-        self.follow: dict[int, int] = {}  # token -> the token that followed it in a Jacobi trajectory
+        self.table: dict[tuple[int, ...], int] = {}
+        self.follow: dict[
+            int, int
+        ] = {}  # token -> the token the model predicted after it in a Jacobi trajectory
 
     def add_text(self, tokens: list[int], start: int = 0) -> None:
-        """Index every n-gram of `tokens` that ends at or after `start`."""
-        n = self.n
-        for i in range(max(0, start - n + 1), len(tokens) - n + 1):
-            self.table[tuple(tokens[i : i + n - 1])] = tuple(tokens[i + n - 1 : i + n])
+        """Index the contexts of every token of `tokens` from position `start` on."""
+        for i in range(max(1, start), len(tokens)):
+            for m in range(1, min(self.n - 1, i) + 1):
+                self.table[tuple(tokens[i - m : i])] = tokens[i]
+
+    def next_token(self, context: list[int]) -> int | None:
+        for m in range(min(self.n - 1, len(context)), 0, -1):
+            token = self.table.get(tuple(context[-m:]))
+            if token is not None:
+                return token
+        return self.follow.get(context[-1]) if context else None
 
     def lookup(self, tokens: list[int], length: int) -> list[int]:
-        """A guessed continuation of `tokens` of up to `length` tokens, chaining n-grams then trajectory pairs."""
-        out: list[int] = []
-        context = list(tokens[-(self.n - 1) :])
+        """A guessed continuation of `tokens`, up to `length` tokens."""
+        context, out = list(tokens[-(self.n - 1) :]), []
         while len(out) < length:
-            nxt = self.table.get(tuple(context[-(self.n - 1) :]))
-            if nxt is None:
-                nxt = self.follow.get(context[-1])
-                if nxt is None:
-                    break
-                nxt = (nxt,)
-            out.extend(nxt)
-            context.extend(nxt)
-        return out[:length]
+            token = self.next_token(context)
+            if token is None:
+                break
+            out.append(token)
+            context = context[1:] + [token] if len(context) >= self.n - 1 else context + [token]
+        return out
 
 
 class LookaheadGuesser:

@@ -1,0 +1,100 @@
+"""DDGviz pictures, the `generate` / `ddgviz` / `bench jacobi` commands and the examples, on tiny offline models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from gen_helpers import tiny_bigram_llama
+
+from hf_fastattn.cli import main as cli_main
+from hf_fastattn.generation import ddgviz
+from hf_fastattn.generation.ddgviz import trace_grid
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class _CharTokenizer:
+    """Token i <-> chr(65 + i): enough of a tokenizer for ddgviz."""
+
+    pad_token_id, eos_token_id = 0, None
+
+    def __call__(self, text, return_tensors=None):
+        class _Out:
+            input_ids = torch.tensor([[ord(c) - 65 for c in text]])
+
+        return _Out()
+
+    def decode(self, tokens):
+        return "".join(chr(65 + t) for t in tokens)
+
+
+def test_ddgviz_grid_and_files(tmp_path):
+    model, tokenizer = tiny_bigram_llama(), _CharTokenizer()
+    grid = trace_grid(
+        model, tokenizer, "DEFGH", max_new_tokens=12, mode="jacobi", block_size=None, adaptive=False
+    )
+    greedy = model.generate(tokenizer("DEFGH").input_ids, max_new_tokens=12, do_sample=False)[0, 5:].tolist()
+    assert grid["final"] == greedy
+    # every pass commits at least one new position; the last row shows the whole output verified
+    assert 1 <= len(grid["cells"]) <= 12
+    last = grid["cells"][-1]
+    assert [cell[0] for cell in last] == greedy
+    assert all(cell[2] in ("committed", "accepted") for cell in last)
+    assert all(0.0 <= cell[1] <= 1.0 for row in grid["cells"] for cell in row if cell)
+
+    paths = ddgviz(model, tokenizer, "DEFGH", max_new_tokens=12, out_path=tmp_path / "run")
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    page = paths["html"].read_text()
+    assert page.startswith("<!DOCTYPE html>") and "<script" not in page and "http" not in page
+    assert page.count("<tr>") == len(grid["cells"]) + 1
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A saved tiny Llama with a small BPE tokenizer, as a MODEL folder for the commands."""
+    from hf_fastattn.conversion.tiny import corpus, tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny")
+    tokenizer = tiny_tokenizer(corpus(5_000), vocab_size=200)
+    tiny_llama(vocab_size=len(tokenizer), hidden_size=32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_generate_command_compares_with_greedy(tiny_dir, capsys):
+    code = cli_main(["generate", str(tiny_dir), "--prompt", "ROMEO:", "--max-new-tokens", "12", "--compare"])
+    assert code == 0
+    assert "identical output: True" in capsys.readouterr().err
+
+
+def test_ddgviz_command(tiny_dir, tmp_path):
+    assert (
+        cli_main(
+            ["ddgviz", str(tiny_dir), "--prompt", "ROMEO:", "--out", str(tmp_path), "--max-new-tokens", "8"]
+        )
+        == 0
+    )
+    assert (tmp_path / "ddgviz.png").is_file() and (tmp_path / "ddgviz.html").is_file()
+
+
+def test_bench_jacobi_quick(tmp_path):
+    assert cli_main(["bench", "jacobi", "--quick", "--out", str(tmp_path)]) == 0
+    assert "identical" in (tmp_path / "quick_jacobi.md").read_text()
+    assert (tmp_path / "quick_jacobi.png").is_file()
+
+
+@pytest.mark.parametrize("script", ["jacobi_generate.py", "ddgviz_demo.py"])
+def test_example_runs(script, tmp_path):
+    args = [sys.executable, str(ROOT / "examples" / script), "--tiny", "--max-new-tokens", "10"]
+    if script == "ddgviz_demo.py":
+        args += ["--out", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    if script == "jacobi_generate.py":
+        assert "identical to greedy generate: yes" in result.stdout
