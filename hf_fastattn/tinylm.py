@@ -64,7 +64,7 @@ def train_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTokenizerFast
 def tiny_llama_config(
     vocab_size: int,
     *,
-    hidden_size: int = 256,
+    hidden_size: int = 128,
     num_layers: int = 4,
     num_heads: int = 4,
     num_kv_heads: int | None = None,
@@ -93,7 +93,7 @@ def train_tiny_llama(
     out_dir: str | os.PathLike | None = None,
     *,
     text: str | None = None,
-    steps: int = 600,
+    steps: int = 500,
     seq_len: int = 128,
     batch_size: int = 16,
     lr: float = 3e-3,
