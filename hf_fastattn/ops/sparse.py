@@ -182,6 +182,15 @@ def sparse_attention(
     spec = SparsePattern(pattern, stride, local, summary)
     b, h, nq, d = q.shape
     n = k.shape[2]
+    if v.shape[2] != n or nq > n:
+        raise ValueError(
+            f"sparse attention: k and v must have the same length and q at most that many positions, got q {nq}, "
+            f"k {n} and v {v.shape[2]}"
+        )
+    if padding_mask is not None and tuple(padding_mask.shape) != (b, n):
+        raise ValueError(
+            f"sparse attention: padding_mask must have shape [batch, keys] = {[b, n]}, got {list(padding_mask.shape)}"
+        )
     scale = 1.0 / math.sqrt(d) if scaling is None else scaling
     valid = (
         torch.ones(b, n, dtype=torch.bool, device=q.device) if padding_mask is None else padding_mask.to(torch.bool)

@@ -13,7 +13,11 @@ from .helpers import assert_bf16_close, assert_matches_reference, inputs, left_p
 
 @pytest.mark.parametrize("n", [1, 63, 500])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-@pytest.mark.parametrize("order,temperature", [(1, 1.0), (2, 1.0), (2, 0.5), (1, 3.0)])
+@pytest.mark.parametrize(
+    "order,temperature",
+    [(1, 1.0), (2, 1.0), (2, 0.5), (1, 3.0)],
+    ids=["order1-T1", "order2-T1", "order2-T0.5", "order1-T3"],
+)
 def test_fast_matches_reference(n, causal, order, temperature):
     q, k, v = inputs(2, 4, 2, n, 16)
     assert_matches_reference(
@@ -53,6 +57,20 @@ def test_fastmax_feature_gradient():
     assert torch.autograd.gradcheck(FastmaxFeatureMap(2, 1.3), (x,))
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_causality(order):
+    """Changing q, k and v from position 40 on leaves outputs 0..39 unchanged (chunk boundary inside the change)."""
+    q, k, v = inputs(1, 4, 2, 70, 8, grad=False)
+    out = fast_attention(q, k, v, causal=True, order=order, chunk_size=16)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, 40:] += 1
+    k2[:, :, 40:] = torch.randn_like(k2[:, :, 40:]) * 5
+    v2[:, :, 40:] *= -3
+    out2 = fast_attention(q2, k2, v2, causal=True, order=order, chunk_size=16)
+    torch.testing.assert_close(out2[:, :, :40], out[:, :, :40], atol=0, rtol=0)
+    assert not torch.allclose(out2[:, :, 40:], out[:, :, 40:])
+
+
 def test_normalization_is_per_token():
     """Later tokens must not rescale earlier outputs (the paper's whole-sequence max norm would)."""
     q, k, v = inputs(1, 2, 2, 40, 8, grad=False)
@@ -77,14 +95,27 @@ def test_bf16(order):
     )
 
 
-def test_order1_opposite_vectors_no_nan():
-    """q_hat = -k_hat with one key: weight 1 + s = 0, the denominator must not produce NaN."""
-    q = torch.randn(1, 1, 1, 8)
-    out = fast_attention(q, -q, torch.randn(1, 1, 1, 8), causal=True, order=1)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_order1_opposite_vectors_no_nan(causal):
+    """q_hat = -k_hat with one key: weight 1 + s = 0, the denominator must not produce NaN (nor its gradient)."""
+    q = torch.randn(1, 1, 1, 8, requires_grad=True)
+    k = (-q).detach().requires_grad_()
+    v = torch.randn(1, 1, 1, 8, requires_grad=True)
+    out = fast_attention(q, k, v, causal=causal, order=1)
     assert torch.isfinite(out).all()
-    assert torch.isfinite(
-        fast_attention(*inputs(1, 1, 1, 32, 8, dtype=torch.float16, grad=False), causal=True)
-    ).all()
+    out.sum().backward()
+    assert all(torch.isfinite(x.grad).all() for x in (q, k, v))
+
+
+@pytest.mark.parametrize("order", [1, 2])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_fp16_and_fully_padded_rows_are_finite(order, causal):
+    q, k, v = inputs(2, 2, 2, 64, 16, dtype=torch.float16, grad=False, scale=30.0)
+    mask = left_padding(2, 64, 64 if not causal else 10)  # bidirectional: every key of row 1 is padding
+    out = fast_attention(q, k, v, causal=causal, order=order, padding_mask=mask)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    empty = out[1, :, :10] if causal else out[1]
+    assert empty.abs().max() == 0
 
 
 @pytest.mark.parametrize(
@@ -100,6 +131,16 @@ def test_bad_options(kwargs, match):
     q, k, v = inputs(1, 1, 1, 4, 4, grad=False)
     with pytest.raises(ValueError, match=match):
         fast_attention(q, k, v, causal=True, **kwargs)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_bad_shapes(causal):
+    q, k, v = inputs(1, 4, 3, 8, 8, grad=False)
+    with pytest.raises(ValueError, match="divide the query heads"):
+        fast_attention(q, k, v, causal=causal)
+    q, k, v = inputs(1, 2, 2, 8, 8, grad=False)
+    with pytest.raises(ValueError, match="same length"):
+        fast_attention(q, k[:, :, :6], v[:, :, :6], causal=causal)
 
 
 def test_weights_are_taylor_of_exp():

@@ -38,8 +38,9 @@ def test_linear_matches_reference(n, causal, feature_map):
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
-def test_linear_custom_feature_map_and_padding(causal):
-    q, k, v = inputs(2, 4, 4, 70, 16)
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+def test_linear_custom_feature_map_and_padding(causal, hkv):
+    q, k, v = inputs(2, 4, hkv, 70, 16)
     fmap = ScaledSoftplus(16)
     mask = left_padding(2, 70, 23)
     assert_matches_reference(
@@ -138,14 +139,17 @@ def test_fp16_and_empty_rows_are_finite():
     assert torch.isfinite(out).all() and out[1, :, :10].abs().max() == 0
 
 
-def test_causality():
-    q, k, v = inputs(1, 2, 2, 80, 8, grad=False)
-    out = linear_attention(q, k, v, causal=True)
-    k2, v2 = k.clone(), v.clone()
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_causality(feature_map):
+    """Changing tokens from position 50 on (q, k and v) leaves outputs 0..49 bit-identical, and changes 50.."""
+    q, k, v = inputs(1, 4, 2, 80, 8, grad=False)
+    out = linear_attention(q, k, v, causal=True, feature_map=feature_map, chunk_size=16)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, 50:] *= -1
     k2[:, :, 50:] += 3
     v2[:, :, 50:] -= 2
-    out2 = linear_attention(q, k2, v2, causal=True)
-    torch.testing.assert_close(out[:, :, :50], out2[:, :, :50])
+    out2 = linear_attention(q2, k2, v2, causal=True, feature_map=feature_map, chunk_size=16)
+    torch.testing.assert_close(out[:, :, :50], out2[:, :, :50], atol=0, rtol=0)
     assert not torch.allclose(out[:, :, 50:], out2[:, :, 50:])
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 from hf_fastattn.ops import sparse as sparse_module
 from hf_fastattn.ops import sparse_attention
@@ -46,13 +47,41 @@ def test_sparse_padding(pattern):
     )
 
 
+@pytest.mark.parametrize("nq", [1, 3])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_decode_rows_equal_full_rows(pattern):
+def test_decode_rows_equal_full_rows(pattern, causal, nq):
     """Queries at the last positions only (decoding with a K/V cache) == the same rows of the full result."""
-    q, k, v = inputs(1, 2, 2, 90, 8, grad=False)
-    full = naive_sparse_attention(q, k, v, causal=True, **pattern)
-    rows = sparse_attention(q[:, :, -3:], k, v, causal=True, **pattern)
-    torch.testing.assert_close(rows, full[:, :, -3:], atol=2e-5, rtol=2e-4)
+    q, k, v = inputs(2, 4, 2, 90, 8, grad=False)
+    mask = left_padding(2, 90, 13)
+    full = naive_sparse_attention(q, k, v, causal=causal, padding_mask=mask, **pattern)
+    rows = sparse_attention(q[:, :, -nq:], k, v, causal=causal, padding_mask=mask, **pattern)
+    torch.testing.assert_close(rows, full[:, :, -nq:], atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_causality(pattern):
+    """Changing q, k and v from position 45 on leaves outputs 0..44 unchanged and changes later ones."""
+    q, k, v = inputs(1, 2, 2, 80, 8, grad=False)
+    out = sparse_attention(q, k, v, causal=True, **pattern)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, 45:] += 1
+    k2[:, :, 45:] *= -2
+    v2[:, :, 45:] += 5
+    out2 = sparse_attention(q2, k2, v2, causal=True, **pattern)
+    torch.testing.assert_close(out2[:, :, :45], out[:, :, :45], atol=0, rtol=0)
+    assert not torch.allclose(out2[:, :, 45:], out[:, :, 45:])
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fp16_and_fully_padded_rows_are_finite(pattern, causal):
+    q, k, v = inputs(2, 2, 2, 64, 16, dtype=torch.float16, grad=False, scale=4.0)
+    mask = left_padding(2, 64, 64 if not causal else 10)  # bidirectional: every key of row 1 is padding
+    out = sparse_attention(q, k, v, causal=causal, padding_mask=mask, **pattern)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    empty = out[1, :, :10] if causal else out[1]
+    assert empty.abs().max() == 0
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -92,6 +121,33 @@ def test_pattern_mask_definition():
     assert m[9].tolist() == [x <= 9 and (x // 4 == 2 or x % 4 == 3) for x in range(12)]
 
 
+@pytest.mark.parametrize(
+    "pattern,keys_per_query",
+    [
+        (dict(pattern="strided", stride=16), lambda n: n / 16 + 2 * 16),
+        (dict(pattern="strided", stride=16, local=4), lambda n: n / 16 + 2 * 4),
+        (dict(pattern="fixed", stride=16), lambda n: n / 16 + 16),
+        (dict(pattern="fixed", stride=16, summary=4), lambda n: 4 * n / 16 + 16),
+    ],
+    ids=["strided16", "strided16-local4", "fixed16", "fixed16-summary4"],
+)
+def test_matmul_flops_grow_as_n_times_keys_per_query(pattern, keys_per_query):
+    """Every matmul counted by torch's FlopCounterMode (no timing): QK^T and PV over about
+    N (N / stride + stride) score elements (N (summary N / stride + stride) for "fixed"), never N^2."""
+    d = 4
+    flops = {}
+    for n in (1024, 4096):
+        q, k, v = inputs(1, 1, 1, n, d, grad=False)
+        with FlopCounterMode(display=False) as counter:
+            sparse_attention(q, k, v, causal=True, **pattern)
+        flops[n] = counter.get_total_flops()
+        budget = 2 * 2 * d * n * keys_per_query(n)  # two matmuls, 2 flops per multiply-add
+        assert flops[n] <= 1.3 * budget, (n, flops[n], budget)
+    assert flops[4096] < 0.3 * 2 * 2 * d * 4096**2  # dense: N^2 (summary 4 of 16 keeps a quarter of the keys)
+    # quadrupling N multiplies the cost by 4 (N / stride + stride) growth, not by 16
+    assert flops[4096] / flops[1024] <= 1.1 * (4 * keys_per_query(4096)) / keys_per_query(1024)
+
+
 def test_cost_grows_as_n_times_n_over_stride_plus_stride(monkeypatch):
     """Count the score elements the pieces compute (no timing): N (N / stride + c * stride), never N^2."""
     counted = []
@@ -125,3 +181,16 @@ def test_bad_options(kwargs, match):
     q, k, v = inputs(1, 1, 1, 8, 4, grad=False)
     with pytest.raises(ValueError, match=match):
         sparse_attention(q, k, v, causal=True, **kwargs)
+
+
+def test_bad_shapes():
+    q, k, v = inputs(2, 3, 2, 8, 4, grad=False)
+    with pytest.raises(ValueError, match="must be a multiple of the K/V heads"):
+        sparse_attention(q, k, v, causal=True, stride=4)
+    q, k, v = inputs(2, 2, 2, 8, 4, grad=False)
+    with pytest.raises(ValueError, match="same length"):
+        sparse_attention(q, k, v[:, :, :7], causal=True, stride=4)
+    with pytest.raises(ValueError, match="at most"):
+        sparse_attention(q, k[:, :, :6], v[:, :, :6], causal=True, stride=4)
+    with pytest.raises(ValueError, match="padding_mask must have shape"):
+        sparse_attention(q, k, v, causal=True, stride=4, padding_mask=torch.ones(2, 5, dtype=torch.bool))
