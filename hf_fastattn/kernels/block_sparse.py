@@ -25,6 +25,7 @@ PATTERNS = {"strided": 0, "fixed": 1}
 MAX_HEAD_DIM = 256
 # a finite "minus infinity": masked scores never win the running max, and exp(NEG - m) underflows to 0
 NEG = -1.0e30
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def block_table(
@@ -111,6 +112,7 @@ def block_sparse_fwd_kernel(
     BD: tl.constexpr,
     BDV: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CT: tl.constexpr,
 ):
     i_m = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -123,7 +125,7 @@ def block_sparse_fwd_kernel(
     mask_m = offs_m < N
     q = tl.load(
         q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0
-    )
+    ).to(CT)
     m_i = tl.full([BM], NEG, dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
     acc = tl.zeros([BM, BDV], dtype=tl.float32)
@@ -135,12 +137,12 @@ def block_sparse_fwd_kernel(
             k_ptr + offs_n[:, None] * D + offs_d[None, :],
             mask=mask_n[:, None] & (offs_d[None, :] < D),
             other=0.0,
-        )
+        ).to(CT)
         v = tl.load(
             v_ptr + offs_n[:, None] * DV + offs_dv[None, :],
             mask=mask_n[:, None] & (offs_dv[None, :] < DV),
             other=0.0,
-        )
+        ).to(CT)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * SCALE
         i = offs_m[:, None]
         j = offs_n[None, :]
@@ -205,6 +207,7 @@ def block_sparse_bwd_kernel(
     BD: tl.constexpr,
     BDV: tl.constexpr,
     DOT_PREC: tl.constexpr,
+    CT: tl.constexpr,
 ):
     i_b = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -222,19 +225,23 @@ def block_sparse_bwd_kernel(
     if KV_PASS:
         offs_n = i_b * BN + tl.arange(0, BN)
         mask_n = offs_n < N
-        k = tl.load(k_ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d, other=0.0)
+        k = tl.load(
+            k_ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d, other=0.0
+        ).to(CT)
         v = tl.load(
             v_ptr + offs_n[:, None] * DV + offs_dv[None, :], mask=mask_n[:, None] & mask_dv, other=0.0
-        )
+        ).to(CT)
         dk = tl.zeros([BN, BD], dtype=tl.float32)
         dv = tl.zeros([BN, BDV], dtype=tl.float32)
     else:
         offs_m = i_b * BM + tl.arange(0, BM)
         mask_m = offs_m < N
-        q = tl.load(q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d, other=0.0)
+        q = tl.load(
+            q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d, other=0.0
+        ).to(CT)
         do = tl.load(
             do_ptr + offs_m[:, None] * DV + offs_dv[None, :], mask=mask_m[:, None] & mask_dv, other=0.0
-        )
+        ).to(CT)
         lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
         delta = tl.load(delta_ptr + offs_m, mask=mask_m, other=0.0)
         dq = tl.zeros([BM, BD], dtype=tl.float32)
@@ -245,10 +252,10 @@ def block_sparse_bwd_kernel(
             mask_m = offs_m < N
             q = tl.load(
                 q_ptr + offs_m[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d, other=0.0
-            )
+            ).to(CT)
             do = tl.load(
                 do_ptr + offs_m[:, None] * DV + offs_dv[None, :], mask=mask_m[:, None] & mask_dv, other=0.0
-            )
+            ).to(CT)
             lse = tl.load(lse_ptr + offs_m, mask=mask_m, other=0.0)
             delta = tl.load(delta_ptr + offs_m, mask=mask_m, other=0.0)
         else:
@@ -256,10 +263,10 @@ def block_sparse_bwd_kernel(
             mask_n = offs_n < N
             k = tl.load(
                 k_ptr + offs_n[:, None] * D + offs_d[None, :], mask=mask_n[:, None] & mask_d, other=0.0
-            )
+            ).to(CT)
             v = tl.load(
                 v_ptr + offs_n[:, None] * DV + offs_dv[None, :], mask=mask_n[:, None] & mask_dv, other=0.0
-            )
+            ).to(CT)
         i = offs_m[:, None]
         j = offs_n[None, :]
         if PATTERN == 0:
@@ -317,6 +324,8 @@ def _common(q, k, v, key_mask, causal, pattern, stride, local, summary, block):
         H=h, N=n, D=d, DV=dv, STRIDE=stride, LOCAL=local, SUMMARY=summary, PATTERN=PATTERNS[pattern],
         CAUSAL=causal, HAS_MASK=key_mask is not None, BM=bm, BN=bn, BD=max(16, triton.next_power_of_2(d)),
         BDV=max(16, triton.next_power_of_2(dv)), DOT_PREC=dot_precision(q, k, v),
+        # Triton 3.9's interpreter gets tl.dot on bf16 operands wrong (uint16 storage): fp32 operands there
+        CT=tl.float32 if interpreting() else _TL_DTYPES[q.dtype],
     )  # fmt: skip
     return km, meta, (cnt, idx, width), (cnt_t, idx_t, width_t)
 
