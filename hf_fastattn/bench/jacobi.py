@@ -88,6 +88,7 @@ def plot(results: dict, methods: list[str], path: str) -> None:
     plt.close(fig)
 
 
+@torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn bench jacobi", description=__doc__)
     parser.add_argument("--prompts", type=int, default=50)
@@ -108,7 +109,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.prompts, args.new_tokens, args.repeats, args.prompt_tokens = 2, 12, 1, 12
 
-    torch.set_grad_enabled(False)
     model, _, tokens = load_model(args.quick)
     prompts = make_prompts(tokens, args.prompts, args.prompt_tokens)
     methods = ["greedy", *args.modes]

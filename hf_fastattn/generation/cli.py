@@ -16,12 +16,10 @@ from .jacobi import MODES, jacobi_generate
 
 
 def _load(name: str):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name).eval()
-    torch.set_grad_enabled(False)
+    model = AutoModelForCausalLM.from_pretrained(name).eval().requires_grad_(False)
     return model, tokenizer
 
 

@@ -54,6 +54,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from ..integration.cache import cache_argument, pop_cache
 from .rollback import needs_snapshot, rollback, snapshot
 from .verify import accept_greedy
 
@@ -156,7 +157,8 @@ def jacobi_decoding(
             (mask.long().cumsum(-1) - 1).clamp(min=0) if mask is not None else torch.arange(prompt_len)[None]
         )
     positions = positions.expand(batch, -1)
-    cache = model_kwargs.pop("past_key_values", None)
+    # transformers >= 5.24 names the cache `cache` (earlier 5.x: `past_key_values`)
+    cache = pop_cache(model_kwargs)
     if cache is None:
         cache = DynamicCache(config=model.config)
     for key in ("use_cache", "logits_to_keep", "cache_position"):
@@ -296,7 +298,7 @@ def _forward(model, tokens, positions, mask, cache, num_logits, keep_logits, ext
         input_ids=tokens,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        **{cache_argument(model): cache},
         use_cache=True,
         return_dict=True,
         **kwargs,

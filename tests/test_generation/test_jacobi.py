@@ -21,7 +21,12 @@ from transformers.generation.streamers import BaseStreamer
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
 from hf_fastattn.generation.rollback import needs_snapshot, rollback, snapshot
 
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
 
 
 def _both(model, ids, mask=None, mode="lookahead", block_size=None, **kwargs):
