@@ -2,14 +2,18 @@
 
 `import hf_fastattn` registers the attention implementations "linear", "fast", "sparse" and "mqa" with
 transformers' `AttentionInterface` and `AttentionMaskInterface`, so that
-`AutoModelForCausalLM.from_pretrained(path, attn_implementation="fast")` works. Options go in `config.fastattn`
+`AutoModelForCausalLM.from_pretrained(path, attn_implementation="fast")` works. Causal "linear" and "fast" models
+then `generate` with a constant-size `RecurrentCache` instead of a growing K/V cache. Options go in `config.fastattn`
 (see `FastAttnOptions`; set them with `hf_fastattn.configure(model_or_config, **options)`).
 """
 
+from .integration.cache import RecurrentCache
+from .integration.patching import enable_recurrent_decoding, install_generate_hook
 from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
 from .ops import fast_attention, linear_attention, sparse_attention
 
 register()
+install_generate_hook()
 
 __version__ = "0.1.0"
 
@@ -17,8 +21,10 @@ __all__ = [
     "IMPLEMENTATIONS",
     "SUPPORTED_MODEL_TYPES",
     "FastAttnOptions",
+    "RecurrentCache",
     "__version__",
     "configure",
+    "enable_recurrent_decoding",
     "fast_attention",
     "linear_attention",
     "register",

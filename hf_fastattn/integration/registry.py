@@ -23,9 +23,17 @@ from transformers import AttentionInterface, PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from ..ops.fast import fast_attention, validate_fast_options
+from ..ops.fast import fast_attention, fast_feature_map, validate_fast_options
 from ..ops.feature_maps import FEATURE_MAPS
-from ..ops.linear import chunk_linear_attention, linear_attention
+from ..ops.feature_maps import get_feature_map
+from ..ops.linear import (
+    causal_linear_attention,
+    chunk_linear_attention,
+    linear_attention,
+    recurrent_linear_step,
+    use_triton,
+)
+from ..ops.reference import fast_normalize, fastmax_weight, repeat_kv
 from ..ops.sparse import SparsePattern, sparse_attention
 
 IMPLEMENTATIONS = ("linear", "fast", "sparse", "mqa")
@@ -183,6 +191,11 @@ def linear_attention_forward(module, query, key, value, attention_mask, dropout=
     """"linear": Katharopoulos et al. elu+1 (or relu, or a learned map). `scaling` is not used: phi sees q, k as given."""
     options = get_options(module.config)
     fmap = feature_map_of(module, options)
+    layer = getattr(module, "fastattn_recurrent_layer", None)
+    if layer is not None:
+        if options.window is not None:
+            raise ValueError("hf_fastattn: the sliding-window hybrid ('window' option) decodes with a DynamicCache, not a RecurrentCache")
+        return _recurrent_forward(module, layer, query, key, value, attention_mask, "linear", options, fmap)
     if options.window is not None:
         return _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causal, fmap, options.window)
 
@@ -211,10 +224,43 @@ def _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causa
     return out.transpose(1, 2).contiguous(), None
 
 
-def _with_prefix_state(q, k, v, mask, prefix, fmap, options):
-    from ..ops.feature_maps import get_feature_map
-    from ..ops.reference import repeat_kv
+def _recurrent_forward(module, layer, query, key, value, attention_mask, implementation, options, fmap,
+                       normalize=None, intra=None):
+    """Decoding on a `RecurrentCache` layer: key/value hold only the new tokens; their features are folded into the
+    layer's state (S, z). One token: `recurrent_linear_step`, O(F Dv) per head. Several (prefill, Jacobi guesses):
+    the chunked form started from the stored state. Padded keys (2D mask) never enter the state."""
+    check_supported(module, implementation)
+    if not _is_causal(module, None):
+        raise ValueError(f"hf_fastattn {implementation!r}: a RecurrentCache serves causal attention only")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"RecurrentCache: {query.shape[2]} queries but {key.shape[2]} new keys in layer {layer}")
+    mask = _key_padding(attention_mask, key.shape[2], implementation)
+    phi = get_feature_map(fmap)
+    if getattr(phi, "per_head", False) and key.shape[1] != query.shape[1]:
+        # one learned map per query head: the state is kept per query head
+        key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
+    q, k = query.float(), key.float()
+    if normalize is not None:
+        q, k = normalize(q), normalize(k)
+    state = layer.state
+    if q.shape[2] == 1 and state is not None:
+        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
+        out, state = recurrent_linear_step(phi(q), kf, value, state, backend=options.backend)
+    elif use_triton(options.backend, q, k, value):
+        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
+        out, state = chunk_linear_attention(
+            phi(q), kf, value, causal=True, initial_state=state, output_final_state=True, backend="triton"
+        )
+    else:
+        out, state = causal_linear_attention(
+            q, k, value, feature_map=phi, intra_weights=intra, key_mask=mask, initial_state=state,
+            output_final_state=True, chunk_size=options.chunk_size,
+        )
+    layer.set_state(state)
+    return out.transpose(1, 2).contiguous(), None
 
+
+def _with_prefix_state(q, k, v, mask, prefix, fmap, options):
     phi = get_feature_map(fmap)
     pk, pv, pmask = prefix
     if getattr(phi, "per_head", False) and k.shape[1] != q.shape[1]:
@@ -235,6 +281,13 @@ def _with_prefix_state(q, k, v, mask, prefix, fmap, options):
 def fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """"fast": FAST fastmax of order 1 or 2. `scaling` is not used: q and k are normalized, `temperature` scales."""
     options = get_options(module.config)
+    layer = getattr(module, "fastattn_recurrent_layer", None)
+    if layer is not None:
+        return _recurrent_forward(
+            module, layer, query, key, value, attention_mask, "fast", options,
+            fast_feature_map(options.order, options.temperature), normalize=fast_normalize,
+            intra=lambda qc, kc: fastmax_weight(qc @ kc.transpose(-1, -2) / options.temperature, options.order),
+        )
 
     def run(q, k, v, causal, mask, prefix=None):
         if prefix is None:
@@ -242,9 +295,6 @@ def fast_attention_forward(module, query, key, value, attention_mask, dropout=0.
                 q, k, v, causal=causal, order=options.order, temperature=options.temperature, padding_mask=mask,
                 chunk_size=options.chunk_size, backend=options.backend,
             )
-        from ..ops.fast import fast_feature_map
-        from ..ops.reference import fast_normalize
-
         pk, pv, pmask = prefix
         fmap = fast_feature_map(options.order, options.temperature)
         return _with_prefix_state(

@@ -1,0 +1,183 @@
+"""Constant-size recurrent state for decoding causal "linear" and "fast" models, on transformers' Cache API.
+
+Causal linear attention is an RNN (Katharopoulos et al. 2020): per K/V head it only needs
+
+    S = sum_j phi(k_j) v_j^T   [F, Dv]        z = sum_j phi(k_j)   [F]
+
+so a `RecurrentCache` holds one `RecurrentStateLayer` per decoder layer, each a transformers
+`LinearAttentionLayer` with two recurrent states (S and z), and its bytes do not grow with the context.
+
+How the pieces meet (see `patching.py`): the model's attention module still calls `cache.update(key, value,
+layer_idx)`; a `RecurrentCache` returns the new tokens' keys and values unchanged instead of a growing K/V cache,
+and the registered attention function reads and writes the layer's state (it finds the layer on the module, where
+a forward pre-hook put it). Prefill runs the chunked form from the stored state; one-token steps run
+`recurrent_linear_step`.
+
+Transformers' pitfall: `Cache.get_seq_length` refuses caches made only of linear layers, but RoPE positions and
+masks need the number of tokens seen, so each layer counts its tokens and the cache reports them.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import PreTrainedConfig
+from transformers.cache_utils import Cache, LinearAttentionLayer
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def cache_argument(model) -> str:
+    """The name under which `model.forward` takes its cache: "cache" from transformers 5.24, else "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def pop_cache(model_kwargs: dict) -> Cache | None:
+    """Take the cache out of `generate`'s model kwargs, whichever name this transformers version gives it."""
+    cache = model_kwargs.pop("cache", None)
+    legacy = model_kwargs.pop("past_key_values", None)
+    return cache if cache is not None else legacy
+
+
+class RecurrentStateLayer(LinearAttentionLayer):
+    """One decoder layer's recurrent state: `recurrent_states[0]` = S `[B, Hs, F, Dv]`, `[1]` = z `[B, Hs, F]`.
+
+    Hs is the number of K/V heads (query heads for per-head learned maps with grouped K/V). `seen_tokens` counts
+    every token folded in (padding included: it sets the positions of later tokens, not the state).
+    """
+
+    def __init__(self):
+        super().__init__(number_of_states=2)
+        self.seen_tokens = 0
+        # set by the attention module's pre-hook for the duration of one forward (see patching.py)
+        self.armed = False
+
+    @property
+    def state(self) -> State | None:
+        if not self.is_recurrent_states_initialized[0]:
+            return None
+        return self.recurrent_states[0], self.recurrent_states[1]
+
+    @property
+    def batch_size(self) -> int:
+        return self.recurrent_states[0].shape[0]
+
+    def set_state(self, state: State) -> None:
+        s, z = (x.detach() if not torch.is_grad_enabled() else x for x in state)
+        old = self.state
+        if old is not None and old[0].shape != s.shape:
+            raise ValueError(
+                f"RecurrentCache: the stored state has shape {tuple(old[0].shape)} but this forward produces "
+                f"{tuple(s.shape)} (batch, heads, features, value dim): the cache was made for another batch or model. "
+                "Start a new cache (or continue with the same batch size)."
+            )
+        if old is None or s.requires_grad:
+            # first write, or a differentiable forward: keep the tensors themselves (no in-place copy under autograd)
+            self.recurrent_states[0], self.recurrent_states[1] = s, z
+            self.is_recurrent_states_initialized[0] = self.is_recurrent_states_initialized[1] = True
+            self.device, self.dtype = s.device, s.dtype
+        else:
+            self.update_recurrent_state(s, state_idx=0)
+            self.update_recurrent_state(z, state_idx=1)
+        self.has_previous_state[0] = self.has_previous_state[1] = True
+
+    def reset(self) -> None:
+        super().reset()
+        self.recurrent_states = dict.fromkeys(range(self.number_of_states))
+        self.is_recurrent_states_initialized = dict.fromkeys(range(self.number_of_states), False)
+        self.seen_tokens = 0
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for i in range(self.number_of_states):
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = self.recurrent_states[i].repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for i in range(self.number_of_states):
+            if self.is_recurrent_states_initialized[i]:
+                self.recurrent_states[i] = self.recurrent_states[i][indices, ...]
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def nbytes(self) -> int:
+        state = self.state
+        return 0 if state is None else sum(x.numel() * x.element_size() for x in state)
+
+
+def model_signature(config: PreTrainedConfig) -> dict:
+    """What a recurrent cache must agree on with the model it serves."""
+    text = config.get_text_config(decoder=True)
+    return {
+        "model_type": getattr(text, "model_type", None),
+        "num_hidden_layers": text.num_hidden_layers,
+        "num_attention_heads": text.num_attention_heads,
+        "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        "hidden_size": text.hidden_size,
+        "attn_implementation": getattr(text, "_attn_implementation", None),
+        "fastattn": dict(getattr(text, "fastattn", None) or {}),
+    }
+
+
+class RecurrentCache(Cache):
+    """A cache of fixed-size recurrent states for causal "linear" / "fast" models (T2R and Hedgehog included).
+
+    `generate` makes one by itself for such models; make one up front to pass it in or to continue a generation:
+
+        cache = hf_fastattn.RecurrentCache(model)          # or RecurrentCache(model.config), then generate(...)
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+
+    Args:
+        config_or_model: the model (its attention modules are then prepared at once, see
+            `hf_fastattn.enable_recurrent_decoding`) or its config.
+    """
+
+    def __init__(self, config_or_model):
+        config = config_or_model if isinstance(config_or_model, PreTrainedConfig) else config_or_model.config
+        self.signature = model_signature(config)
+        super().__init__(layers=[RecurrentStateLayer() for _ in range(self.signature["num_hidden_layers"])])
+        if not isinstance(config_or_model, PreTrainedConfig):
+            from .patching import enable_recurrent_decoding
+
+            enable_recurrent_decoding(config_or_model)
+
+    def check_compatible(self, config: PreTrainedConfig) -> None:
+        """Raise `ValueError` if this cache was made for a model unlike the one with `config`."""
+        theirs = model_signature(config)
+        diff = {k: (self.signature[k], theirs[k]) for k in self.signature if self.signature[k] != theirs[k]}
+        if diff:
+            details = "; ".join(f"{k}: cache {a!r} vs model {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(f"RecurrentCache was made for another model ({details}); make one with RecurrentCache(model)")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Count the new tokens and hand their keys and values back: the attention function folds them into the
+        layer's state (a recurrent cache keeps no K/V)."""
+        if layer_idx >= len(self.layers):
+            raise ValueError(f"RecurrentCache has {len(self.layers)} layers, got layer_idx={layer_idx}")
+        layer = self.layers[layer_idx]
+        if not layer.armed:
+            raise ValueError(
+                "RecurrentCache serves causal models running hf_fastattn 'linear' or 'fast' attention whose attention "
+                "modules are prepared for it: call hf_fastattn.enable_recurrent_decoding(model) (generate does it), "
+                f"and use the default DynamicCache for other attention implementations (layer {layer_idx})."
+            )
+        layer.seen_tokens += key_states.shape[-2]
+        return key_states, value_states
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen_tokens if layer_idx < len(self.layers) else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        # the attention function sees only the new tokens' keys: kv_length = query_length, offset = tokens seen
+        return query_length, self.get_seq_length(layer_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ValueError(
+            "RecurrentCache cannot be cropped: its state has folded every token in. Save a copy (copy.deepcopy) "
+            "before tokens you may take back, as hf_fastattn.generation's rollback does."
+        )
+
+    def nbytes(self) -> int:
+        """Bytes held by the recurrent states (constant in the number of tokens)."""
+        return sum(layer.nbytes() for layer in self.layers)
