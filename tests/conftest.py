@@ -8,11 +8,14 @@ finds depends on collection order.
 import os
 import pathlib
 
-import pytest
-import torch
-
+# Triton decorates its own library when first imported, in interpreter mode only if this is set by then; torch and
+# transformers may import triton early, so it is set here, before anything else (kernel tests run on CPU tensors)
+os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

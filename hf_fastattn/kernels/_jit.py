@@ -1,7 +1,8 @@
 """Lazy `triton.jit`: decorate a kernel at its first launch, once per mode (compiled or interpreted).
 
 `triton.jit` chooses the interpreter when the decorator runs (if `TRITON_INTERPRET` is set then). Decorating at
-import would freeze the mode of whoever imported us first; decorating at launch follows the environment.
+import would freeze the mode of whoever imported us first; decorating at launch follows the environment. (Triton's
+own library is decorated at `import triton`, so CPU runs still need TRITON_INTERPRET=1 before that: see dispatch.)
 """
 
 from __future__ import annotations

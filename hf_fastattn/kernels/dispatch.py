@@ -2,8 +2,10 @@
 
 Triton reads `TRITON_INTERPRET` when a kernel is decorated with `triton.jit` (triton 3.9: `knobs.runtime.interpret`
 is read from the environment on every access, and `triton.jit` picks the interpreter if it is set at that moment).
-Our kernels are therefore decorated lazily, per mode, at their first launch (`_jit.lazy_jit`): setting
-`TRITON_INTERPRET=1` any time before the first CPU launch works, even if triton was imported without it.
+Our kernels are therefore decorated lazily, per mode, at their first launch (`_jit.lazy_jit`). Triton's own library
+functions (tl.sum, tl.cdiv, ...) are decorated when triton is first imported, so the interpreter works only if
+`TRITON_INTERPRET=1` was already set then (torch and transformers may import triton early): set it in the
+environment before Python starts. `resolve_backend` says so rather than letting a kernel fail mid-launch.
 """
 
 from __future__ import annotations
@@ -74,7 +76,25 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
             "backend='triton' on CPU tensors runs only in Triton's interpreter: set the environment variable "
             "TRITON_INTERPRET=1 (slow, for testing), move the tensors to CUDA, or use backend='torch'"
         )
+    if not on_cuda and not interpreter_ready():
+        raise RuntimeError(
+            "backend='triton' on CPU tensors: TRITON_INTERPRET=1 is set now, but triton was imported before it was "
+            "set, so triton's own library (tl.sum, tl.cdiv, ...) is compiled-mode and the interpreter cannot run the "
+            "kernels. Set TRITON_INTERPRET=1 in the environment before starting Python, or use backend='torch'"
+        )
     return "triton"
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "interpreter_enabled", "resolve_backend", "triton_available"]
+def interpreter_ready() -> bool:
+    """Whether triton was imported in interpreter mode (its standard library then runs in the interpreter).
+
+    Triton decorates its own `@triton.jit` library functions when it is first imported, choosing compiled or
+    interpreted mode from `TRITON_INTERPRET` at that moment; our kernels are decorated lazily, theirs are not.
+    """
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.standard.sum, InterpretedFunction)
+
+
+__all__ = ["BACKENDS", "ENV_VAR", "interpreter_enabled", "interpreter_ready", "resolve_backend", "triton_available"]

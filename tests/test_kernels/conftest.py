@@ -1,9 +1,2 @@
-"""Kernel tests run in Triton's interpreter on CPU tensors.
-
-Triton 3.9 reads TRITON_INTERPRET when `triton.jit` decorates a function; our kernels are decorated lazily at
-their first launch (`hf_fastattn.kernels._jit`), so setting it here, before any launch, is enough.
-"""
-
-import os
-
-os.environ["TRITON_INTERPRET"] = "1"
+"""Kernel tests run in Triton's interpreter on CPU tensors: TRITON_INTERPRET=1 is set by the root conftest, before
+triton is first imported (triton's own library is decorated in the mode of that moment)."""
