@@ -1,0 +1,386 @@
+"""`hf-fastattn bench decode`: per-token decode latency and cache bytes against the context length.
+
+    hf-fastattn bench decode [--contexts 1024 4096 16384 32768] [--steps 20] [--threads 1] [--out DIR] [--quick]
+
+A Llama-shaped model (8 layers, hidden 512, 8 heads of 64, intermediate 1376, vocab 32000, random weights, fp32)
+with "linear" and "fast" (order 2) attention decoding on a `RecurrentCache`, against "sdpa" decoding on
+transformers' `DynamicCache`, all in one run with the same weights. For each context N, each implementation is
+brought to a cache holding N tokens (all caches are kept), then single-token forwards
+`model(token, cache=..., position_ids=[[N]])` are timed (no_grad, use_cache=True): `--warmup` untimed and
+`--steps` timed rounds, each round one step of every implementation at every context, so that load from other
+processes on a shared machine hits all of them alike; the median is reported. Every timed step starts from the
+same N-token cache:
+
+- sdpa: the DynamicCache is filled with random K/V tensors of N tokens per layer (what a K/V cache holds after N
+  tokens, cost-wise: a real O(N^2) prefill of 32K tokens would take long and change nothing in the step). After each
+  step it is cropped back to N tokens (outside the timer). The step includes DynamicCache's `torch.cat` of the new
+  token onto the cache, which copies the whole K/V cache: that is what transformers' default cache costs.
+- sdpa-static: the same on a `StaticCache` of N + 1 slots (preallocated, written in place: no copy), the fairer
+  baseline for the attention itself.
+- linear: N real tokens (random ids) are prefilled through the model (chunked form, pieces of `--prefill-piece`
+  tokens, each context continuing from the previous one).
+- fast: the same (FAST order 2 prefills at ~2.5 ms/token on one thread of this CPU, ~1.5 min for 32K). With
+  `--fast-prefill-limit L` only L tokens are prefilled for real; longer contexts keep the state of that prefix and
+  the layers' token counts are set to N, so positions (RoPE) and masks are those of context N (a one-token
+  recurrent step costs the same whatever the state's values and count). --quick does this beyond 64 tokens.
+- linear, fast: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
+
+Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
+multi-threaded kernels stall on descheduled threads.
+
+Cache bytes: `RecurrentCache.nbytes()`; for the DynamicCache the bytes of its K and V tensors. Prints a markdown
+table and whether the targets of issue 3 are met (reported, never asserted), and writes decode.md, decode.json and
+decode.png under --out (quick_decode.* with --quick).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import textwrap
+import time
+
+import torch
+
+from ..integration.cache import RecurrentCache, cache_argument
+from .utils import format_table, machine_line
+
+IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast")
+KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
+RECURRENT = ("linear", "fast")
+# issue 3's targets
+FLAT_RATIO = 1.2  # linear latency at the longest context / at the shortest
+MIN_SPEEDUP = 10.0  # linear vs sdpa at the longest context
+
+FULL_SHAPE = dict(layers=8, hidden=512, heads=8, intermediate=1376, vocab=32000)
+QUICK_SHAPE = dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=256)
+
+
+def build_model(implementation: str, shape: dict, max_positions: int):
+    """A randomly initialized Llama with `implementation` attention; the same weights for every implementation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=shape["vocab"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape["heads"],
+        max_position_embeddings=max_positions,
+        attn_implementation=implementation,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def kv_cache_bytes(cache) -> int:
+    """Bytes of the K and V tensors of a DynamicCache."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def cache_bytes(cache) -> int:
+    return cache.nbytes() if isinstance(cache, RecurrentCache) else kv_cache_bytes(cache)
+
+
+def random_kv_cache(model, n: int, generator: torch.Generator, static: bool = False):
+    """A DynamicCache (or a StaticCache of n + 1 slots) holding random K/V of `n` tokens in every layer
+    (`[1, Hkv, n, D]` each)."""
+    from transformers.cache_utils import DynamicCache, StaticCache
+
+    config = model.config
+    heads = config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cache = StaticCache(config=config, max_cache_len=n + 1) if static else DynamicCache(config=config)
+    for layer_idx in range(config.num_hidden_layers):
+        k, v = (torch.randn(1, heads, n, head_dim, generator=generator) for _ in range(2))
+        cache.update(k, v, layer_idx)
+    return cache
+
+
+class RecurrentContext:
+    """A RecurrentCache brought to growing contexts by real prefill, up to `limit` real tokens (None: all)."""
+
+    def __init__(self, model, piece: int, limit: int | None, generator: torch.Generator):
+        self.model, self.piece, self.limit, self.generator = model, piece, limit, generator
+        self.cache = RecurrentCache(model)
+        self.real = 0  # tokens actually prefilled
+        self.name = cache_argument(model)
+
+    def advance(self, n: int) -> tuple[RecurrentCache, int]:
+        """(a cache at context `n`, real tokens in its state). Contexts must not decrease."""
+        target = n if self.limit is None else min(n, self.limit)
+        while self.real < target:
+            length = min(self.piece, target - self.real)
+            ids = torch.randint(0, self.model.config.vocab_size, (1, length), generator=self.generator)
+            positions = torch.arange(self.real, self.real + length)[None]
+            self.model(ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self.name: self.cache})
+            self.real += length
+        if self.real != self.cache.get_seq_length():
+            raise RuntimeError(f"RecurrentCache counts {self.cache.get_seq_length()} tokens, {self.real} were prefilled")
+        cache = copy.deepcopy(self.cache)
+        for layer in cache.layers:
+            # beyond the real prefix: the state of the prefix at context n (a step's cost does not depend on either)
+            layer.seen_tokens = n
+        return cache, self.real
+
+
+def time_step(model, token: torch.Tensor, n: int, cache) -> float:
+    """Seconds of one single-token forward at position `n` on `cache` (which it updates)."""
+    kwargs = {cache_argument(model): cache}
+    start = time.perf_counter()
+    model(token, position_ids=torch.tensor([[n]]), use_cache=True, **kwargs)
+    return time.perf_counter() - start
+
+
+def measure(models: dict, caches: dict, token: torch.Tensor, warmup: int, steps: int) -> dict:
+    """Step times (seconds) per (implementation, context): `warmup` untimed then `steps` timed rounds, each round one
+    step of every implementation at every context (so load from other processes hits all of them alike)."""
+    times = {key: [] for key in caches}
+    for i in range(warmup + steps):
+        for (impl, n), base in caches.items():
+            model = models[impl]
+            if isinstance(base, RecurrentCache):
+                cache = copy.deepcopy(base)
+                seconds = time_step(model, token, n, cache)
+                if cache.get_seq_length() != n + 1:
+                    raise RuntimeError(f"{impl}: the cache counts {cache.get_seq_length()} tokens after a step at {n}")
+                del cache
+            else:
+                seconds = time_step(model, token, n, base)
+                base.crop(-(base.get_seq_length() - n))  # back to n tokens
+            if i >= warmup:
+                times[impl, n].append(seconds)
+        if i == warmup - 1 or (i >= warmup and (i - warmup + 1) % 5 == 0):
+            print(f"round {i + 1}/{warmup + steps} done", flush=True)
+    return times
+
+
+def plot(results: dict, contexts: list[int], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    styles = {"sdpa": "-o", "sdpa-static": "--s", "linear": "-^", "fast": "-D"}
+    for impl in results:
+        style = styles.get(impl, "-x")
+        ms = [results[impl][n]["ms"] for n in contexts]
+        spread = [[m - results[impl][n]["p25_ms"] for m, n in zip(ms, contexts)],
+                  [results[impl][n]["p75_ms"] - m for m, n in zip(ms, contexts)]]
+        axes[0].errorbar(contexts, ms, yerr=spread, fmt=style, capsize=3, label=impl)
+        axes[1].plot(contexts, [results[impl][n]["cache_bytes"] / 2**20 for n in contexts], style, label=impl)
+    axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="ms / token")
+    axes[0].set_title("decode latency (median, bars: quartiles)")
+    axes[0].set_ylim(bottom=0)
+    axes[1].set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="MiB", title="cache size")
+    for ax in axes:
+        ax.set_xticks(contexts, [f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n) for n in contexts])
+        ax.minorticks_off()
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.suptitle(textwrap.fill(title, 140), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def check_targets(results: dict, contexts: list[int]) -> list[tuple[str, bool, str]]:
+    """(target, met, measured) for issue 3's targets."""
+    lo, hi = contexts[0], contexts[-1]
+    checks = []
+    if "linear" in results:
+        ratio = results["linear"][hi]["ms"] / results["linear"][lo]["ms"]
+        checks.append((f"linear latency flat: {hi}/{lo} ratio <= {FLAT_RATIO}", ratio <= FLAT_RATIO, f"{ratio:.2f}"))
+        for base, note in (("sdpa", ""), ("sdpa-static", " (stricter than the issue's: preallocated K/V)")):
+            if base in results:
+                speedup = results[base][hi]["ms"] / results["linear"][hi]["ms"]
+                target = f"linear >= {MIN_SPEEDUP:g}x faster than {base} at {hi}{note}"
+                checks.append((target, speedup >= MIN_SPEEDUP, f"{speedup:.1f}x"))
+    for impl in RECURRENT:
+        if impl in results:
+            sizes = {results[impl][n]["cache_bytes"] for n in contexts}
+            measured = ", ".join(f"{results[impl][n]['cache_bytes']:,}" for n in contexts)
+            checks.append((f"{impl} cache bytes constant in context", len(sizes) == 1, measured))
+    return checks
+
+
+def context_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="hf-fastattn bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
+    parser.add_argument("--steps", type=int, default=20, help="timed single-token forwards per context and method")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards before them")
+    parser.add_argument("--prefill-piece", type=int, default=4096, help="tokens per prefill forward")
+    parser.add_argument(
+        "--fast-prefill-limit",
+        type=int,
+        default=0,
+        help="at most this many real prefill tokens for 'fast' (0: no limit); longer contexts reuse that state with "
+        "the token count set to N (a recurrent step costs the same)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (0: torch's default). One by default: on a shared CPU, multi-threaded kernels stall on "
+        "descheduled threads and single-token timings become noise (an sdpa call of 12 us took 16 ms with 2 threads)",
+    )
+    parser.add_argument("--out", default="benchmarks/results", help="folder for decode.md, decode.json, decode.png")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model (2 layers, hidden 64), contexts 64 and 256, 3 steps"
+    )
+    args = parser.parse_args(argv)
+    shape = dict(QUICK_SHAPE if args.quick else FULL_SHAPE)
+    if args.quick:
+        args.contexts, args.steps, args.warmup, args.prefill_piece, args.fast_prefill_limit = [64, 256], 3, 1, 128, 64
+    contexts = sorted(set(args.contexts))
+    threads_before = torch.get_num_threads()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args, argv, shape, contexts)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run(args, argv, shape: dict, contexts: list[int]) -> int:
+    fast_limit = args.fast_prefill_limit or None
+    started = time.perf_counter()
+
+    max_positions = contexts[-1] + args.warmup + args.steps + 1024
+    models = {}
+    for impl in args.implementations:
+        attention = "sdpa" if impl in KV_CACHES else impl
+        # sdpa and sdpa-static share one model (the same weights anyway: every model is built from seed 0)
+        models[impl] = next((m for k, m in models.items() if k in KV_CACHES), None) if attention == "sdpa" else None
+        models[impl] = models[impl] or build_model(attention, shape, max_positions)
+    generator = torch.Generator().manual_seed(0)
+    prefill = {
+        impl: RecurrentContext(models[impl], args.prefill_piece, fast_limit if impl == "fast" else None, generator)
+        for impl in args.implementations
+        if impl in RECURRENT
+    }
+    token = torch.tensor([[7]])
+    caches, real = {}, {}
+    for n in contexts:
+        for impl in args.implementations:
+            t0 = time.perf_counter()
+            if impl in RECURRENT:
+                caches[impl, n], real[impl, n] = prefill[impl].advance(n)
+                how = f"{real[impl, n]} real tokens prefilled" + (f", count set to {n}" if real[impl, n] < n else "")
+            else:
+                static = impl == "sdpa-static"
+                caches[impl, n], real[impl, n] = random_kv_cache(models[impl], n, generator, static=static), 0
+                how = f"random K/V of {n} tokens in a {'StaticCache' if static else 'DynamicCache'}"
+            print(f"context {n}: {impl} ready in {time.perf_counter() - t0:.1f} s ({how})", flush=True)
+    del prefill
+    sizes = {key: cache_bytes(cache) for key, cache in caches.items()}
+    times = measure(models, caches, token, args.warmup, args.steps)
+    del caches
+    results = {impl: {} for impl in args.implementations}
+    for (impl, n), seconds in times.items():
+        ms = sorted(t * 1e3 for t in seconds)
+        results[impl][n] = {
+            "ms": statistics.median(ms),
+            "p25_ms": ms[len(ms) // 4],
+            "p75_ms": ms[(3 * len(ms)) // 4],
+            "step_ms": [t * 1e3 for t in seconds],
+            "cache_bytes": sizes[impl, n],
+            "real_prefill_tokens": real[impl, n],
+        }
+    results = {impl: dict(sorted(per.items())) for impl, per in results.items()}
+
+    bases = [b for b in KV_CACHES if b in results]
+    speedups = [(impl, base) for base in bases for impl in args.implementations if impl in RECURRENT]
+    rows = []
+    for n in contexts:
+        row = [context_label(n)]
+        for impl in args.implementations:
+            ms = results[impl][n]["ms"]
+            row.append(f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}")
+        for impl, base in speedups:
+            row.append(f"{results[base][n]['ms'] / results[impl][n]['ms']:.1f}x")
+        for impl in args.implementations:
+            row.append(f"{results[impl][n]['cache_bytes'] / 2**20:.2f}")
+        rows.append(row)
+    header = [
+        "context",
+        *(f"{impl} ms/token" for impl in args.implementations),
+        *(f"{impl} speed-up vs {base}" for impl, base in speedups),
+        *(f"{impl} cache MiB" for impl in args.implementations),
+    ]
+    table = format_table(header, rows)
+    checks = check_targets(results, contexts)
+    lines = [f"- {'met' if met else 'NOT met'}: {target} (measured {value})" for target, met, value in checks]
+    if "linear" in results:
+        ratio = results["linear"][contexts[-1]]["ms"] / results["linear"][contexts[0]]["ms"]
+        lines.insert(0, f"- linear latency({context_label(contexts[-1])}) / latency({context_label(contexts[0])}) = "
+                        f"{ratio:.2f}")
+    model_line = (
+        f"Llama, {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads of "
+        f"{shape['hidden'] // shape['heads']}, intermediate {shape['intermediate']}, vocab {shape['vocab']}, random "
+        f"weights, fp32, batch 1; fast = order 2; median of {args.steps} steps after {args.warmup} warm-up, "
+        f"interleaved over implementations and contexts; {machine_line()}"
+    )
+    notes = [
+        "How each context was reached:",
+        "- sdpa: transformers' DynamicCache (generate's default) filled with random K/V of N tokens per layer, "
+        "cropped back to N after each step; the step includes the cache's torch.cat, a copy of the whole K/V.",
+        "- sdpa-static: a StaticCache of N + 1 slots filled the same way, cropped back after each step (no copy; the "
+        "mask covers the N + 1 slots).",
+    ]
+    if "linear" in results:
+        notes.append(f"- linear: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
+    if "fast" in results:
+        fast_real = {n: results["fast"][n]["real_prefill_tokens"] for n in contexts}
+        if all(fast_real[n] == n for n in contexts):
+            notes.append(f"- fast: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
+        else:
+            notes.append(
+                f"- fast: real prefill of min(N, {fast_limit}) tokens; for longer contexts the state of that prefix "
+                "is kept and the token count set to N (positions and masks of context N; a recurrent step costs the "
+                "same whatever the state holds)."
+            )
+    notes.append("- linear, fast: each timed step runs on a deep copy of the N-token RecurrentCache (made untimed).")
+    elapsed = time.perf_counter() - started
+    command = "hf-fastattn bench decode " + " ".join(argv or [])
+    report = "\n".join(
+        [f"`{command.strip()}`", "", model_line, "", table, "", "Targets (issue 3):", *lines, "", *notes,
+         "", f"total run time {elapsed:.0f} s"]
+    )
+    print()
+    print(report)
+
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, "quick_decode" if args.quick else "decode")
+    with open(stem + ".md", "w") as f:
+        f.write(report + "\n")
+    with open(stem + ".json", "w") as f:
+        json.dump(
+            {
+                "command": command.strip(),
+                "args": vars(args),
+                "model": shape,
+                "machine": machine_line(),
+                "results": {impl: {str(n): r for n, r in per.items()} for impl, per in results.items()},
+                "targets": [{"target": t, "met": m, "measured": v} for t, m, v in checks],
+                "seconds": elapsed,
+            },
+            f,
+            indent=1,
+        )
+    plot(results, contexts, stem + ".png", model_line)
+    print(f"\nwrote {stem}.md, .json, .png")
+    return 0

@@ -1,0 +1,46 @@
+"""Smoke test of `hf-fastattn bench decode --quick`: it runs, prints the table and the targets, writes the table,
+the JSON and the plot; recurrent caches keep the same bytes at every context while the sdpa K/V cache grows."""
+
+import json
+
+import torch
+
+from hf_fastattn.cli import main
+
+
+def test_bench_decode_quick(tmp_path, capsys):
+    threads = torch.get_num_threads()
+    assert main(["bench", "decode", "--quick", "--out", str(tmp_path)]) == 0
+    assert torch.get_num_threads() == threads  # --threads is undone
+    printed = capsys.readouterr().out
+    assert "linear ms/token" in printed and "cache bytes constant" in printed
+
+    table = (tmp_path / "quick_decode.md").read_text()
+    for column in ("sdpa ms/token", "sdpa-static ms/token", "linear ms/token", "fast ms/token",
+                   "linear speed-up vs sdpa", "fast speed-up vs sdpa-static", "fast cache MiB"):
+        assert column in table
+    assert (tmp_path / "quick_decode.png").stat().st_size > 10_000
+
+    data = json.loads((tmp_path / "quick_decode.json").read_text())
+    results = data["results"]
+    contexts = ["64", "256"]
+    assert set(results) == {"sdpa", "sdpa-static", "linear", "fast"}
+    for impl in results:
+        assert set(results[impl]) == set(contexts)
+        for n in contexts:
+            r = results[impl][n]
+            assert r["ms"] > 0 and len(r["step_ms"]) == data["args"]["steps"]
+
+    # constant recurrent state, growing K/V cache: exactly layers * 2 (K, V) * heads * N * head_dim fp32 values
+    for impl in ("linear", "fast"):
+        sizes = [results[impl][n]["cache_bytes"] for n in contexts]
+        assert sizes[0] == sizes[1] > 0
+    shape = data["model"]
+    for n in contexts:
+        assert results["sdpa"][n]["cache_bytes"] == shape["layers"] * 2 * shape["hidden"] * int(n) * 4
+        assert results["sdpa-static"][n]["cache_bytes"] == shape["layers"] * 2 * shape["hidden"] * (int(n) + 1) * 4
+    # fast's 256-token context reuses the 64-token prefill's state (the --fast-prefill-limit path), linear is real
+    assert results["fast"]["256"]["real_prefill_tokens"] == 64
+    assert results["linear"]["256"]["real_prefill_tokens"] == 256
+    targets = {t["target"].split(":")[0] for t in data["targets"]}
+    assert {"linear latency flat", "linear cache bytes constant in context"} <= targets
