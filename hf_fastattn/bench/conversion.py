@@ -68,9 +68,33 @@ def decode_throughput(model, tokenizer, prompt: str, new_tokens: int) -> float:
     return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - start)
 
 
-def run_lm(args, text):
+def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: int, output_dir: str):
+    """(converted model in eval mode, steps trained): `convert(teacher, method)` with the options of `RECIPES`, then
+    `uptrain` for `steps` batches of `batch_size` blocks of `dataset` (stage 1 takes the recipe's share of them).
+    `teacher` is left untouched; `Trainer` output goes under `output_dir`."""
     from ..conversion import convert
-    from ..conversion.distill import UptrainConfig, lm_dataset, perplexity, split_text, uptrain
+    from ..conversion.distill import UptrainConfig, uptrain
+
+    options, recipe = RECIPES[method]
+    steps = 0 if recipe["finetune"] == "none" else steps
+    transfer = int(steps * recipe["transfer"])
+    cfg = UptrainConfig(
+        transfer_steps=transfer,
+        transfer_lr=recipe.get("transfer_lr", 1e-2),
+        finetune=recipe["finetune"],
+        finetune_steps=steps - transfer,
+        finetune_lr=recipe["lr"] or 1e-3,
+        batch_size=batch_size,
+        output_dir=output_dir,
+        logging_steps=max(1, steps // 5),
+        warmup_steps=min(10, steps // 10),
+        lora_rank=16,
+    )
+    return uptrain(convert(teacher, method, **options), dataset, cfg).eval(), steps
+
+
+def run_lm(args, text):
+    from ..conversion.distill import lm_dataset, perplexity, split_text
 
     train_text, val_text = split_text(text, 0.1)
     if args.quick:
@@ -90,23 +114,11 @@ def run_lm(args, text):
     ]
     dataset = lm_dataset(train_text, tok, args.seq_len)
     for method in args.methods:
-        options, recipe = RECIPES[method]
-        steps = 0 if recipe["finetune"] == "none" else budget // (args.batch_size * args.seq_len)
-        transfer = int(steps * recipe["transfer"])
-        cfg = UptrainConfig(
-            transfer_steps=transfer,
-            transfer_lr=recipe.get("transfer_lr", 1e-2),
-            finetune=recipe["finetune"],
-            finetune_steps=steps - transfer,
-            finetune_lr=recipe["lr"] or 1e-3,
-            batch_size=args.batch_size,
-            output_dir=os.path.join(args.out, method),
-            logging_steps=max(1, steps // 5),
-            warmup_steps=min(10, steps // 10),
-            lora_rank=16,
-        )
+        steps = budget // (args.batch_size * args.seq_len)
         start = time.perf_counter()
-        model = uptrain(convert(teacher, method, **options), dataset, cfg).eval()
+        model, steps = convert_and_uptrain(
+            teacher, method, dataset, steps, args.batch_size, os.path.join(args.out, method)
+        )
         minutes = (time.perf_counter() - start) / 60
         ppl = perplexity(model, tok, val_text, args.seq_len)
         tps = decode_throughput(model, tok, val_text, args.new_tokens)

@@ -62,6 +62,25 @@ def run_one(model, prompt, method: str, new_tokens: int, block_size: int | None)
     return time.perf_counter() - start, out, passes
 
 
+def time_methods(
+    model, prompt, methods: list[str], new_tokens: int, block_size: int | None, repeats: int, label: str = ""
+):
+    """({method: best seconds}, {method: (output ids, forward passes)}) over `repeats` interleaved runs of every
+    method ("greedy" first) on one prompt. Raises AssertionError if an output differs from greedy's."""
+    best = {m: float("inf") for m in methods}
+    outputs = {}
+    for _ in range(repeats):
+        for method in methods:  # interleaved, so load changes on a shared machine hit every method alike
+            seconds, out, passes = run_one(model, prompt, method, new_tokens, block_size)
+            best[method] = min(best[method], seconds)
+            outputs[method] = (out, passes)
+    prefix = f"{label}: " if label else ""
+    for method in methods:
+        if not torch.equal(outputs[method][0], outputs["greedy"][0]):
+            raise AssertionError(f"{prefix}{method} output differs from greedy generate")
+    return best, outputs
+
+
 def plot(results: dict, methods: list[str], path: str) -> None:
     import matplotlib
 
@@ -117,18 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         run_one(model, prompts[0], method, 8, args.block_size)
 
     for i, prompt in enumerate(prompts):
-        best = {m: float("inf") for m in methods}
-        outputs = {}
-        for _ in range(args.repeats):
-            for method in methods:  # interleaved, so load changes on a shared machine hit every method alike
-                seconds, out, passes = run_one(model, prompt, method, args.new_tokens, args.block_size)
-                best[method] = min(best[method], seconds)
-                outputs[method] = (out, passes)
-        reference = outputs["greedy"][0]
+        best, outputs = time_methods(
+            model, prompt, methods, args.new_tokens, args.block_size, args.repeats, label=f"prompt {i}"
+        )
         for method in methods:
             out, passes = outputs[method]
-            if not torch.equal(out, reference):
-                raise AssertionError(f"prompt {i}: {method} output differs from greedy generate")
             results[method]["time"].append(best[method])
             results[method]["passes"].append(passes)
             results[method]["tokens"].append(out.shape[1] - prompt.shape[1])

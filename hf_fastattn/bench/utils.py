@@ -43,6 +43,15 @@ def peak_memory_mib(fn: Callable[[], object]) -> float:
     return max(0.0, _status_mib("VmHWM") - before)
 
 
+def cache_nbytes(cache) -> int:
+    """Bytes a transformers cache holds: `RecurrentCache.nbytes()` (constant in the context), or the K/V tensors of
+    every layer of a `DynamicCache` (growing with it)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes()
+    tensors = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-markdown table (printable in a terminal and pasteable into the README)."""
     cells = [[str(c) for c in header]] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
