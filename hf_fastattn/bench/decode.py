@@ -46,7 +46,7 @@ import time
 import torch
 
 from ..integration.cache import RecurrentCache, cache_argument
-from .utils import format_table, machine_line
+from .utils import cache_nbytes, format_table, machine_line
 
 IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast")
 KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
@@ -75,15 +75,6 @@ def build_model(implementation: str, shape: dict, max_positions: int):
         attn_implementation=implementation,
     )
     return LlamaForCausalLM(config).eval()
-
-
-def kv_cache_bytes(cache) -> int:
-    """Bytes of the K and V tensors of a DynamicCache."""
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-
-
-def cache_bytes(cache) -> int:
-    return cache.nbytes() if isinstance(cache, RecurrentCache) else kv_cache_bytes(cache)
 
 
 def random_kv_cache(model, n: int, generator: torch.Generator, static: bool = False):
@@ -286,7 +277,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 how = f"random K/V of {n} tokens in a {'StaticCache' if static else 'DynamicCache'}"
             print(f"context {n}: {impl} ready in {time.perf_counter() - t0:.1f} s ({how})", flush=True)
     del prefill
-    sizes = {key: cache_bytes(cache) for key, cache in caches.items()}
+    sizes = {key: cache_nbytes(cache) for key, cache in caches.items()}
     times = measure(models, caches, token, args.warmup, args.steps)
     del caches
     results = {impl: {} for impl in args.implementations}
