@@ -100,10 +100,6 @@ def measure(name: str, fn, n: int, mode: str, *, heads: int, dim: int, dtype, de
         return timer(run)
     except torch.OutOfMemoryError:
         return None
-    finally:
-        del q, k, v
-        if device == "cuda":
-            torch.cuda.empty_cache()
 
 
 def plot(results: dict, lengths: list[int], path: Path) -> None:
@@ -162,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name][mode].append(
                     measure(name, fn, n, mode, heads=args.heads, dim=args.head_dim, dtype=dtype, device=device, timer=timer)
                 )
+                if device == "cuda":
+                    torch.cuda.empty_cache()  # the inputs of `measure` are gone: give their memory back before N grows
 
     rows = []
     for i, n in enumerate(args.lengths):
