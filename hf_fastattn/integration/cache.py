@@ -107,16 +107,34 @@ class RecurrentStateLayer(LinearAttentionLayer):
 
 
 def model_signature(config: PreTrainedConfig) -> dict:
-    """What a recurrent cache must agree on with the model it serves."""
+    """What a recurrent cache must agree on with the model it serves: everything that sets the shapes or the meaning
+    of the states (layers, heads, attention implementation, feature map, FAST order and temperature, conversion), and
+    nothing else (`chunk_size` and `backend` may change between calls)."""
+    from .registry import CONFIG_KEY, FastAttnOptions
+
     text = config.get_text_config(decoder=True)
+    impl = getattr(text, "_attn_implementation", None)
+    options = getattr(text, CONFIG_KEY, None) or {}
+
+    def option(name):  # the stored value or the default (a class attribute of the dataclass)
+        return options.get(name, getattr(FastAttnOptions, name))
+
+    if impl == "linear":
+        state_options = {"feature_map": option("feature_map"), "window": option("window")}
+    elif impl == "fast":
+        state_options = {"order": option("order"), "temperature": option("temperature")}
+    else:
+        state_options = {}
     return {
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": text.num_hidden_layers,
         "num_attention_heads": text.num_attention_heads,
         "num_key_value_heads": getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         "hidden_size": text.hidden_size,
-        "attn_implementation": getattr(text, "_attn_implementation", None),
-        "fastattn": dict(getattr(text, "fastattn", None) or {}),
+        "attn_implementation": impl,
+        "fastattn": state_options,
+        # learned feature maps (T2R, Hedgehog): method and feature dimension
+        "conversion": dict(getattr(text, "fastattn_conversion", None) or {}),
     }
 
 
@@ -134,7 +152,16 @@ class RecurrentCache(Cache):
     """
 
     def __init__(self, config_or_model):
+        from .patching import uses_recurrent_state
+
         config = config_or_model if isinstance(config_or_model, PreTrainedConfig) else config_or_model.config
+        if not uses_recurrent_state(config):
+            text = config.get_text_config(decoder=True)
+            raise ValueError(
+                "RecurrentCache serves causal models running hf_fastattn 'linear' or 'fast' attention (without the "
+                f"sliding-window 'window' option); this model runs attn_implementation="
+                f"{getattr(text, '_attn_implementation', None)!r}: let generate use its default cache (DynamicCache)."
+            )
         self.signature = model_signature(config)
         super().__init__(layers=[RecurrentStateLayer() for _ in range(self.signature["num_hidden_layers"])])
         if not isinstance(config_or_model, PreTrainedConfig):
@@ -142,13 +169,30 @@ class RecurrentCache(Cache):
 
             enable_recurrent_decoding(config_or_model)
 
+    @property
+    def is_linear(self) -> list[bool]:
+        # transformers reads `is_linear` as "this layer does not count tokens" (Mamba-like) and then, when a generation
+        # is continued from a returned cache, feeds the whole sequence again instead of the tokens not yet seen. These
+        # layers count their tokens (`get_seq_length`), so generate must slice the input as for an attention cache.
+        return [False] * len(self.layers)
+
+    @property
+    def is_compileable(self) -> bool:
+        # False: generate would otherwise (1) build 4D masks in `prepare_inputs_for_generation` (this cache's attention
+        # takes the 2D padding mask, see registry.padding_mask) and (2) auto-compile the decoding forward on GPUs around
+        # Python-side state (module hooks, token counters). `torch.compile(model.forward)` works (tests/test_integration/
+        # test_recurrent.py); only generate's automatic compilation is off.
+        return False
+
     def check_compatible(self, config: PreTrainedConfig) -> None:
         """Raise `ValueError` if this cache was made for a model unlike the one with `config`."""
         theirs = model_signature(config)
         diff = {k: (self.signature[k], theirs[k]) for k in self.signature if self.signature[k] != theirs[k]}
         if diff:
             details = "; ".join(f"{k}: cache {a!r} vs model {b!r}" for k, (a, b) in diff.items())
-            raise ValueError(f"RecurrentCache was made for another model ({details}); make one with RecurrentCache(model)")
+            raise ValueError(
+                f"RecurrentCache was made for another model ({details}); make one with RecurrentCache(model)"
+            )
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Count the new tokens and hand their keys and values back: the attention function folds them into the
@@ -161,6 +205,13 @@ class RecurrentCache(Cache):
                 "RecurrentCache serves causal models running hf_fastattn 'linear' or 'fast' attention whose attention "
                 "modules are prepared for it: call hf_fastattn.enable_recurrent_decoding(model) (generate does it), "
                 f"and use the default DynamicCache for other attention implementations (layer {layer_idx})."
+            )
+        state = layer.state
+        if state is not None and state[0].shape[0] != key_states.shape[0]:
+            # checked before counting, so that a refused call leaves the cache as it was
+            raise ValueError(
+                f"RecurrentCache: the stored state has batch {state[0].shape[0]} but this forward has batch "
+                f"{key_states.shape[0]} (layer {layer_idx}): continue with the same batch size, or start a new cache."
             )
         layer.seen_tokens += key_states.shape[-2]
         return key_states, value_states

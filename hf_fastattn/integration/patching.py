@@ -48,8 +48,21 @@ def _attention_modules(model: nn.Module):
 
 
 def _arm(module, args, kwargs):
-    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    cache = kwargs.get("cache")
+    if cache is None:
+        cache = kwargs.get("past_key_values")
     if isinstance(cache, RecurrentCache):
+        impl = getattr(module.config, "_attn_implementation", None)
+        if impl not in RECURRENT_IMPLEMENTATIONS:
+            # the module would run `impl` on the new tokens' keys alone (a RecurrentCache keeps no K/V): refuse
+            raise ValueError(
+                f"RecurrentCache was made for another model: this model's attention runs attn_implementation={impl!r}, "
+                "but a RecurrentCache serves hf_fastattn 'linear' / 'fast' attention only; let generate use its "
+                "default cache (DynamicCache)."
+            )
+        if module.layer_idx == 0 or module.layer_idx >= len(cache.layers):
+            # once per forward (layer 0), and whenever the layer has no state in this cache
+            cache.check_compatible(module.config)
         layer = cache.layers[module.layer_idx]
         layer.armed = True
         module.fastattn_recurrent_layer = layer

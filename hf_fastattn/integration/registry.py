@@ -24,8 +24,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..ops.fast import fast_attention, fast_feature_map, validate_fast_options
-from ..ops.feature_maps import FEATURE_MAPS
-from ..ops.feature_maps import get_feature_map
+from ..ops.feature_maps import FEATURE_MAPS, get_feature_map
 from ..ops.linear import (
     causal_linear_attention,
     chunk_linear_attention,
@@ -239,10 +238,17 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
     if getattr(phi, "per_head", False) and key.shape[1] != query.shape[1]:
         # one learned map per query head: the state is kept per query head
         key, value = repeat_kv(key, query.shape[1]), repeat_kv(value, query.shape[1])
+    state = layer.state
+    if state is not None and (state[0].shape[0] != key.shape[0] or state[0].shape[1] != key.shape[1]
+                              or state[0].shape[-1] != value.shape[-1]):
+        raise ValueError(
+            f"RecurrentCache: the stored state has batch {state[0].shape[0]}, {state[0].shape[1]} heads and value dim "
+            f"{state[0].shape[-1]}, but this forward has batch {key.shape[0]}, {key.shape[1]} heads and value dim "
+            f"{value.shape[-1]}: continue with the same batch size (and model), or start a new cache."
+        )
     q, k = query.float(), key.float()
     if normalize is not None:
         q, k = normalize(q), normalize(k)
-    state = layer.state
     if q.shape[2] == 1 and state is not None:
         kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
         out, state = recurrent_linear_step(phi(q), kf, value, state, backend=options.backend)
