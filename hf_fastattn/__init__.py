@@ -5,8 +5,11 @@ transformers' `AttentionInterface` and `AttentionMaskInterface`, so that
 `AutoModelForCausalLM.from_pretrained(path, attn_implementation="fast")` works. Causal "linear" and "fast" models
 then `generate` with a constant-size `RecurrentCache` instead of a growing K/V cache. Options go in `config.fastattn`
 (see `FastAttnOptions`; set them with `hf_fastattn.configure(model_or_config, **options)`).
+`hf_fastattn.convert(model, method)` converts a checkpoint (T2R, Hedgehog, MQA/GQA, ...); after `import hf_fastattn`,
+`from_pretrained` restores converted checkpoints.
 """
 
+from .conversion import convert  # also registers converted model types with the Auto classes
 from .integration.cache import RecurrentCache
 from .integration.patching import enable_recurrent_decoding, install_generate_hook
 from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
@@ -24,6 +27,7 @@ __all__ = [
     "RecurrentCache",
     "__version__",
     "configure",
+    "convert",
     "enable_recurrent_decoding",
     "fast_attention",
     "linear_attention",
