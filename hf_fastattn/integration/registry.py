@@ -14,6 +14,7 @@ Options live in `model.config.fastattn` (a dict, saved in config.json) and are v
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
 from typing import Any
@@ -109,7 +110,17 @@ def configure(target, **options) -> FastAttnOptions:
 
 
 def get_options(config) -> FastAttnOptions:
-    return FastAttnOptions.from_dict(getattr(config, CONFIG_KEY, None))
+    """The validated options of `config` (parsed once per distinct option dict: every attention call asks)."""
+    raw = getattr(config, CONFIG_KEY, None) or {}
+    try:
+        return _parse_options(tuple(sorted(raw.items())))
+    except TypeError:  # an unhashable value: validate without the cache (from_dict says what is wrong)
+        return FastAttnOptions.from_dict(raw)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_options(items: tuple) -> FastAttnOptions:
+    return FastAttnOptions.from_dict(dict(items))
 
 
 def check_supported(module: torch.nn.Module, implementation: str) -> None:
