@@ -46,7 +46,9 @@ def _runner(method: str, n: int, mode: str, heads: int, dim: int):
     return run
 
 
-def _peak_in_fresh_process(method: str, n: int, mode: str, heads: int, dim: int) -> float:
+def _peak_in_fresh_process(method: str, n: int, mode: str, heads: int, dim: int, threads: int = 0) -> float:
+    if threads:
+        torch.set_num_threads(threads)
     return peak_memory_mib(_runner(method, n, mode, heads, dim))
 
 
@@ -57,7 +59,7 @@ def measure(method: str, n: int, mode: str, *, heads: int, dim: int, repeats: in
     gc.collect()
     if pool is None:
         return seconds, _peak_in_fresh_process(method, n, mode, heads, dim)
-    return seconds, pool.submit(_peak_in_fresh_process, method, n, mode, heads, dim).result()
+    return seconds, pool.submit(_peak_in_fresh_process, method, n, mode, heads, dim, torch.get_num_threads()).result()
 
 
 def plot(results: dict, lengths: list[int], path: str) -> None:
@@ -95,7 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", default="benchmarks/results", help="folder for attention.png and attention.md")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument(
+        "--threads", type=int, default=0,
+        help="torch threads for every method (0: torch's default); 1 gives steadier ratios on a loaded machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.repeats, args.heads, args.dim = [256, 512], 1, 2, 16
     os.makedirs(args.out, exist_ok=True)
@@ -122,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     table = format_table(["N", "mode", "method", "ms", "speed-up vs sdpa", "peak MiB"], rows)
     print(f"\n{machine_line()}, B=1, H={args.heads}, D={args.dim}, fp32, causal\n")
     print(table)
+    command = " ".join(["hf-fastattn bench attention", *(argv or [])])
     with open(os.path.join(args.out, "attention.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(f"`{command}`\n\n{machine_line()}, B=1, H={args.heads}, D={args.dim}, fp32, causal\n\n{table}\n")
     plot(results, args.lengths, os.path.join(args.out, "attention.png"))
     if pool is not None:
         pool.shutdown()
