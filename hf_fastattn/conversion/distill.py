@@ -5,9 +5,14 @@ Stage 1 (Hedgehog / LoLCATs attention transfer): every converted attention layer
 their outputs, averaged over layers, and the teacher's output is passed on so that each layer learns from the
 original model's activations. Only the feature maps (and the hybrid's window factors) train.
 `AttentionTransferTrainer` is a `Trainer` whose `compute_loss` is that loss; it runs under `accelerate launch`.
+Stage 1, "layer" mode (`transfer_mode="layer"`, `LayerTransferTrainer`): the same idea one level up, for any
+method (MQA's pooled K/V too): each attention module, projections and maps, is regressed onto the original model's
+module output on the same inputs (normalized MSE), the original's outputs fed forward.
 
 Stage 2: ordinary causal-LM (or masked-LM) fine-tuning with `Trainer`, through LoRA adapters (`peft`) on the
-attention projections, or of all / attention-only weights (T2R, MQA uptraining).
+attention projections, or of all / attention-only weights (T2R, MQA uptraining); with `distill_weight > 0`
+(`DistillationTrainer`) the loss is (partly) the KL divergence to the original model's logits, a denser signal per
+token than the next-token labels.
 
 Data helpers: `load_text` (a local text file or a `datasets` name), `lm_dataset` (fixed-length blocks) and
 `perplexity` (exact, over every held-out token).
@@ -111,6 +116,46 @@ def attention_transfer_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
     return torch.stack(losses).mean()
 
 
+class DistillationTrainer(Trainer):
+    """A `Trainer` for stage 2 with knowledge distillation: the loss is
+    `(1 - distill_weight) * LM loss + distill_weight * KL(teacher || student)` over every non-padded position, the
+    teacher's logits computed on the same batch without gradient (it is put in eval mode and moved to the student's
+    device; its weights are not changed)."""
+
+    def __init__(self, *args, teacher: nn.Module, distill_weight: float = 1.0, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if self.distill_weight >= 1:  # the LM loss is not used
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        outputs = model(**inputs)
+        device = outputs.logits.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        with torch.no_grad():
+            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k in keys}).logits
+        t = self.temperature
+        kl = F.kl_div(
+            F.log_softmax(outputs.logits.float() / t, -1),
+            F.log_softmax(teacher_logits.float() / t, -1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1) * (t * t)
+        mask = inputs.get("attention_mask")
+        mask = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
+        kd = (kl * mask).sum() / mask.sum().clamp_min(1)
+        if self.distill_weight < 1 and labels is not None:
+            loss = (1 - self.distill_weight) * outputs.loss + self.distill_weight * kd
+        else:
+            loss = kd
+        return (loss, outputs) if return_outputs else loss
+
+
 class AttentionTransferTrainer(Trainer):
     """A `Trainer` for stage 1: the loss is the attention-transfer MSE (labels, if any, are ignored)."""
 
@@ -122,6 +167,106 @@ class AttentionTransferTrainer(Trainer):
         with torch.no_grad():
             loss = attention_transfer_loss(model, self._prepare_inputs(inputs))
         return loss.detach(), None, None
+
+
+def _is_new_parameter(name: str) -> bool:
+    return any(part in name for part in NEW_PARAMETER_NAMES)
+
+
+@contextlib.contextmanager
+def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside: a forward of `model` (possibly DDP- or peft-wrapped) regresses each attention module's output onto
+    that of the teacher's matching module, run on the same batch just before (`layer_transfer_loss`); yields the
+    converted model's attention modules, each holding `fastattn_transfer_loss` after a forward.
+
+    Every attention module's output is replaced by the teacher's, so the residual stream stays the teacher's: with
+    the other weights frozen (they equal the teacher's), each attention module sees exactly the teacher's inputs.
+    """
+    base, tbase = _unwrap(model), _unwrap(teacher)
+    modules = attention_modules(base, family_of(base))
+    targets = attention_modules(tbase, family_of(tbase))
+    if len(modules) != len(targets):
+        raise ValueError(f"the teacher has {len(targets)} attention modules, the converted model {len(modules)}")
+    outputs: dict[int, torch.Tensor] = {}
+
+    def capture(i):
+        def hook(module, args, output):
+            outputs[i] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def regress(i):
+        def hook(module, args, output):
+            student = output[0] if isinstance(output, tuple) else output
+            target = outputs.pop(i)
+            mask = getattr(module, "_fastattn_token_mask", None)
+            err = (student.float() - target.float()) ** 2
+            ref = target.float() ** 2
+            if mask is not None:
+                err, ref = err * mask[..., None], ref * mask[..., None]
+            # normalized MSE: the same scale in every layer
+            module.fastattn_transfer_loss = err.sum() / ref.sum().clamp_min(1e-12)
+            return (target, *output[1:]) if isinstance(output, tuple) else target
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(targets)]
+    handles += [m.register_forward_hook(regress(i)) for i, m in enumerate(modules)]
+    try:
+        yield modules
+    finally:
+        for h in handles:
+            h.remove()
+        for m in modules:
+            m.__dict__.pop("_fastattn_token_mask", None)
+
+
+def layer_transfer_loss(model: nn.Module, teacher: nn.Module, inputs: dict) -> torch.Tensor:
+    """The "layer" stage-1 loss on one batch: the mean over attention modules of the normalized MSE
+    `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
+    outputs fed forward (see `layer_transfer`)."""
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    with layer_transfer(model, teacher) as modules:
+        mask = inputs.get("attention_mask")
+        for m in modules:
+            m._fastattn_token_mask = None if mask is None else mask.float()
+        with torch.no_grad():
+            teacher(**inputs, **extra)
+        model(**inputs, **extra)
+        losses = [m.__dict__.pop("fastattn_transfer_loss") for m in modules]
+    return torch.stack(losses).mean()
+
+
+class LayerTransferTrainer(Trainer):
+    """A `Trainer` for the "layer" stage 1: attention modules (projections and feature maps) regressed onto the
+    teacher's (`layer_transfer_loss`); the feature maps (`NEW_PARAMETER_NAMES`) train at `map_lr`, the rest at the
+    Trainer's learning rate."""
+
+    def __init__(self, *args, teacher: nn.Module, map_lr: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.map_lr = map_lr
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.map_lr is not None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in named if not _is_new_parameter(n)], "weight_decay": 0.0},
+                {"params": [p for n, p in named if _is_new_parameter(n)], "weight_decay": 0.0, "lr": self.map_lr},
+            ]
+            groups = [g for g in groups if g["params"]]
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+            return self.optimizer
+        return super().create_optimizer()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        device = inputs["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        loss = layer_transfer_loss(model, self.teacher, inputs)
+        return (loss, None) if return_outputs else loss
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,32 +396,48 @@ def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch
 @dataclass
 class UptrainConfig:
     """Args:
-    transfer_steps: stage-1 steps (attention transfer; t2r and hedgehog only, 0 to skip).
-    transfer_lr: stage-1 learning rate.
+    transfer_steps: stage-1 steps (0 to skip).
+    transfer_lr: stage-1 learning rate of the feature maps.
+    transfer_mode: stage 1: "attention" (Hedgehog / LoLCATs attention transfer: only the feature maps train, on the
+        MSE of the attention function's outputs against softmax on the same q, k, v; t2r and hedgehog only) or
+        "layer" (each attention module, projections and maps, regressed onto the teacher's module output, see
+        `layer_transfer`; any method, e.g. mqa; needs `uptrain(..., teacher=)`).
+    transfer_proj_lr: "layer" stage-1 learning rate of the attention projections.
     finetune: stage 2: "lora", "full", "attention" or "none".
     finetune_steps: stage-2 steps.
     finetune_lr: stage-2 learning rate.
     lora_rank: LoRA rank for finetune="lora".
     batch_size: global batch size (split over processes under accelerate).
+    transfer_batch_size: stage-1 global batch size (None: `batch_size`).
     seed: data order and init seed.
     output_dir: Trainer output (safetensors checkpoints when save_steps > 0).
     save_steps: checkpoint every N steps (0: none).
     warmup_steps: linear warmup of each stage.
     logging_steps: Trainer logging period.
+    distill_weight: stage 2 loss weight of the KL divergence to the teacher's logits (knowledge distillation;
+        needs `uptrain(..., teacher=)`); 0: the plain LM loss, 1: distillation only.
+    weight_decay: stage 2 AdamW weight decay (stage 1, the feature maps, never decays).
+    lr_scheduler: the Trainer's `lr_scheduler_type` of both stages ("cosine", "linear", "constant_with_warmup").
     """
 
     transfer_steps: int = 0
     transfer_lr: float = 1e-2
+    transfer_mode: str = "attention"
+    transfer_proj_lr: float = 1e-3
     finetune: str = "lora"
     finetune_steps: int = 0
     finetune_lr: float = 1e-3
     lora_rank: int = 8
     batch_size: int = 8
+    transfer_batch_size: int | None = None
     seed: int = 0
     output_dir: str = "fastattn-uptrain"
     save_steps: int = 0
     warmup_steps: int = 0
     logging_steps: int = 10
+    distill_weight: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full", "attention", "none"):
@@ -284,28 +445,44 @@ class UptrainConfig:
         for name in ("transfer_steps", "finetune_steps", "save_steps", "warmup_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
-        for name in ("batch_size", "lora_rank", "logging_steps"):
+        if self.transfer_batch_size is None:
+            self.transfer_batch_size = self.batch_size
+        for name in ("batch_size", "transfer_batch_size", "lora_rank", "logging_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("transfer_lr", "finetune_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.transfer_mode not in ("attention", "layer"):
+            raise ValueError(f"transfer_mode must be 'attention' or 'layer', got {self.transfer_mode!r}")
+        if not self.transfer_proj_lr > 0:
+            raise ValueError(f"transfer_proj_lr must be > 0, got {self.transfer_proj_lr!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
 
-def training_arguments(cfg: UptrainConfig, steps: int, lr: float, subdir: str) -> TrainingArguments:
+def training_arguments(
+    cfg: UptrainConfig,
+    steps: int,
+    lr: float,
+    subdir: str,
+    weight_decay: float = 0.0,
+    batch_size: int | None = None,
+) -> TrainingArguments:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cfg.batch_size % world:
-        raise ValueError(
-            f"batch_size={cfg.batch_size} must be divisible by the number of processes ({world})"
-        )
+    batch_size = batch_size or cfg.batch_size
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
     return TrainingArguments(
         output_dir=os.path.join(cfg.output_dir, subdir),
         max_steps=steps,
-        per_device_train_batch_size=cfg.batch_size // world,
+        per_device_train_batch_size=batch_size // world,
         learning_rate=lr,
-        lr_scheduler_type="cosine",
+        lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_steps,
-        weight_decay=0.0,
+        weight_decay=weight_decay,
         logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
@@ -320,15 +497,42 @@ def training_arguments(cfg: UptrainConfig, steps: int, lr: float, subdir: str) -
     )
 
 
-def uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None) -> nn.Module:
+def uptrain(
+    model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None, teacher: nn.Module | None = None
+) -> nn.Module:
     """Run the recipe on a converted model: stage 1 (if `transfer_steps`), then stage 2 (if `finetune_steps`).
+
+    `teacher` (the original model, left untouched) is needed for `transfer_mode="layer"` and for
+    `distill_weight > 0` (stage 2 then distills its logits).
 
     Returns the trained model with LoRA merged (a plain converted model, ready for `save_pretrained`).
     """
-    has_maps = any(part in n for n, _ in model.named_parameters() for part in NEW_PARAMETER_NAMES)
-    if cfg.transfer_steps and has_maps:
+    has_maps = any(_is_new_parameter(n) for n, _ in model.named_parameters())
+    needs_teacher = (cfg.transfer_steps and cfg.transfer_mode == "layer") or (
+        cfg.finetune_steps and cfg.finetune != "none" and cfg.distill_weight > 0
+    )
+    if needs_teacher and teacher is None:
+        raise ValueError(
+            "transfer_mode='layer' and distill_weight > 0 need the original model: uptrain(..., teacher=)"
+        )
+    if cfg.transfer_steps and cfg.transfer_mode == "layer":
+        set_trainable(model, "attention")
+        args = training_arguments(
+            cfg, cfg.transfer_steps, cfg.transfer_proj_lr, "layer_transfer", batch_size=cfg.transfer_batch_size
+        )
+        LayerTransferTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            teacher=teacher,
+            map_lr=cfg.transfer_lr if has_maps else None,
+        ).train()
+    elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
-        args = training_arguments(cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer")
+        args = training_arguments(
+            cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer", batch_size=cfg.transfer_batch_size
+        )
         AttentionTransferTrainer(
             model=model, args=args, train_dataset=train_dataset, data_collator=data_collator
         ).train()
@@ -336,8 +540,19 @@ def uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=N
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
         if cfg.finetune != "lora":
             set_trainable(model, cfg.finetune)
-        args = training_arguments(cfg, cfg.finetune_steps, cfg.finetune_lr, "finetune")
-        Trainer(model=target, args=args, train_dataset=train_dataset, data_collator=data_collator).train()
+        args = training_arguments(cfg, cfg.finetune_steps, cfg.finetune_lr, "finetune", cfg.weight_decay)
+        if cfg.distill_weight > 0:
+            trainer = DistillationTrainer(
+                model=target,
+                args=args,
+                train_dataset=train_dataset,
+                data_collator=data_collator,
+                teacher=teacher,
+                distill_weight=cfg.distill_weight,
+            )
+        else:
+            trainer = Trainer(model=target, args=args, train_dataset=train_dataset, data_collator=data_collator)
+        trainer.train()
         if cfg.finetune == "lora":
             model = target.merge_and_unload()
     for p in model.parameters():

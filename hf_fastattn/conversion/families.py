@@ -141,3 +141,163 @@ def pool_kv(model: nn.Module, family: Family, groups: int) -> None:
                 lin.bias.copy_(_tie_rows(lin.bias, h, groups, d))
     if family.native_gqa:
         config.num_key_value_heads = groups
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# circuit-preserving K/V pooling (init="svd" of "mqa" / "gqa")
+
+
+def _linear_rows(lin: nn.Linear) -> torch.Tensor:
+    """`[out, in + 1]`: the weight with the bias (zeros if none) as a last column."""
+    bias = lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.weight.shape[0])
+    return torch.cat([lin.weight, bias[:, None]], 1)
+
+
+def _attention_parts(model: nn.Module, family: Family, module: nn.Module):
+    """(Q [H, D, E+1], K [Hkv, D, E+1], V [Hkv, D, E+1], O [E, H, D], rotary) of one attention module, in float64:
+    projection rows with their biases as a last column (E the hidden size), O the output projection per head."""
+    h, hkv, d = head_counts(model.config, family)
+    if family.name == "gpt2":
+        e = h * d
+        w = torch.cat([module.c_attn.weight.t(), module.c_attn.bias[:, None]], 1).double()  # [3E, E+1]
+        q, k, v = w[:e], w[e : 2 * e], w[2 * e :]
+        o = module.c_proj.weight.t().double()  # Conv1D [in H*D, out E] -> [E, H*D]
+    elif family.name == "bert":
+        q, k, v = (_linear_rows(lin).double() for lin in (module.query, module.key, module.value))
+        o = _bert_output(model, module).weight.double()
+    else:
+        q, k, v = (_linear_rows(lin).double() for lin in (module.q_proj, module.k_proj, module.v_proj))
+        o = module.o_proj.weight.double()
+    n = q.shape[1]
+    return q.view(h, d, n), k.view(hkv, d, n), v.view(hkv, d, n), o.view(o.shape[0], h, d), family.native_gqa
+
+
+def _bert_output(model: nn.Module, module: nn.Module) -> nn.Linear:
+    """The output projection of a BertSelfAttention: the `output.dense` of its parent BertAttention."""
+    for parent in model.modules():
+        if getattr(parent, "self", None) is module and hasattr(parent, "output"):
+            return parent.output.dense
+    raise ValueError("hf_fastattn: cannot find the output projection of a BERT self-attention module")
+
+
+def _split_svd(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left [M, r], right [r, N]) with left @ right the best rank-r approximation of `stack`, the singular values
+    split evenly (sqrt each side) so that both factors keep the scale of the weights they replace."""
+    u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rotary: bool):
+    """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns."""
+    n, e = q.shape[-1], o.shape[0]
+    # values: the output-value circuits O_h V_h of the group's heads, stacked, at rank D: V' shared, O_h' per head
+    left, v_new = _split_svd(torch.cat([o[:, h] @ v[kv_of[h]] for h in heads]), d)
+    o_new = {h: left[i * e : (i + 1) * e] for i, h in enumerate(heads)}
+    q_new = {h: q[h].clone() for h in heads}
+    k_new = torch.empty(d, n, dtype=q.dtype)
+    if not rotary:
+        # scores x_q^T Q_h^T K_h x_k: the query-key circuits Q_h^T K_h stacked, at rank D
+        left, k_new = _split_svd(torch.cat([q[h].t() @ k[kv_of[h]] for h in heads]), d)
+        for i, h in enumerate(heads):
+            q_new[h] = left[i * n : (i + 1) * n].t()
+        return q_new, k_new, v_new, o_new
+    # RoPE rotates dims (j, j + D/2) as one complex number z_j = x_j + i x_{j+D/2}; a complex factor per head and
+    # pair commutes with it, so each pair gets a shared key row and per-head query rows from a complex rank-1 fit
+    # of the circuits conj(q_hj) k_hj^T (score = Re(conj(z_q) z_k e^{i(theta_k - theta_q)})).
+    half = d // 2
+    for j in range(half):
+        qz = {h: torch.complex(q[h, j], q[h, j + half]) for h in heads}
+        kz = {h: torch.complex(k[kv_of[h], j], k[kv_of[h], j + half]) for h in heads}
+        left, right = _split_svd(torch.cat([torch.outer(qz[h].conj(), kz[h]) for h in heads]), 1)
+        k_new[j], k_new[j + half] = right[0].real, right[0].imag
+        for i, h in enumerate(heads):
+            qh = left[i * n : (i + 1) * n, 0].conj()
+            q_new[h][j], q_new[h][j + half] = qh.real, qh.imag
+    return q_new, k_new, v_new, o_new
+
+
+@torch.no_grad()
+def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
+    """Pool K/V into `groups` heads keeping the attention circuits, in place (the "svd" init of mqa / gqa).
+
+    Mean pooling (`pool_kv`) averages the K and V projections of a group's heads. This fit instead keeps what the
+    heads compute as closely as a shared K/V head allows, from the weights alone: per group, the value-output
+    circuits `O_h V_h` of its heads are stacked and factored at rank D (truncated SVD), giving the shared V
+    projection and new per-head output columns; the query-key circuits `Q_h^T K_h` likewise give the shared K
+    projection and new per-head query rows. With rotary embeddings the fit is per rotary pair, a complex rank-1
+    factorization (a complex factor commutes with the rotation). Exact when nothing is pooled (groups = K/V heads);
+    Q, K, V and O change (biases included), the shapes are those of `pool_kv`. Not for models that normalize
+    q and k per head (Qwen3's q_norm / k_norm): that normalization does not commute with the refit.
+    """
+    config = model.config
+    h, hkv, d = head_counts(config, family)
+    if groups < 1 or hkv % groups != 0:
+        raise ValueError(
+            f"num_key_value_heads={groups} must divide the model's {hkv} key/value heads "
+            f"(valid: {[g for g in range(1, hkv + 1) if hkv % g == 0]})"
+        )
+    modules = attention_modules(model, family)
+    if any(hasattr(m, "q_norm") or hasattr(m, "k_norm") for m in modules):
+        raise ValueError(
+            f"init='svd' does not apply to {family.name!r}: its attention normalizes q and k per head (q_norm / "
+            "k_norm), which the refit of the query rows does not commute with; use init='mean'"
+        )
+    if family.native_gqa and d % 2:
+        raise ValueError(f"init='svd' needs an even head dim for the rotary pairs, got {d}")
+    per = h // groups
+    kv_of = [i // (h // hkv) for i in range(h)]
+    for module in modules:
+        q, k, v, o, rotary = _attention_parts(model, family, module)
+        n = q.shape[-1]
+        new_q, new_o = q.clone(), o.clone()
+        new_k = torch.empty(groups, d, n, dtype=q.dtype)
+        new_v = torch.empty(groups, d, n, dtype=q.dtype)
+        for g in range(groups):
+            heads = list(range(g * per, (g + 1) * per))
+            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, heads, kv_of, d, rotary)
+            for i in heads:
+                new_q[i], new_o[:, i] = qg[i], og[i]
+        _write_parts(model, family, module, new_q, new_k, new_v, new_o, per)
+    if family.native_gqa:
+        config.num_key_value_heads = groups
+
+
+def _set_linear(lin: nn.Linear, rows: torch.Tensor) -> None:
+    lin.weight.copy_(rows[:, :-1].to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(rows[:, -1].to(lin.bias.dtype))
+
+
+def _write_parts(model, family, module, q, k, v, o, per: int) -> None:
+    h, d, n = q.shape
+    e = o.shape[0]
+    q2, o2 = q.reshape(h * d, n), o.reshape(e, h * d)
+    if family.native_gqa:
+        groups = k.shape[0]
+        for name, rows in (("k_proj", k), ("v_proj", v)):
+            old: nn.Linear = getattr(module, name)
+            new = nn.Linear(old.in_features, groups * d, bias=old.bias is not None)
+            new.to(device=old.weight.device, dtype=old.weight.dtype)
+            _set_linear(new, rows.reshape(groups * d, n))
+            setattr(module, name, new)
+        _set_linear(module.q_proj, q2)
+        module.o_proj.weight.copy_(o2.to(module.o_proj.weight.dtype))
+        module.num_key_value_groups = h // groups
+        return
+    # GPT-2 / BERT keep one K/V row block per head: every head of a group gets the group's shared rows
+    k2 = k.repeat_interleave(per, 0).reshape(h * d, n)
+    v2 = v.repeat_interleave(per, 0).reshape(h * d, n)
+    if family.name == "gpt2":
+        w = module.c_attn.weight
+        rows = torch.cat([q2, k2, v2])  # [3E, E+1]
+        w.copy_(rows[:, :-1].t().to(w.dtype))
+        module.c_attn.bias.copy_(rows[:, -1].to(w.dtype))
+        module.c_proj.weight.copy_(o2.t().to(module.c_proj.weight.dtype))
+    else:
+        _set_linear(module.query, q2)
+        _set_linear(module.key, k2)
+        _set_linear(module.value, v2)
+        out = _bert_output(model, module).weight
+        out.copy_(o2.to(out.dtype))

@@ -7,8 +7,10 @@ only a prefix of the guesses is kept, so the cache must forget the rest:
 * Recurrent layers (`LinearAttentionLayer`, hf_fastattn's recurrent cache, ...) fold every token into a fixed-size
   state, which cannot be cut. We copy such layers before the speculative forward and put the copy back afterwards;
   the caller then feeds the accepted tokens again (see `jacobi.py`).
+* A *tree* of guesses leaves the accepted tokens' K/V scattered among the rejected ones. Plain `DynamicLayer`s are
+  compacted by gathering the accepted entries (`keep_path`); other caches only ever see chains of guesses.
 
-The two functions below are the only place that knows about cache internals, so a new cache type needs at most a
+The functions below are the only place that knows about cache internals, so a new cache type needs at most a
 change here.
 """
 
@@ -16,7 +18,8 @@ from __future__ import annotations
 
 import copy
 
-from transformers.cache_utils import Cache
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
 
 def needs_snapshot(cache: Cache | None) -> bool:
@@ -59,3 +62,28 @@ def rollback(cache: Cache, tokens_to_remove: int, saved: dict[int, object] | Non
             layers[i] = saved[i]
         elif tokens_to_remove > 0:
             layer.crop(-tokens_to_remove)
+
+
+def supports_tree(cache: Cache | None) -> bool:
+    """Whether `keep_path` can compact `cache`: every layer a plain, growing K/V `DynamicLayer`."""
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+
+def keep_path(cache: Cache, start: int, path: list[list[int]]) -> None:
+    """Keep the first `start` entries of every layer and, after them, the entries `start + path[b][i]` of row b.
+
+    `path[b]` holds the indices (counted from `start`) of row b's accepted tree nodes in order, all rows equally
+    many, so the layer ends up `start + len(path[b])` long, exactly as if only the accepted tokens had been fed.
+    """
+    kept = len(path[0])
+    device = cache.layers[0].keys.device if cache.layers[0].is_initialized else None
+    sources = [torch.tensor(nodes, device=device) + start for nodes in path]
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            continue
+        for states in (layer.keys, layer.values):
+            # per row, index_select + copy: cheaper on a CPU than one batched gather
+            for b, source in enumerate(sources):
+                states[b].narrow(1, start, kept).copy_(states[b].index_select(1, source))
+        layer.keys, layer.values = layer.keys[:, :, : start + kept], layer.values[:, :, : start + kept]

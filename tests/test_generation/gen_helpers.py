@@ -102,5 +102,15 @@ def tiny_bigram_llama():
 
 
 @functools.cache
+def tiny_llama_eager(bigram: bool = False):
+    """`tiny_llama` (or its near-bigram copy) with eager attention: our 4D masks are then added to the scores."""
+    import copy
+
+    model = copy.deepcopy(tiny_bigram_llama() if bigram else tiny_llama())
+    model.set_attn_implementation("eager")
+    return model
+
+
+@functools.cache
 def tiny_bigram_qwen3_next():
     return damped(tiny_qwen3_next())

@@ -10,6 +10,7 @@ from gen_helpers import (
     tiny_bigram_llama,
     tiny_bigram_qwen3_next,
     tiny_llama,
+    tiny_llama_eager,
     tiny_qwen3_next,
 )
 from hypothesis import HealthCheck, given, settings
@@ -19,8 +20,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.streamers import BaseStreamer
 
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
-from hf_fastattn.generation.rollback import needs_snapshot, rollback, snapshot
-
+from hf_fastattn.generation.jacobi import AdaptiveWindow, build_draft
+from hf_fastattn.generation.rollback import keep_path, needs_snapshot, rollback, snapshot
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +30,9 @@ def _no_grad():
         yield
 
 
-def _both(model, ids, mask=None, mode="lookahead", block_size=None, **kwargs):
+def _both(model, ids, mask=None, mode="lookahead", block_size=None, jacobi_kwargs=None, **kwargs):
+    """(greedy `generate`, Jacobi decoding's `JacobiDecoderOutput`) for the same inputs; `jacobi_kwargs` go to the
+    latter only."""
     greedy = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)
     jacobi = model.generate(
         ids,
@@ -39,9 +42,22 @@ def _both(model, ids, mask=None, mode="lookahead", block_size=None, **kwargs):
         return_dict_in_generate=True,
         mode=mode,
         block_size=block_size,
+        **(jacobi_kwargs or {}),
         **kwargs,
     )
     return greedy, jacobi
+
+
+def _cache_of(out):
+    """The cache of a generate output (its field is `cache` from transformers 5.24, `past_key_values` before)."""
+    return out.cache if hasattr(out, "cache") else out.past_key_values
+
+
+def _forward(model, tokens, cache, **kwargs):
+    """`model(tokens, cache)` under the cache argument's name in this transformers version."""
+    from hf_fastattn.integration.cache import cache_argument
+
+    return model(tokens, use_cache=True, **{cache_argument(model): cache}, **kwargs)
 
 
 def _check_accounting(out: JacobiDecoderOutput, prompt_len: int):
@@ -85,6 +101,175 @@ def test_matches_greedy(
     _check_accounting(out, ids.shape[1])
 
 
+class _StopOnToken(StoppingCriteria):
+    def __init__(self, token):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    near_bigram=st.booleans(),
+    eager=st.booleans(),
+    rows=rows_strategy,
+    num_candidates=st.sampled_from([1, 2, 4, 8]),
+    block_size=st.one_of(st.none(), st.integers(1, 9)),
+    ngram_size=st.integers(2, 5),
+    max_new_tokens=st.integers(1, 30),
+    stop=st.sampled_from(["eos", "criterion", None]),
+    stop_at=st.integers(0, 29),
+)
+def test_token_tree_matches_greedy(
+    near_bigram, eager, rows, num_candidates, block_size, ngram_size, max_new_tokens, stop, stop_at
+):
+    """Lookahead's token trees (several candidates in one forward, a 4D mask, the accepted path gathered out of the
+    K/V cache): sdpa and eager attention, padded batches, EOS or a custom stopping criterion (which, unlike EOS,
+    keeps finished rows generating real tokens until all rows stop)."""
+    model = tiny_llama_eager(near_bigram) if eager else (tiny_bigram_llama() if near_bigram else tiny_llama())
+    ids, mask = left_padded(rows)
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=PAD)
+    if stop is not None:
+        plain = model.generate(ids, attention_mask=mask, do_sample=False, **kwargs)[0, ids.shape[1] :]
+        token = int(plain[min(stop_at, len(plain) - 1)])
+        if stop == "eos":
+            kwargs["eos_token_id"] = token
+        else:
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_StopOnToken(token)])
+    greedy, out = _both(
+        model,
+        ids,
+        mask,
+        mode="lookahead",
+        block_size=block_size,
+        jacobi_kwargs=dict(num_candidates=num_candidates, ngram_size=ngram_size),
+        **kwargs,
+    )
+    assert out.sequences.tolist() == greedy.tolist()
+    _check_accounting(out, ids.shape[1])
+
+
+def test_trees_are_used_and_paths_gathered(monkeypatch):
+    """On repetitive text lookahead builds real trees and sometimes accepts a branch other than the first (whose K/V
+    entries must then be gathered out of the cache), and still matches greedy."""
+    import hf_fastattn.generation.jacobi as jacobi
+
+    calls = {"trees": 0, "gathers": 0}
+    original_build, original_keep = jacobi.build_draft, jacobi.keep_path
+
+    def counting_build(*args, **kwargs):
+        draft = original_build(*args, **kwargs)
+        calls["trees"] += draft.ancestors is not None
+        return draft
+
+    def counting_keep(*args, **kwargs):
+        calls["gathers"] += 1
+        return original_keep(*args, **kwargs)
+
+    monkeypatch.setattr(jacobi, "build_draft", counting_build)
+    monkeypatch.setattr(jacobi, "keep_path", counting_keep)
+    model = tiny_bigram_llama()
+    ids, mask = left_padded([[5, 17, 33, 8, 61, 12, 5, 17, 40], [9, 4, 9, 4, 22]])
+    greedy, out = _both(
+        model,
+        ids,
+        mask,
+        max_new_tokens=60,
+        pad_token_id=PAD,
+        mode="lookahead",
+        jacobi_kwargs=dict(num_candidates=6),
+    )
+    assert out.sequences.tolist() == greedy.tolist()
+    assert calls["trees"] > 0 and calls["gathers"] > 0, calls
+
+
+def test_build_draft_merges_shared_prefixes():
+    draft = build_draft([[[7, 8, 9], [7, 8, 5], [6]], [[3]]], filler=[1, 2])
+    assert draft.tokens.tolist() == [[7, 8, 9, 5, 6], [3, 2, 2, 2, 2]]  # row 1 padded with its filler token
+    assert draft.parents == [[-1, 0, 1, 1, -1], [-1, -1, -1, -1, -1]]
+    assert draft.depth.tolist() == [[1, 2, 3, 3, 1], [1, 1, 1, 1, 1]]
+    assert draft.children[0] == {(-1, 7): 0, (0, 8): 1, (1, 9): 2, (1, 5): 3, (-1, 6): 4}
+    assert draft.children[1] == {(-1, 3): 0}  # padding nodes are never followed
+    ancestors = draft.ancestors[0].nonzero().tolist()
+    assert ancestors == [[0, 0], [1, 0], [1, 1], [2, 0], [2, 1], [2, 2], [3, 0], [3, 1], [3, 3], [4, 4]]
+    chain = build_draft([[[4, 5]], [[6]]], filler=[1, 2])
+    assert chain.ancestors is None and chain.tokens.tolist() == [[4, 5], [6, 2]]
+
+
+def test_keep_path_equals_feeding_only_the_accepted_tokens():
+    model = tiny_llama()
+    prompt, tree = torch.tensor([[3, 4, 5, 6]]), torch.tensor([[10, 11, 12, 13]])  # nodes: 10 -> 11, 12 -> 13
+    reference = DynamicCache(config=model.config)
+    _forward(model, torch.tensor([[3, 4, 5, 6, 12, 13]]), reference)
+    cache = DynamicCache(config=model.config)
+    _forward(model, prompt, cache)
+    blocked = torch.finfo(model.dtype).min
+    allowed = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    mask = torch.zeros(1, 1, 4, 8, dtype=model.dtype)
+    mask[0, 0, :, 4:] = torch.zeros(4, 4, dtype=model.dtype).masked_fill(~allowed, blocked)
+    positions = torch.tensor([[4, 5, 4, 5]])
+    _forward(model, tree, cache, attention_mask=mask, position_ids=positions)
+    keep_path(cache, 4, [[2, 3]])
+    for ours, theirs in zip(cache.layers, reference.layers, strict=True):
+        torch.testing.assert_close(ours.keys, theirs.keys)
+        torch.testing.assert_close(ours.values, theirs.values)
+
+
+def test_adaptive_window_shrinks_rests_and_recovers():
+    window = AdaptiveWindow(limit=16, adaptive=True)
+    assert window(16) == 16
+    window.update(16, 0)
+    assert window(16) == 8
+    window.update(8, 2)  # some accepted: twice the accepted ones
+    assert window(16) == 4
+    for guesses in (4, 2, 1, 1):
+        window.update(guesses, 0)
+    assert [window(16) for _ in range(2)] == [0, 1]  # a rest of one greedy step, then one guess again
+    window.update(1, 0)
+    window.update(1, 0)
+    assert [window(16) for _ in range(3)] == [0, 0, 1]  # the rest doubles
+    window.update(1, 1)  # accepted: grow again
+    assert window(16) == 2
+    assert AdaptiveWindow(limit=16, adaptive=False)(16) == 16
+
+
+def test_jacobi_modes_rest_on_a_model_whose_guesses_fail():
+    """The random model's Jacobi guesses are nearly always wrong: after a few passes most passes guess nothing."""
+    model = tiny_llama()
+    ids = torch.tensor([[5, 17, 33, 8, 61, 12]])
+    trace = []
+    greedy = model.generate(ids, do_sample=False, max_new_tokens=60)
+    out = model.generate(
+        ids,
+        do_sample=False,
+        max_new_tokens=60,
+        custom_generate=jacobi_decoding,
+        mode="jacobi",
+        jacobi_trace=trace,
+    )
+    assert out.tolist() == greedy.tolist()
+    guesses = [record["guesses"].shape[1] for record in trace]
+    assert guesses[0] == 59  # textbook Jacobi at first: every remaining position
+    assert sum(g == 0 for g in guesses) > len(guesses) / 2, guesses
+
+
+def test_output_names_the_cache_without_deprecation_warning():
+    import warnings
+
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        out = model.generate(
+            torch.tensor([[3, 4, 5]]),
+            do_sample=False,
+            max_new_tokens=5,
+            custom_generate=jacobi_decoding,
+            return_dict_in_generate=True,
+        )
+    assert isinstance(_cache_of(out), DynamicCache) and out.num_forward_passes >= 1
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_repetitive_text_accepts_guesses(mode):
     """A model whose greedy text repeats: guesses get accepted (several tokens per forward), output unchanged."""
@@ -95,14 +280,6 @@ def test_repetitive_text_accepts_guesses(mode):
     _check_accounting(out, ids.shape[1])
     if mode == "lookahead":
         assert out.num_forward_passes < 0.8 * 40, out.accepted_per_pass
-
-
-class _StopOnToken(StoppingCriteria):
-    def __init__(self, token):
-        self.token = token
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -190,7 +367,7 @@ def test_recurrent_cache_matches_greedy(mode):
     ids, mask = left_padded([[5, 9, 22, 31, 5, 9, 22], [40, 41]])
     greedy, out = _both(model, ids, mask, max_new_tokens=12, pad_token_id=PAD, mode=mode, block_size=4)
     assert out.sequences.tolist() == greedy.tolist()
-    assert any(not layer.is_croppable for layer in out.past_key_values.layers)
+    assert any(not layer.is_croppable for layer in _cache_of(out).layers)
 
 
 def test_recurrent_cache_with_accepted_guesses():
@@ -205,19 +382,19 @@ def test_recurrent_cache_with_accepted_guesses():
 def test_rollback_restores_recurrent_state_and_crops_kv():
     model = tiny_qwen3_next()
     cache = DynamicCache(config=model.config)
-    model(torch.tensor([[3, 4, 5, 6]]), past_key_values=cache, use_cache=True)
+    _forward(model, torch.tensor([[3, 4, 5, 6]]), cache)
     assert needs_snapshot(cache)
     saved = snapshot(cache)
     before = [getattr(layer, "recurrent_states", {}).get(0) for layer in cache.layers]
     before = [b.clone() if b is not None else None for b in before]
     kv_before = cache.layers[1].keys.clone()
-    model(torch.tensor([[7, 8, 9]]), past_key_values=cache, use_cache=True)
+    _forward(model, torch.tensor([[7, 8, 9]]), cache)
     rollback(cache, 3, saved)
     assert torch.equal(cache.layers[0].recurrent_states[0], before[0])
     assert torch.equal(cache.layers[1].keys, kv_before)
 
     llama_cache = DynamicCache(config=tiny_llama().config)
-    tiny_llama()(torch.tensor([[3, 4, 5, 6]]), past_key_values=llama_cache, use_cache=True)
+    _forward(tiny_llama(), torch.tensor([[3, 4, 5, 6]]), llama_cache)
     assert not needs_snapshot(llama_cache)
     rollback(llama_cache, 3)
     assert llama_cache.get_seq_length() == 1

@@ -1,7 +1,13 @@
 """T2R (Kasai et al. 2021, "Finetuning Pretrained Transformers into RNNs"): phi(x) = relu(W x + b), learned.
 
-One map per layer, shared by queries and keys, with per-head weights; then fine-tune (all weights or attention only,
-see `hf_fastattn.conversion.distill`).
+One map per layer, shared by queries and keys, with per-head weights, randomly initialized; then fine-tune (all
+weights or attention only, see `hf_fastattn.conversion.distill`).
+
+The paper fine-tunes the whole model from the start. `hf-fastattn bench conversion` (`RECIPES["t2r"]`) departs from
+it where that measured better on a small token budget: a warm-up of the maps before fine-tuning (an attention
+transfer in the Hedgehog / LoLCATs manner, here `UptrainConfig(transfer_mode="layer")`: the attention modules,
+maps at a higher learning rate, regressed onto the original's outputs), more features than the paper's 32-64
+(256 for a 32-dim head) and distillation of the original's logits during fine-tuning.
 """
 
 from __future__ import annotations

@@ -1,0 +1,141 @@
+"""The uptraining additions used by `hf-fastattn bench conversion`: the circuit-preserving K/V fit (mqa / gqa
+init="svd"), "layer" transfer, logit distillation, per-stage batch sizes and the bench's token accounting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import AutoModelForCausalLM
+
+from hf_fastattn.conversion import convert
+from hf_fastattn.conversion.distill import UptrainConfig, layer_transfer_loss, lm_dataset, set_trainable, uptrain
+
+
+def _ids(seed=0, batch=2, n=24):
+    return torch.randint(3, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _out(model, x):
+    with torch.no_grad():
+        return model(x)[0]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2", "bert"])
+def test_svd_fit_is_exact_without_pooling_and_closer_than_mean(family):
+    model = tiny_model(family, initializer_range=0.2)
+    if family == "qwen2":  # q/k/v biases must be carried through the fit
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+                    p.normal_(0, 0.5)
+    x = _ids()
+    ref = _out(model, x)
+    exact = convert(model, "gqa", num_key_value_heads=4, init="svd")
+    torch.testing.assert_close(_out(exact, x), ref, rtol=1e-4, atol=1e-4)
+    for groups in (1, 2):
+        svd = convert(model, "gqa", num_key_value_heads=groups, init="svd")
+        mean = convert(model, "gqa", num_key_value_heads=groups)
+        assert (_out(svd, x) - ref).pow(2).mean() < (_out(mean, x) - ref).pow(2).mean()
+    mqa = convert(model, "mqa", init="svd")
+    assert mqa.config.fastattn_conversion == {"method": "mqa", "init": "svd"}
+
+
+def test_svd_fit_of_a_gqa_model_and_round_trip(tmp_path):
+    model = tiny_model("llama", initializer_range=0.2, num_key_value_heads=2)
+    x = _ids()
+    exact = convert(model, "gqa", num_key_value_heads=2, init="svd")
+    torch.testing.assert_close(_out(exact, x), _out(model, x), rtol=1e-4, atol=1e-4)
+    mqa = convert(model, "mqa", init="svd")
+    assert mqa.model.layers[0].self_attn.k_proj.weight.shape == (16, 64)
+    mqa.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # a standard Llama checkpoint
+    assert type(loaded).__name__ == "LlamaForCausalLM"
+    assert torch.equal(_out(loaded, x), _out(mqa, x))
+
+
+def test_svd_fit_errors():
+    with pytest.raises(ValueError, match="q_norm"):
+        convert(tiny_model("qwen3"), "mqa", init="svd")
+    with pytest.raises(ValueError, match="init must be one of"):
+        convert(tiny_model("llama"), "gqa", num_key_value_heads=2, init="pca")
+
+
+@pytest.mark.parametrize("family,method,options", [("llama", "mqa", {"init": "svd"}), ("bert", "t2r", {})])
+def test_layer_transfer_lowers_loss_and_keeps_the_teacher(family, method, options):
+    torch.manual_seed(0)
+    teacher = tiny_model(family, initializer_range=0.2)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = convert(teacher, method, **options)
+    params = [model.get_parameter(n) for n in set_trainable(model, "attention")]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    mask = torch.ones(4, 32, dtype=torch.long)
+    mask[1, 20:] = 0  # padding is excluded from the loss
+    batch = {"input_ids": _ids(n=32, batch=4), "attention_mask": mask}
+    losses = []
+    for _ in range(15):
+        loss = layer_transfer_loss(model, teacher, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    # the teacher got no gradient and kept its weights; the student's non-attention weights got none either
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    attention = {id(p) for p in params}
+    assert all(p.grad is None for p in model.parameters() if id(p) not in attention)
+    # the hooks are gone: a plain forward runs the student itself
+    x = _ids()
+    assert not torch.allclose(_out(model, x), _out(teacher, x))
+
+
+def test_uptrain_layer_transfer_and_distillation(tmp_path, text, tokenizer):
+    teacher = tiny_model("llama", initializer_range=0.2)
+    data = lm_dataset(text[:20_000], tokenizer, 32, max_blocks=64)
+    cfg = UptrainConfig(
+        transfer_steps=4,
+        transfer_mode="layer",
+        transfer_batch_size=2,
+        transfer_proj_lr=1e-3,
+        finetune="full",
+        finetune_steps=3,
+        batch_size=4,
+        distill_weight=1.0,
+        output_dir=str(tmp_path),
+        logging_steps=1,
+    )
+    model = uptrain(convert(teacher, "t2r", feature_dim=16), data, cfg, teacher=teacher)
+    assert model.config._attn_implementation == "linear"
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match="teacher="):
+        uptrain(convert(teacher, "mqa"), data, cfg)
+    with pytest.raises(ValueError, match="transfer_mode"):
+        UptrainConfig(transfer_mode="logits")
+    with pytest.raises(ValueError, match="distill_weight"):
+        UptrainConfig(distill_weight=2.0)
+
+
+def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
+    """`convert_and_uptrain` spends exactly the budget of `steps * batch_size` blocks over both stages."""
+    import hf_fastattn.conversion.distill as distill
+    from hf_fastattn.bench import conversion
+
+    teacher = tiny_model("llama")
+    data = lm_dataset(text[:20_000], tokenizer, 16, max_blocks=64)
+    calls = []
+
+    def spy(model, dataset, cfg, data_collator=None, teacher=None):
+        calls.append(cfg)
+        return model
+
+    monkeypatch.setattr(distill, "uptrain", spy)
+    for method, recipe in conversion.RECIPES.items():
+        _, steps = conversion.convert_and_uptrain(teacher, method, data, 5, 4, str(tmp_path))
+        if recipe.finetune == "none":
+            assert steps == 0
+            continue
+        cfg = calls[-1]
+        used = cfg.transfer_steps * cfg.transfer_batch_size + cfg.finetune_steps * cfg.batch_size
+        assert used == 20 and steps == 5, (method, cfg)
+        assert cfg.transfer_mode == recipe.transfer_mode and cfg.distill_weight == recipe.distill
