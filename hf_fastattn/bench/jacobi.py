@@ -114,6 +114,8 @@ def plot(results: dict, methods: list[str], path: str) -> None:
     per_token = [sum(results[m]["passes"]) / sum(results[m]["tokens"]) for m in methods]
     axes[1].bar(methods, per_token, color=["gray"] + ["C0"] * len(modes))
     axes[1].set_ylabel("forward passes per new token")
+    for ax in axes:
+        ax.tick_params(axis="x", labelrotation=20)
     fig.suptitle("Jacobi decoding vs greedy, tiny Llama on tinyshakespeare (CPU)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
