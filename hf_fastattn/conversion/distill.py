@@ -122,7 +122,9 @@ class DistillationTrainer(Trainer):
     teacher's logits computed on the same batch without gradient (it is put in eval mode and moved to the student's
     device; its weights are not changed)."""
 
-    def __init__(self, *args, teacher: nn.Module, distill_weight: float = 1.0, temperature: float = 1.0, **kwargs):
+    def __init__(
+        self, *args, teacher: nn.Module, distill_weight: float = 1.0, temperature: float = 1.0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         self.distill_weight = distill_weight
@@ -186,7 +188,9 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
     modules = attention_modules(base, family_of(base))
     targets = attention_modules(tbase, family_of(tbase))
     if len(modules) != len(targets):
-        raise ValueError(f"the teacher has {len(targets)} attention modules, the converted model {len(modules)}")
+        raise ValueError(
+            f"the teacher has {len(targets)} attention modules, the converted model {len(modules)}"
+        )
     outputs: dict[int, torch.Tensor] = {}
 
     def capture(i):
@@ -253,7 +257,11 @@ class LayerTransferTrainer(Trainer):
             named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
             groups = [
                 {"params": [p for n, p in named if not _is_new_parameter(n)], "weight_decay": 0.0},
-                {"params": [p for n, p in named if _is_new_parameter(n)], "weight_decay": 0.0, "lr": self.map_lr},
+                {
+                    "params": [p for n, p in named if _is_new_parameter(n)],
+                    "weight_decay": 0.0,
+                    "lr": self.map_lr,
+                },
             ]
             groups = [g for g in groups if g["params"]]
             optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
@@ -518,7 +526,11 @@ def uptrain(
     if cfg.transfer_steps and cfg.transfer_mode == "layer":
         set_trainable(model, "attention")
         args = training_arguments(
-            cfg, cfg.transfer_steps, cfg.transfer_proj_lr, "layer_transfer", batch_size=cfg.transfer_batch_size
+            cfg,
+            cfg.transfer_steps,
+            cfg.transfer_proj_lr,
+            "layer_transfer",
+            batch_size=cfg.transfer_batch_size,
         )
         LayerTransferTrainer(
             model=model,
@@ -551,7 +563,9 @@ def uptrain(
                 distill_weight=cfg.distill_weight,
             )
         else:
-            trainer = Trainer(model=target, args=args, train_dataset=train_dataset, data_collator=data_collator)
+            trainer = Trainer(
+                model=target, args=args, train_dataset=train_dataset, data_collator=data_collator
+            )
         trainer.train()
         if cfg.finetune == "lora":
             model = target.merge_and_unload()

@@ -9,7 +9,13 @@ from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
 from hf_fastattn.conversion import convert
-from hf_fastattn.conversion.distill import UptrainConfig, layer_transfer_loss, lm_dataset, set_trainable, uptrain
+from hf_fastattn.conversion.distill import (
+    UptrainConfig,
+    layer_transfer_loss,
+    lm_dataset,
+    set_trainable,
+    uptrain,
+)
 
 
 def _ids(seed=0, batch=2, n=24):
