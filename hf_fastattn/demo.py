@@ -44,7 +44,7 @@ import hf_fastattn  # noqa: F401  (registers the attention implementations and t
 
 from .bench.conversion import convert_and_uptrain
 from .bench.jacobi import make_prompts, run_one, time_methods
-from .bench.utils import cache_nbytes, format_table, machine_line
+from .bench.utils import cache_nbytes, format_table, machine_line, torch_threads
 from .tinylm import get_tiny_llama, lm_dataset, load_corpus, perplexity, split_corpus
 
 METHODS = ("t2r", "hedgehog", "mqa")
@@ -445,15 +445,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     out = Path(args.out)
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads or (previous_threads if args.model else 1))
     try:
-        results = run(args.model, QUICK if args.quick else FULL)
+        with torch_threads(args.threads or (None if args.model else 1)):
+            results = run(args.model, QUICK if args.quick else FULL)
     except DemoError as e:
         print(f"hf-fastattn demo: error: {e}", file=sys.stderr)
         return 2
-    finally:
-        torch.set_num_threads(previous_threads)
     text = write_report(results, out)
     print("\n" + text)
     print(f"wrote {out}/results.md, results.json, perplexity.png, decoding.png, jacobi.png, report.html")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .utils import torch_threads
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -401,13 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         args.teacher_steps, args.seq_len, args.batch_size, args.hidden, args.layers = 20, 64, 8, 64, 2
         args.new_tokens, args.budget = 8, 0.5
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args, argv) -> int:

@@ -46,7 +46,7 @@ import time
 import torch
 
 from ..integration.cache import RecurrentCache, cache_argument
-from .utils import cache_nbytes, format_table, machine_line
+from .utils import cache_nbytes, format_table, machine_line, torch_threads
 
 IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast")
 KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
@@ -237,13 +237,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.contexts, args.steps, args.warmup, args.prefill_piece, args.fast_prefill_limit = [64, 256], 3, 1, 128, 64
     contexts = sorted(set(args.contexts))
-    threads_before = torch.get_num_threads()
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args, argv, shape, contexts)
-    finally:
-        torch.set_num_threads(threads_before)
 
 
 def _run(args, argv, shape: dict, contexts: list[int]) -> int:

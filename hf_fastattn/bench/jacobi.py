@@ -23,7 +23,7 @@ import time
 import torch
 
 from ..generation.jacobi import MODES, jacobi_decoding
-from .utils import format_table, machine_line
+from .utils import format_table, machine_line, torch_threads
 
 
 def load_model(quick: bool):
@@ -149,12 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.prompts, args.new_tokens, args.repeats, args.prompt_tokens = 2, 12, 1, 12
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args, argv) -> int:
