@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transfer-lr", type=float, default=1e-2)
     p.add_argument("--feature-dim", type=int, default=None, help="t2r / hedgehog feature size")
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--hybrid", action="store_true", help="hedgehog: LoLCATs sliding-window hybrid")
+    p.add_argument("--hybrid", action="store_true", help="t2r / hedgehog: LoLCATs sliding-window hybrid (softmax over the last --window tokens)")
     p.add_argument("--window", type=int, default=64, help="hybrid softmax window")
     p.add_argument("--num-key-value-heads", type=int, default=None, help="gqa: K/V heads after pooling")
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -74,7 +74,7 @@ def method_options(args) -> dict:
     options = {}
     if args.method in ("t2r", "hedgehog") and args.feature_dim is not None:
         options["feature_dim"] = args.feature_dim
-    if args.method == "hedgehog" and args.hybrid:
+    if args.method in ("t2r", "hedgehog") and args.hybrid:
         options.update(hybrid=True, window=args.window)
     if args.method == "gqa":
         options["num_key_value_heads"] = args.num_key_value_heads
@@ -82,7 +82,7 @@ def method_options(args) -> dict:
         flag
         for flag, used in (
             ("--feature-dim", args.feature_dim is None or args.method in ("t2r", "hedgehog")),
-            ("--hybrid", not args.hybrid or args.method == "hedgehog"),
+            ("--hybrid", not args.hybrid or args.method in ("t2r", "hedgehog")),
             ("--num-key-value-heads", args.num_key_value_heads is None or args.method == "gqa"),
         )
         if not used

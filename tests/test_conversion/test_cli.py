@@ -77,7 +77,7 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys):
     "extra,message",
     [
         (["--method", "performer"], "valid methods are"),
-        (["--method", "t2r", "--hybrid"], "do not apply to method 't2r'"),
+        (["--method", "mqa", "--hybrid"], "do not apply to method 'mqa'"),
         (["--method", "gqa", "--num-key-value-heads", "3"], "must divide"),
         (["--method", "t2r", "--feature-dim", "0"], "feature_dim"),
     ],

@@ -20,6 +20,7 @@ METHODS = [
     ("t2r", {}),
     ("hedgehog", {}),
     ("hedgehog", {"hybrid": True, "window": 8}),
+    ("t2r", {"hybrid": True, "window": 8}),
     ("linear", {}),
     ("fast", {"order": 1}),
     ("mqa", {}),
@@ -193,16 +194,21 @@ def test_bad_method_and_options():
     with pytest.raises(ValueError) as e:
         convert(model, "performer")
     assert all(m in str(e.value) for m in CONVERSION_METHODS)
-    with pytest.raises(ValueError, match=r"valid options are \['feature_dim'\]"):
+    with pytest.raises(ValueError, match=r"valid options are \['hybrid', 'window', 'feature_dim'\]"):
         convert(model, "t2r", feature_size=32)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        convert(model, "t2r", hybrid=True, window=0)
+    with pytest.raises(ValueError, match="hybrid must be True or False"):
+        convert(model, "t2r", hybrid="yes")
     with pytest.raises(ValueError, match="feature_dim"):
         convert(model, "t2r", feature_dim=0)
     with pytest.raises(ValueError, match="num_key_value_heads"):
         convert(model, "gqa")
     with pytest.raises(ValueError, match="must divide"):
         convert(model, "gqa", num_key_value_heads=3)
-    with pytest.raises(ValueError, match="causal"):
-        convert(tiny_model("bert"), "hedgehog", hybrid=True)
+    for method in ("hedgehog", "t2r"):
+        with pytest.raises(ValueError, match=f"{method} option hybrid=True is for causal models"):
+            convert(tiny_model("bert"), method, hybrid=True)
     with pytest.raises(ValueError, match="already converted"):
         convert(convert(model, "linear"), "t2r")
 

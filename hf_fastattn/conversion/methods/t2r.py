@@ -16,16 +16,19 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ...integration.registry import configure
 from ...ops.feature_maps import T2RFeatureMap
-from ..core import MethodConfig, register_conversion_method
-from ..families import Family, attention_modules, head_counts
+from ..core import register_conversion_method
+from ..families import Family, head_counts
+from .hybrid import HybridOptions, attach_linear_attention
 
 
 @dataclass
-class T2RConfig(MethodConfig):
+class T2RConfig(HybridOptions):
     """Args:
     feature_dim: F, features per head (the paper uses 32 to 64).
+    hybrid: LoLCATs sliding-window hybrid (causal models only): softmax over the last `window` keys, T2R's linear
+        attention beyond them. Not in the T2R paper.
+    window: softmax window in tokens for the hybrid.
     """
 
     feature_dim: int = 64
@@ -33,17 +36,12 @@ class T2RConfig(MethodConfig):
     def validate(self) -> None:
         if not isinstance(self.feature_dim, int) or self.feature_dim < 1:
             raise ValueError(f"t2r option feature_dim must be a positive int, got {self.feature_dim!r}")
+        self.validate_hybrid("t2r")
 
 
 def attach_t2r(model: nn.Module, cfg: T2RConfig, family: Family) -> None:
     h, _, d = head_counts(model.config, family)
-    for module in attention_modules(model, family):
-        ref = next(module.parameters())
-        module.fastattn_feature_map = T2RFeatureMap(h, d, cfg.feature_dim).to(
-            device=ref.device, dtype=ref.dtype
-        )
-    configure(model, feature_map="elu")
-    model.config._attn_implementation = "linear"
+    attach_linear_attention(model, cfg, family, "t2r", lambda: T2RFeatureMap(h, d, cfg.feature_dim))
 
 
 register_conversion_method("t2r", T2RConfig, attach_t2r)
