@@ -43,13 +43,16 @@ def pop_cache(model_kwargs: dict) -> Cache | None:
 class RecurrentStateLayer(LinearAttentionLayer):
     """One decoder layer's recurrent state: `recurrent_states[0]` = S `[B, Hs, F, Dv]`, `[1]` = z `[B, Hs, F]`.
 
-    Hs is the number of K/V heads (query heads for per-head learned maps with grouped K/V). `seen_tokens` counts
-    every token folded in (padding included: it sets the positions of later tokens, not the state).
+    Hs is the number of K/V heads (query heads for per-head learned maps with grouped K/V, and for the sliding-window
+    hybrid). `seen_tokens` counts every token folded in (padding included: it sets the positions of later tokens, not
+    the state). For the sliding-window hybrid ("window" option) the layer also keeps the last `window` keys and values
+    and their padding mask (`window_kv`), which the state does not hold yet.
     """
 
     def __init__(self):
         super().__init__(number_of_states=2)
         self.seen_tokens = 0
+        self.window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         # set by the attention module's pre-hook for the duration of one forward (see patching.py)
         self.armed = False
 
@@ -82,28 +85,54 @@ class RecurrentStateLayer(LinearAttentionLayer):
             self.update_recurrent_state(z, state_idx=1)
         self.has_previous_state[0] = self.has_previous_state[1] = True
 
+    def set_window(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Keep the last keys `[B, Hkv, W', D]`, values and padding mask `[B, W']` (W' <= window) of the hybrid."""
+        if not torch.is_grad_enabled():
+            keys, values = keys.detach(), values.detach()
+        self.window_kv = (keys, values, mask)
+
     def reset(self) -> None:
         super().reset()
         self.recurrent_states = dict.fromkeys(range(self.number_of_states))
         self.is_recurrent_states_initialized = dict.fromkeys(range(self.number_of_states), False)
         self.seen_tokens = 0
+        self.window_kv = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for i in range(self.number_of_states):
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = self.recurrent_states[i].repeat_interleave(repeats, dim=0)
+        if self.window_kv is not None:
+            self.window_kv = tuple(x.repeat_interleave(repeats, dim=0) for x in self.window_kv)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for i in range(self.number_of_states):
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = self.recurrent_states[i][indices, ...]
+        if self.window_kv is not None:
+            self.window_kv = tuple(x[indices, ...] for x in self.window_kv)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.window_kv is not None:
+            self.window_kv = tuple(x.index_select(0, beam_idx.to(x.device)) for x in self.window_kv)
+
+    def offload(self) -> None:
+        super().offload()
+        if self.window_kv is not None:
+            self.window_kv = tuple(x.to("cpu", non_blocking=True) for x in self.window_kv)
+
+    def prefetch(self) -> None:
+        super().prefetch()
+        if self.window_kv is not None and self.device is not None:
+            self.window_kv = tuple(x.to(self.device, non_blocking=True) for x in self.window_kv)
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
     def nbytes(self) -> int:
-        state = self.state
-        return 0 if state is None else sum(x.numel() * x.element_size() for x in state)
+        held = list(self.state or ()) + list(self.window_kv or ())
+        return sum(x.numel() * x.element_size() for x in held)
 
 
 def model_signature(config: PreTrainedConfig) -> dict:
@@ -158,8 +187,8 @@ class RecurrentCache(Cache):
         if not uses_recurrent_state(config):
             text = config.get_text_config(decoder=True)
             raise ValueError(
-                "RecurrentCache serves causal models running hf_fastattn 'linear' or 'fast' attention (without the "
-                f"sliding-window 'window' option); this model runs attn_implementation="
+                "RecurrentCache serves causal models running hf_fastattn 'linear' or 'fast' attention (the "
+                f"sliding-window hybrid included); this model runs attn_implementation="
                 f"{getattr(text, '_attn_implementation', None)!r}: let generate use its default cache (DynamicCache)."
             )
         self.signature = model_signature(config)
@@ -207,6 +236,8 @@ class RecurrentCache(Cache):
                 f"and use the default DynamicCache for other attention implementations (layer {layer_idx})."
             )
         state = layer.state
+        if state is None and layer.window_kv is not None:
+            state = layer.window_kv
         if state is not None and state[0].shape[0] != key_states.shape[0]:
             # checked before counting, so that a refused call leaves the cache as it was
             raise ValueError(

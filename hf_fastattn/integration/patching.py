@@ -9,8 +9,9 @@ on the cache itself. So for a causal "linear" / "fast" model:
 2. `GenerationMixin._prepare_cache_for_generation` is wrapped so that `generate` makes a `RecurrentCache` instead of
    the default `DynamicCache` for such models, and prepares the model with (1). Nothing is needed from the user.
 
-Models whose attention is anything else (sdpa, "sparse", "mqa", the sliding-window hybrid) keep transformers' own
-caches.
+Models whose attention is anything else (sdpa, "sparse", "mqa") keep transformers' own caches. The sliding-window
+hybrid ("linear" with the "window" option) decodes recurrently too: its layers keep the linear state plus the last
+`window` keys and values.
 """
 
 from __future__ import annotations
@@ -28,15 +29,12 @@ _HOOKED = "_fastattn_recurrent_hooks"
 
 
 def uses_recurrent_state(config) -> bool:
-    """Whether a model with `config` decodes with a `RecurrentCache`: causal "linear" / "fast" attention."""
-    from .registry import get_options
-
+    """Whether a model with `config` decodes with a `RecurrentCache`: causal "linear" / "fast" attention, the
+    sliding-window hybrid included."""
     text = config.get_text_config(decoder=True)
     if getattr(text, "_attn_implementation", None) not in RECURRENT_IMPLEMENTATIONS:
         return False
-    if getattr(text, "is_encoder_decoder", False):
-        return False
-    return get_options(text).window is None
+    return not getattr(text, "is_encoder_decoder", False)
 
 
 def _attention_modules(model: nn.Module):

@@ -204,7 +204,7 @@ def linear_attention_forward(module, query, key, value, attention_mask, dropout=
     layer = getattr(module, "fastattn_recurrent_layer", None)
     if layer is not None:
         if options.window is not None:
-            raise ValueError("hf_fastattn: the sliding-window hybrid ('window' option) decodes with a DynamicCache, not a RecurrentCache")
+            return _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, scaling, fmap, options.window)
         return _recurrent_forward(module, layer, query, key, value, attention_mask, "linear", options, fmap)
     if options.window is not None:
         return _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causal, fmap, options.window)
@@ -232,6 +232,62 @@ def _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causa
         window_factor=getattr(module, "fastattn_window_factor", None),
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, scaling, fmap, window):
+    """Decoding the sliding-window hybrid on a `RecurrentCache` layer, which holds the linear state (S, z) of the keys
+    that left the window and the last `window` keys and values themselves. The new tokens attend to those and to each
+    other exactly as in the full forward (`sliding_window_linear_attention` with the state as `initial_state`); then
+    the keys that are now more than `window` tokens back are folded into the state. Memory: the state plus `window`
+    keys and values per layer, whatever the context."""
+    check_supported(module, "linear")
+    if not _is_causal(module, None):
+        raise ValueError("hf_fastattn 'linear' with option window (sliding-window hybrid) is causal only")
+    if query.shape[2] != key.shape[2]:
+        raise ValueError(f"RecurrentCache: {query.shape[2]} queries but {key.shape[2]} new keys in layer {layer}")
+    new_mask = _key_padding(attention_mask, key.shape[2], "linear")
+    if new_mask is None:
+        new_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
+    factor = getattr(module, "fastattn_window_factor", None)
+    # a long prompt goes in pieces: each attends to at most `window` stored keys plus itself, O(n (window + piece))
+    piece = max(window, _HYBRID_PREFILL_PIECE)
+    outs = [
+        _hybrid_step(layer, query[:, :, i : i + piece], key[:, :, i : i + piece], value[:, :, i : i + piece],
+                     new_mask[:, i : i + piece].to(torch.bool), scaling, fmap, window, factor)
+        for i in range(0, key.shape[2], piece)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+_HYBRID_PREFILL_PIECE = 256
+
+
+def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
+    from ..ops.hybrid import fold_window_state, sliding_window_linear_attention
+
+    if layer.window_kv is not None:
+        old_k, old_v, old_mask = layer.window_kv
+        if old_k.shape[0] != key.shape[0] or old_k.shape[1] != key.shape[1]:
+            raise ValueError(
+                f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
+                f"forward has batch {key.shape[0]} and {key.shape[1]}: continue with the same batch size, or start a new cache."
+            )
+        key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
+        mask = torch.cat([old_mask, mask], dim=1)
+    state = layer.state
+    out = sliding_window_linear_attention(
+        query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
+        window_factor=factor, initial_state=state,
+    )
+    leaving = key.shape[2] - window  # keys beyond the window of every later query
+    if leaving > 0:
+        layer.set_state(fold_window_state(
+            key[:, :, :leaving], value[:, :, :leaving], feature_map=fmap, num_heads=query.shape[1],
+            padding_mask=mask[:, :leaving], state=state,
+        ))
+        key, value, mask = key[:, :, leaving:], value[:, :, leaving:], mask[:, leaving:]
+    layer.set_window(key, value, mask)
+    return out
 
 
 def _recurrent_forward(module, layer, query, key, value, attention_mask, implementation, options, fmap,

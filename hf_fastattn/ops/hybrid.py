@@ -7,7 +7,9 @@ For query i (causal), with m_i the largest window score and gamma = sigmoid(wind
     out_i = sum_j w_ij v_j / sum_j w_ij
 
 m_i depends only on query i and its own window, so any chunking (or a decoder holding the last W keys and a
-linear state) computes the same numbers. This form materializes the Nq x N weights (O(N^2) memory): it is meant for
+linear state) computes the same numbers: `initial_state` (S, z) adds the keys folded in before the given ones to
+the linear part, and `fold_window_state` moves keys that left the window into such a state (decoding with
+`hf_fastattn.RecurrentCache`). This form materializes the Nq x N weights (O(N^2) memory): it is meant for
 the short sequences of conversion and uptraining, where LoLCATs trains with the same quadratic form.
 """
 
@@ -32,6 +34,7 @@ def sliding_window_linear_attention(
     window_factor: torch.Tensor | None = None,
     scaling: float | None = None,
     padding_mask: torch.Tensor | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal hybrid attention (see the module docstring); queries are the last Nq of the N key positions.
 
@@ -42,6 +45,8 @@ def sliding_window_linear_attention(
         window_factor: `[H]` logits of gamma (None: gamma = 1/2).
         scaling: softmax scale, default D ** -0.5.
         padding_mask: `[B, N]` bool, True for real tokens.
+        initial_state: (S `[B, H, F, Dv]`, z `[B, H, F]`): keys before the first of `k`, already beyond every
+            query's window, as `fold_window_state` makes it (None: there are none).
 
     Returns:
         `[B, H, Nq, Dv]` in v's dtype.
@@ -76,5 +81,32 @@ def sliding_window_linear_attention(
     )
     gamma = gamma.view(1, h, 1, 1)
     weights = gamma * soft + (1 - gamma) * lin
-    out = (weights @ vf32) / weights.sum(-1, keepdim=True).clamp_min(_EPS)
-    return out.to(v.dtype)
+    num, den = weights @ vf32, weights.sum(-1, keepdim=True)
+    if initial_state is not None:
+        s, z = initial_state
+        phi_q = phi(qf32)
+        num = num + (1 - gamma) * (phi_q @ s.float())
+        den = den + (1 - gamma) * (phi_q @ z.float()[..., None])
+    return (num / den.clamp_min(_EPS)).to(v.dtype)
+
+
+def fold_window_state(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str | nn.Module,
+    num_heads: int,
+    padding_mask: torch.Tensor | None = None,
+    state: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The linear state (S `[B, H, F, Dv]`, z `[B, H, F]`) of `state` plus keys `k` `[B, Hkv, N, D]` and values `v`
+    `[B, Hkv, N, Dv]` that have left every later query's window (padded keys, False in `padding_mask` `[B, N]`, are
+    left out). Kept per query head (`num_heads`), as `sliding_window_linear_attention` computes."""
+    phi = get_feature_map(feature_map)
+    kf = phi(repeat_kv(k.float(), num_heads))
+    if padding_mask is not None:
+        kf = kf * padding_mask[:, None, :, None].to(kf.dtype)
+    s, z = kf.transpose(-1, -2) @ repeat_kv(v.float(), num_heads), kf.sum(2)
+    if state is not None:
+        s, z = state[0] + s, state[1] + z
+    return s, z

@@ -398,3 +398,18 @@ def test_rollback_restores_recurrent_state_and_crops_kv():
     assert not needs_snapshot(llama_cache)
     rollback(llama_cache, 3)
     assert llama_cache.get_seq_length() == 1
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "lookahead"])
+def test_sliding_window_hybrid_recurrent_cache_matches_greedy(mode):
+    """A converted LoLCATs-hybrid model decodes on a RecurrentCache holding a linear state and the last `window`
+    keys/values; Jacobi's rollback (snapshot and restore) keeps both right."""
+    from hf_fastattn import RecurrentCache
+    from hf_fastattn.conversion import convert
+
+    torch.manual_seed(0)
+    model = convert(tiny_llama(), "t2r", feature_dim=16, hybrid=True, window=3)
+    ids, mask = left_padded([[5, 9, 22, 31, 5, 9, 22], [40, 41]])
+    greedy, out = _both(model, ids, mask, max_new_tokens=12, pad_token_id=PAD, mode=mode, block_size=4)
+    assert out.sequences.tolist() == greedy.tolist()
+    assert isinstance(_cache_of(out), RecurrentCache)

@@ -548,14 +548,139 @@ def test_batch_size_mismatch_is_refused(how):
         assert torch.equal(s, s0) and torch.equal(z, z0)
 
 
-def test_sliding_window_hybrid_keeps_dynamic_cache():
-    """The LoLCATs hybrid ("window" option) is not recurrent: generate keeps transformers' DynamicCache."""
-    model = converted("hedgehog", hybrid=True, window=4)
-    ids = torch.tensor(prompts([6]))
-    out = gen(model, ids, max_new_tokens=5)
-    assert type(out.past_key_values) is DynamicCache
-    with pytest.raises(ValueError, match="window|linear.*fast"):
-        hf_fastattn.RecurrentCache(model)
+# the LoLCATs sliding-window hybrid: a linear state plus the last `window` keys and values
+
+HYBRID = {"t2r": dict(feature_dim=16, hybrid=True, window=4), "hedgehog": dict(hybrid=True, window=4)}
+
+
+def hybrid_model(method):
+    model = converted(method, **HYBRID[method])
+    # away from the 1/2 - 1/2 start, so that the softmax window and the linear part weigh differently per head
+    gen_ = torch.Generator().manual_seed(3)
+    for module in model.modules():
+        if getattr(module, "fastattn_window_factor", None) is not None:
+            module.fastattn_window_factor.copy_(torch.randn(module.fastattn_window_factor.shape, generator=gen_))
+    return model
+
+
+def hybrid_nbytes(model, batch, held):
+    """The linear state's bytes (float32) plus `held` stored keys and values (the model's dtype) and their mask."""
+    cfg = model.config
+    kv_heads = cfg.num_key_value_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    window = cfg.num_hidden_layers * batch * (kv_heads * held * 2 * head_dim * 4 + held)
+    return expected_nbytes(model, batch) + window
+
+
+@pytest.mark.parametrize("method", sorted(HYBRID))
+def test_sliding_window_hybrid_decodes_recurrently_in_constant_memory(method):
+    """The hybrid decodes with a RecurrentCache holding the state and the last `window` keys/values: tokens and
+    logits equal use_cache=False (the whole-sequence quadratic form, no state) and transformers' DynamicCache on a
+    left-padded batch, the padded row equals its prompt alone, and the bytes stay the same as the context grows."""
+    model = hybrid_model(method)
+    rows = prompts([9, 5])
+    ids, mask = left_padded(rows)
+    out = gen(model, ids, mask, max_new_tokens=12)
+    cache = out.past_key_values
+    assert type(cache) is hf_fastattn.RecurrentCache
+    plain = gen(model, ids, mask, max_new_tokens=12, use_cache=False)
+    assert out.sequences.tolist() == plain.sequences.tolist()
+    torch.testing.assert_close(step_logits(out), step_logits(plain), atol=1e-4, rtol=1e-4)
+    dynamic = gen(model, ids, mask, max_new_tokens=12, cache=DynamicCache(config=model.config))
+    assert type(dynamic.past_key_values) is DynamicCache
+    assert dynamic.sequences.tolist() == out.sequences.tolist()
+    torch.testing.assert_close(step_logits(out), step_logits(dynamic), atol=1e-4, rtol=1e-4)
+
+    alone = gen(model, torch.tensor(rows[1:]), max_new_tokens=12)
+    pad = ids.shape[1] - len(rows[1])
+    assert out.sequences[1, pad:].tolist() == alone.sequences[0].tolist()
+    torch.testing.assert_close(step_logits(out)[1:], step_logits(alone), atol=1e-4, rtol=1e-4)
+
+    window = HYBRID[method]["window"]
+    assert cache.nbytes() == hybrid_nbytes(model, 2, window)
+    longer = gen(model, ids, mask, max_new_tokens=40)
+    assert longer.past_key_values.nbytes() == cache.nbytes()
+    assert dynamic.past_key_values.get_seq_length() == ids.shape[1] + 11  # the K/V cache, by contrast, grows
+
+
+def test_sliding_window_hybrid_prefill_in_pieces_equals_token_by_token(monkeypatch):
+    """A long prompt goes through the hybrid cache in pieces (16 here); fed at once, in pieces, or one token at a time,
+    the logits and the stored state agree, and equal the full forward without a cache."""
+    model = hybrid_model("t2r")
+    monkeypatch.setattr(registry, "_HYBRID_PREFILL_PIECE", 16)
+    rows = prompts([70, 51])
+    ids, mask = left_padded(rows)
+    pos = positions(mask)
+    whole = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    pieces = hf_fastattn.RecurrentCache(model)
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=pieces).logits
+    torch.testing.assert_close(logits[mask.bool()], whole[mask.bool()], atol=1e-4, rtol=1e-4)
+    stepped = hf_fastattn.RecurrentCache(model)
+    for t in range(ids.shape[1]):
+        last = model(
+            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=stepped
+        ).logits
+    torch.testing.assert_close(logits[:, -1:], last, atol=1e-4, rtol=1e-4)
+    for a, b in zip(pieces.layers, stepped.layers):
+        torch.testing.assert_close(a.state[0], b.state[0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(a.state[1], b.state[1], atol=1e-4, rtol=1e-4)
+        for x, y in zip(a.window_kv, b.window_kv):  # keys, values (projections of other shapes: rounding) and mask
+            torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-5)
+        assert a.window_kv[0].shape[2] == HYBRID["t2r"]["window"]
+
+
+def test_sliding_window_hybrid_beam_search_equals_no_cache():
+    model = hybrid_model("hedgehog")
+    ids, mask = left_padded(prompts([6, 4]))
+    kwargs = dict(do_sample=False, num_beams=3, max_new_tokens=8, return_dict_in_generate=True, output_scores=True)
+    ours = model.generate(ids, attention_mask=mask, **kwargs)
+    assert isinstance(ours.past_key_values, hf_fastattn.RecurrentCache)
+    plain = model.generate(ids, attention_mask=mask, use_cache=False, **kwargs)
+    assert ours.sequences.tolist() == plain.sequences.tolist()
+    torch.testing.assert_close(ours.sequences_scores, plain.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_sliding_window_hybrid_state_against_a_written_out_reference():
+    """The op on its own: a window of keys after a folded state = the weights of the module docstring summed in a
+    loop over every key (state: keys beyond the window, linear weights only)."""
+    from hf_fastattn.ops.feature_maps import T2RFeatureMap
+    from hf_fastattn.ops.hybrid import fold_window_state, sliding_window_linear_attention
+
+    torch.manual_seed(0)
+    b, h, hkv, d, w, n_old, n_new = 2, 4, 2, 8, 3, 7, 5
+    phi = T2RFeatureMap(h, d, 12)
+    q = torch.randn(b, h, n_new, d)
+    k, v = torch.randn(b, hkv, n_old + n_new, d), torch.randn(b, hkv, n_old + n_new, d)
+    keep = torch.ones(b, n_old + n_new, dtype=torch.bool)
+    keep[1, :3] = False  # left padding of row 1
+    factor = torch.randn(h)
+    # what a cache holds after n_old tokens: the first n_old - w folded, the last w kept
+    state = fold_window_state(k[:, :, : n_old - w], v[:, :, : n_old - w], feature_map=phi, num_heads=h,
+                              padding_mask=keep[:, : n_old - w])
+    got = sliding_window_linear_attention(
+        q, k[:, :, n_old - w :], v[:, :, n_old - w :], feature_map=phi, window=w, window_factor=factor,
+        padding_mask=keep[:, n_old - w :], initial_state=state,
+    )
+    kr, vr = k.repeat_interleave(h // hkv, 1), v.repeat_interleave(h // hkv, 1)
+    fq, fk = phi(q), phi(kr)
+    gamma = torch.sigmoid(factor)
+    expected = torch.zeros(b, h, n_new, d)
+    for bi in range(b):
+        for hi in range(h):
+            for qi in range(n_new):
+                i = n_old + qi
+                soft = [j for j in range(i + 1) if i - j < w and keep[bi, j]]
+                scores = {j: float(q[bi, hi, qi] @ kr[bi, hi, j]) / d**0.5 for j in soft}
+                m = max(scores.values())
+                num, den = torch.zeros(d), 0.0
+                for j in range(i + 1):
+                    if not keep[bi, j]:
+                        continue
+                    wij = gamma[hi] * torch.exp(torch.tensor(scores[j] - m)) if j in scores else (
+                        (1 - gamma[hi]) * (fq[bi, hi, qi] @ fk[bi, hi, j]))
+                    num, den = num + wij * vr[bi, hi, j], den + wij
+                expected[bi, hi, qi] = num / den
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
