@@ -24,7 +24,7 @@ def test_bench_decode_quick(tmp_path, capsys):
     data = json.loads((tmp_path / "quick_decode.json").read_text())
     results = data["results"]
     contexts = ["64", "256"]
-    assert set(results) == {"sdpa", "sdpa-static", "linear", "fast"}
+    assert set(results) == {"sdpa", "sdpa-static", "linear", "fast", "hybrid"}
     for impl in results:
         assert set(results[impl]) == set(contexts)
         for n in contexts:
@@ -32,7 +32,7 @@ def test_bench_decode_quick(tmp_path, capsys):
             assert r["ms"] > 0 and len(r["step_ms"]) == data["args"]["steps"]
 
     # constant recurrent state, growing K/V cache: exactly layers * 2 (K, V) * heads * N * head_dim fp32 values
-    for impl in ("linear", "fast"):
+    for impl in ("linear", "fast", "hybrid"):  # hybrid: the state and the last 64 keys/values (a full window)
         sizes = [results[impl][n]["cache_bytes"] for n in contexts]
         assert sizes[0] == sizes[1] > 0
     shape = data["model"]
@@ -42,5 +42,9 @@ def test_bench_decode_quick(tmp_path, capsys):
     # fast's 256-token context reuses the 64-token prefill's state (the --fast-prefill-limit path), linear is real
     assert results["fast"]["256"]["real_prefill_tokens"] == 64
     assert results["linear"]["256"]["real_prefill_tokens"] == 256
+    assert results["hybrid"]["256"]["real_prefill_tokens"] == 256
+    # hybrid holds linear's state plus 64 keys and values per layer (fp32) and their mask (bool)
+    window = shape["layers"] * (2 * shape["hidden"] * 64 * 4 + 64)
+    assert results["hybrid"]["64"]["cache_bytes"] == results["linear"]["64"]["cache_bytes"] + window
     targets = {t["target"].split(":")[0] for t in data["targets"]}
     assert {"linear latency flat", "linear cache bytes constant in context"} <= targets

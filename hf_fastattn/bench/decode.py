@@ -3,7 +3,7 @@
     hf-fastattn bench decode [--contexts 1024 4096 16384 32768] [--steps 20] [--threads 1] [--out DIR] [--quick]
 
 A Llama-shaped model (8 layers, hidden 512, 8 heads of 64, intermediate 1376, vocab 32000, random weights, fp32)
-with "linear" and "fast" (order 2) attention decoding on a `RecurrentCache`, against "sdpa" decoding on
+with "linear", "fast" (order 2) and the sliding-window "hybrid" attention decoding on a `RecurrentCache`, against "sdpa" decoding on
 transformers' `DynamicCache`, all in one run with the same weights. For each context N, each implementation is
 brought to a cache holding N tokens (all caches are kept), then single-token forwards
 `model(token, cache=..., position_ids=[[N]])` are timed (no_grad, use_cache=True): `--warmup` untimed and
@@ -23,7 +23,10 @@ same N-token cache:
   `--fast-prefill-limit L` only L tokens are prefilled for real; longer contexts keep the state of that prefix and
   the layers' token counts are set to N, so positions (RoPE) and masks are those of context N (a one-token
   recurrent step costs the same whatever the state's values and count). --quick does this beyond 64 tokens.
-- linear, fast: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
+- hybrid: "linear" with the LoLCATs sliding window (`window=64`: softmax over the last 64 tokens, elu+1 linear
+  attention beyond), as hedgehog / t2r conversions with `hybrid=True` run; its RecurrentCache holds the linear state
+  plus the last 64 keys and values. Prefilled for real like linear.
+- linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
 
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
 multi-threaded kernels stall on descheduled threads.
@@ -48,9 +51,10 @@ import torch
 from ..integration.cache import RecurrentCache, cache_argument
 from .utils import cache_nbytes, format_table, machine_line, torch_threads
 
-IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast")
+IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast", "hybrid")
 KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
-RECURRENT = ("linear", "fast")
+RECURRENT = ("linear", "fast", "hybrid")
+HYBRID_WINDOW = 64  # "hybrid": "linear" with the LoLCATs sliding window (softmax over the last 64 tokens)
 # issue 3's targets
 FLAT_RATIO = 1.2  # linear latency at the longest context / at the shortest
 MIN_SPEEDUP = 10.0  # linear vs sdpa at the longest context
@@ -60,8 +64,16 @@ QUICK_SHAPE = dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=256)
 
 
 def build_model(implementation: str, shape: dict, max_positions: int):
-    """A randomly initialized Llama with `implementation` attention; the same weights for every implementation."""
+    """A randomly initialized Llama with `implementation` attention ("hybrid": "linear" with the sliding-window
+    option); the same weights for every implementation."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    if implementation == "hybrid":
+        from ..integration.registry import configure
+
+        model = build_model("linear", shape, max_positions)
+        configure(model, window=HYBRID_WINDOW)
+        return model
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -157,7 +169,7 @@ def plot(results: dict, contexts: list[int], path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    styles = {"sdpa": "-o", "sdpa-static": "--s", "linear": "-^", "fast": "-D"}
+    styles = {"sdpa": "-o", "sdpa-static": "--s", "linear": "-^", "fast": "-D", "hybrid": "-v"}
     for impl in results:
         style = styles.get(impl, "-x")
         ms = [results[impl][n]["ms"] for n in contexts]
@@ -327,8 +339,12 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         "- sdpa-static: a StaticCache of N + 1 slots filled the same way, cropped back after each step (no copy; the "
         "mask covers the N + 1 slots).",
     ]
-    if "linear" in results:
-        notes.append(f"- linear: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
+    for impl in ("linear", "hybrid"):
+        if impl in results:
+            notes.append(f"- {impl}: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
+    if "hybrid" in results:
+        notes.append(f"- hybrid: linear with the sliding-window option (window {HYBRID_WINDOW}); its cache holds the "
+                     "state and the last window keys and values.")
     if "fast" in results:
         fast_real = {n: results["fast"][n]["real_prefill_tokens"] for n in contexts}
         if all(fast_real[n] == n for n in contexts):
@@ -339,7 +355,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 "is kept and the token count set to N (positions and masks of context N; a recurrent step costs the "
                 "same whatever the state holds)."
             )
-    notes.append("- linear, fast: each timed step runs on a deep copy of the N-token RecurrentCache (made untimed).")
+    notes.append("- linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache (made untimed).")
     elapsed = time.perf_counter() - started
     command = "hf-fastattn bench decode " + " ".join(argv or [])
     report = "\n".join(

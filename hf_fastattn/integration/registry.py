@@ -279,8 +279,8 @@ def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
         query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
         window_factor=factor, initial_state=state,
     )
-    leaving = key.shape[2] - window  # keys beyond the window of every later query
-    if leaving > 0:
+    leaving = max(0, key.shape[2] - window)  # keys beyond the window of every later query
+    if leaving > 0 or state is None:  # (a zero state at first: the bytes held stop growing once the window is full)
         layer.set_state(fold_window_state(
             key[:, :, :leaving], value[:, :, :leaving], feature_map=fmap, num_heads=query.shape[1],
             padding_mask=mask[:, :leaving], state=state,
