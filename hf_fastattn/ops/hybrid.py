@@ -72,19 +72,23 @@ def sliding_window_linear_attention(
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     # masked before exp: a score outside the window may exceed the window's max by enough to overflow (inf * 0)
     soft = torch.exp((scores - m).masked_fill(~in_window, float("-inf")))
-    phi = get_feature_map(feature_map)
-    lin = (phi(qf32) @ phi(kf32).transpose(-1, -2)) * beyond
     gamma = (
         torch.full((h,), 0.5, device=q.device)
         if window_factor is None
         else torch.sigmoid(window_factor.float())
     )
     gamma = gamma.view(1, h, 1, 1)
-    weights = gamma * soft + (1 - gamma) * lin
+    weights = gamma * soft
     num, den = weights @ vf32, weights.sum(-1, keepdim=True)
+    phi = get_feature_map(feature_map)
+    phi_q = phi(qf32)
+    beyond_keys = max(0, n - window)  # keys beyond the last query's window (earlier queries: a prefix of them)
+    if beyond_keys:
+        lin = (phi_q @ phi(kf32[:, :, :beyond_keys]).transpose(-1, -2)) * beyond[..., :beyond_keys]
+        lin = (1 - gamma) * lin
+        num, den = num + lin @ vf32[:, :, :beyond_keys], den + lin.sum(-1, keepdim=True)
     if initial_state is not None:
         s, z = initial_state
-        phi_q = phi(qf32)
         num = num + (1 - gamma) * (phi_q @ s.float())
         den = den + (1 - gamma) * (phi_q @ z.float()[..., None])
     return (num / den.clamp_min(_EPS)).to(v.dtype)

@@ -35,14 +35,15 @@ def train_file(tmp_path, text):
     return path
 
 
-def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys):
+@pytest.mark.parametrize("method", ["hedgehog", "t2r"])
+def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
     before = _hashes(src)
     out = tmp_path / "out"
     argv = [
         "convert",
         str(src),
         "--method",
-        "hedgehog",
+        method,
         "--hybrid",
         "--window",
         "16",
@@ -63,12 +64,13 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys):
     ]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    assert "validation perplexity before" in printed and "after conversion (hedgehog)" in printed
+    assert "validation perplexity before" in printed and f"after conversion ({method})" in printed
     assert _hashes(src) == before
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "HfFastattnLlamaForCausalLM"
     assert model.config.fastattn == {"feature_map": "elu", "window": 16}
+    assert model.config.fastattn_conversion["method"] == method and model.config.fastattn_conversion["hybrid"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
 

@@ -71,11 +71,11 @@ def make(case: str, **overrides):
     return model
 
 
-def converted(method: str, **options):
+def converted(method: str, family: str = "llama", **options):
     from hf_fastattn.conversion import convert
 
     torch.manual_seed(0)
-    model = convert(tiny_model("llama", initializer_range=0.2), method, **options)
+    model = convert(tiny_model(family, initializer_range=0.2), method, **options)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = PAD
     return model.eval()
@@ -169,6 +169,16 @@ def assert_steps_match_reference(model, out, prompt_len, mask=None):
         full_mask = torch.cat([mask, torch.ones(seq.shape[0], seq.shape[1] - mask.shape[1], dtype=mask.dtype)], 1)
     expected = reference_logits(model, seq, full_mask)[:, prompt_len - 1 : -1]
     torch.testing.assert_close(step_logits(out), expected, atol=2e-4, rtol=1e-4)
+
+
+def feed_token_by_token(model, ids, mask, cache):
+    """Run the left-padded batch through `cache` one token per forward; returns the last token's logits."""
+    pos = positions(mask)
+    for t in range(ids.shape[1]):
+        last = model(
+            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=cache
+        ).logits
+    return last
 
 
 def gen(model, ids, mask=None, **kwargs):
@@ -403,10 +413,7 @@ def test_chunked_prefill_equals_token_by_token(case, length):
     chunked = hf_fastattn.RecurrentCache(model)
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=chunked).logits
     stepped = hf_fastattn.RecurrentCache(model)
-    for t in range(ids.shape[1]):
-        last = model(
-            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=stepped
-        ).logits
+    last = feed_token_by_token(model, ids, mask, stepped)
     torch.testing.assert_close(logits[:, -1:], last, atol=1e-4, rtol=1e-4)
     assert chunked.get_seq_length() == stepped.get_seq_length() == length
     for (s, z), (s1, z1) in zip(states(chunked), states(stepped)):
@@ -553,8 +560,8 @@ def test_batch_size_mismatch_is_refused(how):
 HYBRID = {"t2r": dict(feature_dim=16, hybrid=True, window=4), "hedgehog": dict(hybrid=True, window=4)}
 
 
-def hybrid_model(method):
-    model = converted(method, **HYBRID[method])
+def hybrid_model(method, family="llama"):
+    model = converted(method, family, **HYBRID[method])
     # away from the 1/2 - 1/2 start, so that the softmax window and the linear part weigh differently per head
     gen_ = torch.Generator().manual_seed(3)
     for module in model.modules():
@@ -566,18 +573,20 @@ def hybrid_model(method):
 def hybrid_nbytes(model, batch, held):
     """The linear state's bytes (float32) plus `held` stored keys and values (the model's dtype) and their mask."""
     cfg = model.config
-    kv_heads = cfg.num_key_value_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     window = cfg.num_hidden_layers * batch * (kv_heads * held * 2 * head_dim * 4 + held)
     return expected_nbytes(model, batch) + window
 
 
-@pytest.mark.parametrize("method", sorted(HYBRID))
-def test_sliding_window_hybrid_decodes_recurrently_in_constant_memory(method):
+@pytest.mark.parametrize(
+    "method,family", [("t2r", "llama"), ("hedgehog", "llama"), ("t2r", "gpt2"), ("hedgehog", "qwen3")]
+)
+def test_sliding_window_hybrid_decodes_recurrently_in_constant_memory(method, family):
     """The hybrid decodes with a RecurrentCache holding the state and the last `window` keys/values: tokens and
     logits equal use_cache=False (the whole-sequence quadratic form, no state) and transformers' DynamicCache on a
     left-padded batch, the padded row equals its prompt alone, and the bytes stay the same as the context grows."""
-    model = hybrid_model(method)
+    model = hybrid_model(method, family)
     rows = prompts([9, 5])
     ids, mask = left_padded(rows)
     out = gen(model, ids, mask, max_new_tokens=12)
@@ -616,10 +625,7 @@ def test_sliding_window_hybrid_prefill_in_pieces_equals_token_by_token(monkeypat
     logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=pieces).logits
     torch.testing.assert_close(logits[mask.bool()], whole[mask.bool()], atol=1e-4, rtol=1e-4)
     stepped = hf_fastattn.RecurrentCache(model)
-    for t in range(ids.shape[1]):
-        last = model(
-            input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1], cache=stepped
-        ).logits
+    last = feed_token_by_token(model, ids, mask, stepped)
     torch.testing.assert_close(logits[:, -1:], last, atol=1e-4, rtol=1e-4)
     for a, b in zip(pieces.layers, stepped.layers):
         torch.testing.assert_close(a.state[0], b.state[0], atol=1e-4, rtol=1e-4)
