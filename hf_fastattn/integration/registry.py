@@ -265,27 +265,30 @@ _HYBRID_PREFILL_PIECE = 256
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
     from ..ops.hybrid import fold_window_state, sliding_window_linear_attention
 
-    if layer.window_kv is not None:
-        old_k, old_v, old_mask = layer.window_kv
-        if old_k.shape[0] != key.shape[0] or old_k.shape[1] != key.shape[1]:
-            raise ValueError(
-                f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
-                f"forward has batch {key.shape[0]} and {key.shape[1]}: continue with the same batch size, or start a new cache."
-            )
-        key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
-        mask = torch.cat([old_mask, mask], dim=1)
+    if layer.window_kv is None:
+        # `window` empty slots (masked out) to start with: the bytes held never change
+        b, hkv = key.shape[:2]
+        layer.set_window(key.new_zeros(b, hkv, window, key.shape[-1]), value.new_zeros(b, hkv, window, value.shape[-1]),
+                         torch.zeros(b, window, dtype=torch.bool, device=key.device))
+    old_k, old_v, old_mask = layer.window_kv
+    if old_k.shape[0] != key.shape[0] or old_k.shape[1] != key.shape[1]:
+        raise ValueError(
+            f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
+            f"forward has batch {key.shape[0]} and {key.shape[1]}: continue with the same batch size, or start a new cache."
+        )
+    key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
+    mask = torch.cat([old_mask, mask], dim=1)
     state = layer.state
     out = sliding_window_linear_attention(
         query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
         window_factor=factor, initial_state=state,
     )
-    leaving = max(0, key.shape[2] - window)  # keys beyond the window of every later query
-    if leaving > 0 or state is None:  # (a zero state at first: the bytes held stop growing once the window is full)
-        layer.set_state(fold_window_state(
-            key[:, :, :leaving], value[:, :, :leaving], feature_map=fmap, num_heads=query.shape[1],
-            padding_mask=mask[:, :leaving], state=state,
-        ))
-        key, value, mask = key[:, :, leaving:], value[:, :, leaving:], mask[:, leaving:]
+    leaving = key.shape[2] - window  # the oldest keys: beyond the window of every later query
+    layer.set_state(fold_window_state(
+        key[:, :, :leaving], value[:, :, :leaving], feature_map=fmap, num_heads=query.shape[1],
+        padding_mask=mask[:, :leaving], state=state,
+    ))
+    key, value, mask = key[:, :, leaving:], value[:, :, leaving:], mask[:, leaving:]
     layer.set_window(key, value, mask)
     return out
 
