@@ -263,7 +263,7 @@ _HYBRID_PREFILL_PIECE = 256
 
 
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
-    from ..ops.hybrid import fold_window_state, sliding_window_linear_attention
+    from ..ops.hybrid import fold_window_state, hybrid_decode_step, sliding_window_linear_attention
 
     if layer.window_kv is None:
         # `window` empty slots (masked out) to start with: the bytes held never change
@@ -276,6 +276,12 @@ def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
             f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
             f"forward has batch {key.shape[0]} and {key.shape[1]}: continue with the same batch size, or start a new cache."
         )
+    if key.shape[2] == 1 and layer.state is not None:  # one decoding step
+        out, kept, state = hybrid_decode_step(query, key, value, mask, layer.window_kv, layer.state, feature_map=fmap,
+                                              window_factor=factor, scaling=scaling)
+        layer.set_state(state)
+        layer.set_window(*kept)
+        return out
     key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
     mask = torch.cat([old_mask, mask], dim=1)
     state = layer.state

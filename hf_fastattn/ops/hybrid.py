@@ -114,3 +114,52 @@ def fold_window_state(
     if state is not None:
         s, z = state[0] + s, state[1] + z
     return s, z
+
+
+def hybrid_decode_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    state: tuple[torch.Tensor, torch.Tensor],
+    *,
+    feature_map: str | nn.Module,
+    window_factor: torch.Tensor | None = None,
+    scaling: float | None = None,
+):
+    """One decoding step of the hybrid for a single new token, the same numbers as `sliding_window_linear_attention`
+    with fewer operations: the oldest of the `window` stored keys leaves the window and is folded into the state, the
+    new token's key joins the window, and the new query attends to both.
+
+    Args:
+        q: `[B, H, 1, D]`. k, v: `[B, Hkv, 1, D]` / `[B, Hkv, 1, Dv]`, the new token's. mask: `[B, 1]` bool.
+        window_kv: the last `window` keys `[B, Hkv, W, D]`, values and padding mask `[B, W]` (empty slots False).
+        state: (S `[B, H, F, Dv]`, z `[B, H, F]`) of the keys before them.
+
+    Returns:
+        (output `[B, H, 1, Dv]` in v's dtype, the new window (keys, values, mask), the new state).
+    """
+    wk, wv, wmask = window_kv
+    h, d = q.shape[1], q.shape[-1]
+    scaling = d**-0.5 if scaling is None else scaling
+    state = fold_window_state(
+        wk[:, :, :1], wv[:, :, :1], feature_map=feature_map, num_heads=h, padding_mask=wmask[:, :1], state=state
+    )
+    wk, wv = torch.cat([wk[:, :, 1:], k], dim=2), torch.cat([wv[:, :, 1:], v], dim=2)
+    wmask = torch.cat([wmask[:, 1:], mask.to(torch.bool)], dim=1)
+    qf32 = q.float()
+    keep = wmask[:, None, None, :]
+    scores = (qf32 @ repeat_kv(wk.float(), h).transpose(-1, -2)) * scaling  # [B, H, 1, W]
+    scores = scores.masked_fill(~keep, float("-inf"))
+    m = scores.amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    soft = torch.exp(scores - m)
+    gamma = torch.full((h,), 0.5, device=q.device) if window_factor is None else torch.sigmoid(window_factor.float())
+    gamma = gamma.view(1, h, 1, 1)
+    phi_q = get_feature_map(feature_map)(qf32)
+    s, z = state
+    num = gamma * (soft @ repeat_kv(wv.float(), h)) + (1 - gamma) * (phi_q @ s)
+    den = gamma * soft.sum(-1, keepdim=True) + (1 - gamma) * (phi_q @ z[..., None])
+    return (num / den.clamp_min(_EPS)).to(v.dtype), (wk, wv, wmask), state
+

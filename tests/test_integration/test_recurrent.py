@@ -689,6 +689,38 @@ def test_sliding_window_hybrid_state_against_a_written_out_reference():
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_hybrid_decode_step_equals_the_general_form():
+    """The one-token fast path (`hybrid_decode_step`) = `sliding_window_linear_attention` on the stored window plus the
+    new key with the stored state, empty (masked) window slots included; its new window and state are the old ones
+    moved on by one token."""
+    from hf_fastattn.ops.feature_maps import HedgehogFeatureMap
+    from hf_fastattn.ops.hybrid import fold_window_state, hybrid_decode_step, sliding_window_linear_attention
+
+    torch.manual_seed(1)
+    b, h, hkv, d, w = 2, 4, 2, 8, 5
+    phi = HedgehogFeatureMap(h, d)
+    wk, wv = torch.randn(b, hkv, w, d), torch.randn(b, hkv, w, d)
+    wmask = torch.ones(b, w, dtype=torch.bool)
+    wmask[1, :3] = False  # row 1: three empty slots (a short context, or padding)
+    state = fold_window_state(torch.randn(b, hkv, 3, d), torch.randn(b, hkv, 3, d), feature_map=phi, num_heads=h)
+    q, k, v = torch.randn(b, h, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, d)
+    mask, factor = torch.ones(b, 1, dtype=torch.bool), torch.randn(h)
+    out, (k2, v2, m2), (s2, z2) = hybrid_decode_step(
+        q, k, v, mask, (wk, wv, wmask), state, feature_map=phi, window_factor=factor
+    )
+    expected = sliding_window_linear_attention(
+        q, torch.cat([wk, k], 2), torch.cat([wv, v], 2), feature_map=phi, window=w, window_factor=factor,
+        padding_mask=torch.cat([wmask, mask], 1), initial_state=state,
+    )
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(k2, torch.cat([wk[:, :, 1:], k], 2)) and torch.equal(m2, torch.cat([wmask[:, 1:], mask], 1))
+    s_ref, z_ref = fold_window_state(wk[:, :, :1], wv[:, :, :1], feature_map=phi, num_heads=h,
+                                     padding_mask=wmask[:, :1], state=state)
+    torch.testing.assert_close(s2, s_ref)
+    torch.testing.assert_close(z2, z_ref)
+    assert torch.equal(s2[1], state[0][1])  # row 1's leaving slot was empty: its state did not change
+
+
 # --------------------------------------------------------------------------------------------------------------
 # 5. torch.compile of the decode step
 
