@@ -1,15 +1,17 @@
 """T2R (Kasai et al. 2021, "Finetuning Pretrained Transformers into RNNs"): phi(x) = relu(W x + b), learned.
 
 One map per layer, shared by queries and keys, with per-head weights, randomly initialized; then fine-tune (all
-weights or attention only, see `hf_fastattn.conversion.distill`).
+weights or attention only, see `hf_fastattn.conversion.distill`). With `hybrid=True` (not in the paper) the map's
+linear attention serves the keys beyond a softmax window over the last `window` tokens (LoLCATs' hybrid, see
+`methods/hybrid.py`).
 
-The paper fine-tunes the whole model from the start. `hf-fastattn bench conversion` (`RECIPES["t2r"]`) departs from
-it where that measured better on a small token budget: a warm-up of the maps before fine-tuning (an attention
-transfer in the Hedgehog / LoLCATs manner, here `UptrainConfig(transfer_mode="layer")`: the attention modules,
-maps at a higher learning rate, regressed onto the original's outputs), more features than the paper's 32-64
-(256 for a 32-dim head) and distillation of the original's logits during fine-tuning.
+The paper fine-tunes the whole model from the start. `hf-fastattn bench conversion` (`RECIPES["t2r"]` and
+`RECIPES["t2r-linear"]`) departs from it where that measured better on a small token budget: a warm-up of the maps
+before fine-tuning (an attention transfer in the Hedgehog / LoLCATs manner, here
+`UptrainConfig(transfer_mode="layer")`: the attention modules, maps at a higher learning rate, regressed onto the
+original's outputs), distillation of the original's logits during fine-tuning, and for the pure form more features
+than the paper's 32-64 (512 for a 32-dim head).
 """
-
 from __future__ import annotations
 
 from dataclasses import dataclass
