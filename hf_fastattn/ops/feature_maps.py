@@ -66,8 +66,12 @@ def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
     out[..., 0] = 1
     out[..., 1 : d + 1] = x
     offset = d + 1
+    compiling = torch.compiler.is_compiling()  # dynamo does not trace `out=` into a non-contiguous slice
     for a in range(d):
-        torch.mul(x[..., a : a + 1], x[..., a:], out=out[..., offset : offset + d - a])
+        if compiling:
+            out[..., offset : offset + d - a] = x[..., a : a + 1] * x[..., a:]
+        else:
+            torch.mul(x[..., a : a + 1], x[..., a:], out=out[..., offset : offset + d - a])
         out[..., offset] *= 1 / math.sqrt(2)
         offset += d - a
     return out
