@@ -92,6 +92,17 @@ _LAYER_TRANSFER_THEN_FULL = dict(
     batch=1,
     lr=1e-4,
 )
+# mqa / gqa: the pooled K/V projections (and the rest of each attention module) regressed onto the original's module
+# outputs on a quarter of the tokens, then full fine-tuning
+_POOL_THEN_FULL = dict(
+    transfer=0.25,
+    transfer_mode="layer",
+    transfer_batch=2,
+    transfer_proj_lr=3e-3,
+    finetune="full",
+    batch=2,
+    lr=3e-4,
+)
 RECIPES = {
     "hedgehog": Recipe(
         "hedgehog",
@@ -109,28 +120,8 @@ RECIPES = {
     "t2r": Recipe("t2r", {"feature_dim": 64, "hybrid": True, "window": 64}, **_LAYER_TRANSFER_THEN_FULL),
     # pure T2R (linear attention only, as the paper), for comparison
     "t2r-linear": Recipe("t2r", {"feature_dim": 512}, **_LAYER_TRANSFER_THEN_FULL),
-    "mqa": Recipe(
-        "mqa",
-        {"init": "svd"},
-        transfer=0.25,
-        transfer_mode="layer",
-        transfer_batch=2,
-        transfer_proj_lr=3e-3,
-        finetune="full",
-        batch=2,
-        lr=3e-4,
-    ),
-    "gqa": Recipe(
-        "gqa",
-        {"num_key_value_heads": 2, "init": "svd"},
-        transfer=0.25,
-        transfer_mode="layer",
-        transfer_batch=2,
-        transfer_proj_lr=3e-3,
-        finetune="full",
-        batch=2,
-        lr=3e-4,
-    ),
+    "mqa": Recipe("mqa", {"init": "svd"}, **_POOL_THEN_FULL),
+    "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "svd"}, **_POOL_THEN_FULL),
     "linear": Recipe("linear", finetune="none", distill=0.0),
 }
 TARGETS = {"hedgehog": 1.05, "t2r": 1.05, "mqa": 1.03}

@@ -15,9 +15,9 @@ from gen_helpers import (
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from stream_recorder import StreamRecorder
 from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
-from transformers.generation.streamers import BaseStreamer
 
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
 from hf_fastattn.generation.jacobi import AdaptiveWindow, build_draft
@@ -296,22 +296,11 @@ def test_custom_stopping_criteria(mode):
     assert out.sequences.shape[1] < ids.shape[1] + 20  # the criterion did stop generation early
 
 
-class _Recorder(BaseStreamer):
-    def __init__(self):
-        self.chunks, self.ended = [], False
-
-    def put(self, value):
-        self.chunks.append(value.tolist())
-
-    def end(self):
-        self.ended = True
-
-
 @pytest.mark.parametrize("how", ["generate", "jacobi_generate"])
 def test_streamer_receives_tokens_in_order(how):
     model = tiny_llama()
     ids = torch.tensor([[5, 17, 33, 8, 61, 12, 5, 17, 33]])
-    reference, ours = _Recorder(), _Recorder()
+    reference, ours = StreamRecorder(), StreamRecorder()
     model.generate(ids, do_sample=False, max_new_tokens=15, streamer=reference)
     if how == "generate":
         model.generate(

@@ -16,10 +16,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from stream_recorder import StreamRecorder
 from tiny_models import tiny_model
 from transformers import AttentionInterface, StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
-from transformers.generation.streamers import BaseStreamer
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_fastattn
@@ -324,21 +324,10 @@ def test_beam_search_reorders_the_state(case, monkeypatch):
     torch.testing.assert_close(ours.sequences_scores, plain.sequences_scores, atol=1e-4, rtol=1e-4)
 
 
-class _Recorder(BaseStreamer):
-    def __init__(self):
-        self.chunks, self.ended = [], False
-
-    def put(self, value):
-        self.chunks.append(value.tolist())
-
-    def end(self):
-        self.ended = True
-
-
 def test_streamer_receives_prompt_then_tokens_in_order():
     model = make("llama-fast2")
     ids = torch.tensor(prompts([6]))
-    ours, plain = _Recorder(), _Recorder()
+    ours, plain = StreamRecorder(), StreamRecorder()
     out = model.generate(ids, do_sample=False, max_new_tokens=9, streamer=ours)
     model.generate(ids, do_sample=False, max_new_tokens=9, streamer=plain, use_cache=False)
     assert ours.ended and ours.chunks == plain.chunks
