@@ -5,7 +5,9 @@ Causal linear attention is an RNN (Katharopoulos et al. 2020): per K/V head it o
     S = sum_j phi(k_j) v_j^T   [F, Dv]        z = sum_j phi(k_j)   [F]
 
 so a `RecurrentCache` holds one `RecurrentStateLayer` per decoder layer, each a transformers
-`LinearAttentionLayer` with two recurrent states (S and z), and its bytes do not grow with the context.
+`LinearAttentionLayer` with two recurrent states (S and z), and its bytes do not grow with the context. For the
+LoLCATs sliding-window hybrid ("window" option) each layer also holds `window` slots of keys and values (the
+softmax part), still a fixed size.
 
 How the pieces meet (see `patching.py`): the model's attention module still calls `cache.update(key, value,
 layer_idx)`; a `RecurrentCache` returns the new tokens' keys and values unchanged instead of a growing K/V cache,
@@ -168,7 +170,8 @@ def model_signature(config: PreTrainedConfig) -> dict:
 
 
 class RecurrentCache(Cache):
-    """A cache of fixed-size recurrent states for causal "linear" / "fast" models (T2R and Hedgehog included).
+    """A cache of fixed-size recurrent states for causal "linear" / "fast" models (T2R and Hedgehog included, and
+    their sliding-window hybrids, whose layers also keep the last `window` keys and values).
 
     `generate` makes one by itself for such models; make one up front to pass it in or to continue a generation:
 
