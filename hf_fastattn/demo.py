@@ -248,7 +248,7 @@ def results_tables(results: dict) -> dict[str, tuple[list, list]]:
     """{title: (header, rows)} for the three tables."""
     teacher_ppl = results["models"]["teacher"]["val_ppl"]
     quality = [
-        [name, r["val_ppl"], r["val_ppl"] / teacher_ppl, r["train_tokens"], r["seconds"], r["attention"]]
+        [name, f"{r['val_ppl']:.2f}", f"{r['val_ppl'] / teacher_ppl:.4f}", r["train_tokens"], r["seconds"], r["attention"]]
         for name, r in results["models"].items()
     ]
     decode = [
