@@ -15,8 +15,7 @@ The steps, in the order `main` runs them:
 3. Measurements:
    - validation perplexity of the teacher and of every converted model (every held-out token);
    - decoding at growing context lengths: the cache `generate` keeps (a growing K/V `DynamicCache` for softmax and
-     MQA, a constant-size `hf_fastattn.RecurrentCache` for the T2R model: its linear state plus, as a LoLCATs hybrid,
-     the last 64 keys and values) and the time per step;
+     MQA, a constant-size `hf_fastattn.RecurrentCache` for the linear-attention T2R model) and the time per step;
    - Jacobi decoding ("jacobi" and "lookahead") against greedy `generate` on the teacher: speed-up, with the outputs
      asserted identical token for token.
 4. Report, in `--out` (default `outputs/demo`): results.md (the tables), results.json (every number), PNG plots and

@@ -34,3 +34,36 @@ def test_bench_conversion_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "teacher (softmax)" in out and "hedgehog" in out and "all-MiniLM-L6-v2" in out
     assert (tmp_path / "conversion.png").is_file() and (tmp_path / "conversion.md").is_file()
+
+
+def test_window_only_control_is_the_teacher_on_its_last_window_tokens():
+    """The `window-only` row of `bench conversion`: the teacher's own softmax attention over the last `window` tokens
+    only, checked against sdpa with that band as an explicit 4D mask."""
+    import dataclasses
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from hf_fastattn.bench import conversion
+    from hf_fastattn.tinylm import tiny_llama_config
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(tiny_llama_config(64, hidden_size=32, num_layers=2, num_heads=2)).eval()
+    window = 4
+    recipe = conversion.RECIPES["window-only"]
+    control = dataclasses.replace(recipe, options={**recipe.options, "window": window})
+    try:
+        conversion.RECIPES["window-only-test"] = control
+        model, trained = conversion.convert_and_uptrain(teacher, "window-only-test", None, 0, 1, "unused")
+    finally:
+        del conversion.RECIPES["window-only-test"]
+    assert trained == 0
+    ids = torch.randint(3, 64, (2, 12))
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    band = ((j <= i) & (i - j < window))[None, None].expand(2, 1, 12, 12)
+    with torch.no_grad():
+        expected = teacher(ids, attention_mask=band).logits
+        got = model(ids).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    with torch.no_grad():  # and the band matters: beyond the window the full causal teacher differs
+        assert not torch.allclose(teacher(ids).logits[:, window:], got[:, window:], atol=1e-3)

@@ -6,11 +6,11 @@ linear attention serves the keys beyond a softmax window over the last `window` 
 `methods/hybrid.py`).
 
 The paper fine-tunes the whole model from the start. `hf-fastattn bench conversion` (`RECIPES["t2r"]` and
-`RECIPES["t2r-linear"]`) departs from it where that measured better on a small token budget: a warm-up of the maps
+`RECIPES["t2r-hybrid"]`) departs from it where that measured better on a small token budget: a warm-up of the maps
 before fine-tuning (an attention transfer in the Hedgehog / LoLCATs manner, here
 `UptrainConfig(transfer_mode="layer")`: the attention modules, maps at a higher learning rate, regressed onto the
 original's outputs), distillation of the original's logits during fine-tuning, and for the pure form more features
-than the paper's 32-64 (512 for a 32-dim head).
+than the paper's 32-64 (256 for a 32-dim head).
 """
 from __future__ import annotations
 
