@@ -88,7 +88,7 @@ class RecurrentStateLayer(LinearAttentionLayer):
         self.has_previous_state[0] = self.has_previous_state[1] = True
 
     def set_window(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-        """Keep the last keys `[B, Hkv, W', D]`, values and padding mask `[B, W']` (W' <= window) of the hybrid."""
+        """Keep the hybrid's `window` slots: keys `[B, Hkv, W, D]`, values and padding mask `[B, W]` (False: empty)."""
         if not torch.is_grad_enabled():
             keys, values = keys.detach(), values.detach()
         self.window_kv = (keys, values, mask)
