@@ -148,7 +148,11 @@ def _teacher(args, train_text):
     except ImportError:
         get_tiny_llama = None
     if get_tiny_llama is not None and not args.quick:
-        model, tok = get_tiny_llama()
+        # the default teacher trains on 128-token sequences; longer ones keep 2048 tokens per step (same budget)
+        longer = {} if args.teacher_seq_len == 128 else {
+            "seq_len": args.teacher_seq_len, "batch_size": max(1, 16 * 128 // args.teacher_seq_len)
+        }
+        model, tok = get_tiny_llama(**longer)
         tokens = getattr(model.config, "tinylm_train_tokens", None) or args.teacher_tokens
         return model.eval(), tok, tokens
     from ..conversion.distill import UptrainConfig, lm_dataset
@@ -393,7 +397,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny teacher, a few steps, small eval")
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(RECIPES))
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens")
-    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=128, help="uptraining and validation window in tokens")
+    p.add_argument(
+        "--teacher-seq-len",
+        type=int,
+        default=128,
+        help="sequence length the tinylm teacher trains on (128: the shared cached teacher; longer ones are trained "
+        "and cached once, on the same number of tokens); with --seq-len as long, the 64-token softmax window of the "
+        "hybrids covers less of each validation window",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--teacher-steps", type=int, default=1500, help="fallback teacher only")
     p.add_argument(
