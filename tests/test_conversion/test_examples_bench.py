@@ -67,3 +67,25 @@ def test_window_only_control_is_the_teacher_on_its_last_window_tokens():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     with torch.no_grad():  # and the band matters: beyond the window the full causal teacher differs
         assert not torch.allclose(teacher(ids).logits[:, window:], got[:, window:], atol=1e-3)
+
+
+def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_tokens(monkeypatch, tmp_path):
+    """`--teacher-seq-len 512` asks tinylm for a teacher trained on 512-token sequences at 2048 tokens per step (the
+    default teacher's 16 x 128), so its token count, and the 10% budget, stay the same."""
+    import hf_fastattn.tinylm as tinylm
+    from hf_fastattn.bench.conversion import main
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_teacher(**kwargs):
+        asked.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(tinylm, "get_tiny_llama", fake_teacher)
+    for argv, expected in ((["--teacher-seq-len", "512"], {"seq_len": 512, "batch_size": 4}), ([], {})):
+        with pytest.raises(Stop):
+            main([*argv, "--no-minilm", "--methods", "linear", "--out", str(tmp_path)])
+        assert asked.pop() == expected
