@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--hybrid", action="store_true", help="t2r / hedgehog: LoLCATs sliding-window hybrid (softmax over the last --window tokens)")
     p.add_argument("--window", type=int, default=64, help="hybrid softmax window")
+    p.add_argument(
+        "--window-init", type=float, default=0.0, help="hybrid: starting logit of the window's share (0: 1/2)"
+    )
     p.add_argument("--num-key-value-heads", type=int, default=None, help="gqa: K/V heads after pooling")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument(
@@ -75,7 +78,7 @@ def method_options(args) -> dict:
     if args.method in ("t2r", "hedgehog") and args.feature_dim is not None:
         options["feature_dim"] = args.feature_dim
     if args.method in ("t2r", "hedgehog") and args.hybrid:
-        options.update(hybrid=True, window=args.window)
+        options.update(hybrid=True, window=args.window, window_init=args.window_init)
     if args.method == "gqa":
         options["num_key_value_heads"] = args.num_key_value_heads
     ignored = [

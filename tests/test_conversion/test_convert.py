@@ -152,6 +152,31 @@ def test_loading_without_plugin_fails_naming_hf_fastattn(tmp_path, family):
         assert "hf_fastattn" in error, error
 
 
+@pytest.mark.parametrize("method", ["t2r", "hedgehog"])
+def test_window_init_sets_the_starting_share_of_the_softmax_window(method):
+    from hf_fastattn.ops.hybrid import sliding_window_linear_attention
+
+    model = convert(tiny_model("llama"), method, hybrid=True, window=4, window_init=4.0)
+    factors = [m.fastattn_window_factor for m in model.modules() if hasattr(m, "fastattn_window_factor")]
+    assert len(factors) == model.config.num_hidden_layers and all(
+        torch.equal(f, torch.full_like(f, 4.0)) for f in factors
+    )
+    assert (
+        model.config.fastattn_conversion["window_init"] == 4.0
+    )  # saved, so a reload re-creates the same model
+    # the factor is the window's share: a huge logit leaves the softmax over the last 4 keys alone
+    attn = next(m for m in model.modules() if hasattr(m, "fastattn_window_factor"))
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    got = sliding_window_linear_attention(
+        q, k, v, feature_map=attn.fastattn_feature_map, window=4, window_factor=torch.full((4,), 50.0)
+    )
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    i, j = torch.arange(9)[:, None], torch.arange(9)[None, :]
+    band = (j <= i) & (i - j < 4)
+    expected = torch.softmax((q @ kr.transpose(-1, -2) / 4).masked_fill(~band, float("-inf")), -1) @ vr
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_trainable_parameters_per_stage():
     model = convert(tiny_model("llama"), "hedgehog", hybrid=True, window=8)
     names = set(set_trainable(model, "attention_transfer"))
@@ -194,12 +219,17 @@ def test_bad_method_and_options():
     with pytest.raises(ValueError) as e:
         convert(model, "performer")
     assert all(m in str(e.value) for m in CONVERSION_METHODS)
-    with pytest.raises(ValueError, match=r"valid options are \['hybrid', 'window', 'feature_dim'\]"):
+    with pytest.raises(
+        ValueError, match=r"valid options are \['hybrid', 'window', 'window_init', 'feature_dim'\]"
+    ):
         convert(model, "t2r", feature_size=32)
     with pytest.raises(ValueError, match="window must be a positive int"):
         convert(model, "t2r", hybrid=True, window=0)
     with pytest.raises(ValueError, match="hybrid must be True or False"):
         convert(model, "t2r", hybrid="yes")
+    for bad in ("high", float("nan"), True):
+        with pytest.raises(ValueError, match="window_init must be a finite number"):
+            convert(model, "hedgehog", hybrid=True, window_init=bad)
     with pytest.raises(ValueError, match="feature_dim"):
         convert(model, "t2r", feature_dim=0)
     with pytest.raises(ValueError, match="num_key_value_heads"):

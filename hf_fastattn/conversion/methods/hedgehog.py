@@ -24,6 +24,7 @@ class HedgehogConfig(HybridOptions):
     feature_dim: F per softmax half (phi has 2F features); None = head dim (W is then exactly the identity).
     hybrid: LoLCATs sliding-window hybrid (causal models only).
     window: softmax window in tokens for the hybrid.
+    window_init: starting logit of the window's share in the hybrid (see `HybridOptions`).
     """
 
     feature_dim: int | None = None

@@ -31,6 +31,7 @@ class T2RConfig(HybridOptions):
     hybrid: LoLCATs sliding-window hybrid (causal models only): softmax over the last `window` keys, T2R's linear
         attention beyond them. Not in the T2R paper.
     window: softmax window in tokens for the hybrid.
+    window_init: starting logit of the window's share in the hybrid (see `HybridOptions`).
     """
 
     feature_dim: int = 64
