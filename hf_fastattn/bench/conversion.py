@@ -42,8 +42,6 @@ class Recipe:
         finetune: stage 2, "lora", "full", "attention" or "none". batch: stage-2 batch size. lr: its learning rate.
         distill: stage-2 weight of the KL divergence to the teacher's logits (1: distillation only, 0: LM loss).
         warmup: warm-up of each stage, as a share of the stage-2 steps.
-        window_only: a control for the hybrids, not a conversion: the hybrid with its linear part weighted 0
-            (softmax over the last `window` tokens only), untrained.
     """
 
     method: str
@@ -59,7 +57,6 @@ class Recipe:
     distill: float = 1.0
     warmup: float = 0.1
     lora_rank: int = 16
-    window_only: bool = False
 
 
 # Chosen by measurements on a slice of the training text held out from uptraining (its last 60k characters; the
@@ -141,7 +138,8 @@ RECIPES = {
     "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "svd"}, **_POOL_THEN_FULL),
     "linear": Recipe("linear", finetune="none", distill=0.0),
     # the control for the hybrids: the teacher restricted to its last 64 tokens (softmax only), untrained
-    "window-only": Recipe("hedgehog", {"hybrid": True, "window": 64}, finetune="none", window_only=True),
+    # (window_init 100: the window's share sigmoid(100) = 1, the linear part gets weight 0)
+    "window-only": Recipe("hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0}, finetune="none"),
 }
 TARGETS = {"hedgehog": 1.05, "t2r": 1.05, "mqa": 1.03}
 DEFAULT_METHODS = ["hedgehog", "t2r", "mqa", "gqa", "hedgehog-linear", "t2r-hybrid", "linear", "window-only"]
@@ -205,13 +203,7 @@ def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: i
 
     recipe = RECIPES[method]
     if recipe.finetune == "none":
-        model = convert(teacher, recipe.method, **recipe.options).eval()
-        if recipe.window_only:
-            with torch.no_grad():
-                for module in model.modules():
-                    if getattr(module, "fastattn_window_factor", None) is not None:
-                        module.fastattn_window_factor.fill_(100.0)  # sigmoid: 1, the linear part gets weight 0
-        return model, 0
+        return convert(teacher, recipe.method, **recipe.options).eval(), 0
     blocks = steps * batch_size
     transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
     finetune = (blocks - transfer * recipe.transfer_batch) // recipe.batch
