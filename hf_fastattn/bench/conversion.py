@@ -419,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
     p.add_argument("--out", default="benchmarks/results/conversion")
     args = p.parse_args(argv)
+    if args.teacher_seq_len < 1:
+        p.error(f"--teacher-seq-len must be a positive number of tokens, got {args.teacher_seq_len}")
     if args.quick:
         args.teacher_steps, args.seq_len, args.batch_size, args.hidden, args.layers = 20, 64, 8, 64, 2
         args.new_tokens, args.budget = 8, 0.5

@@ -239,8 +239,6 @@ class RecurrentCache(Cache):
                 f"and use the default DynamicCache for other attention implementations (layer {layer_idx})."
             )
         state = layer.state
-        if state is None and layer.window_kv is not None:
-            state = layer.window_kv
         if state is not None and state[0].shape[0] != key_states.shape[0]:
             # checked before counting, so that a refused call leaves the cache as it was
             raise ValueError(

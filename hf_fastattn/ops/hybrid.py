@@ -9,7 +9,7 @@ For query i (causal), with m_i the largest window score and gamma = sigmoid(wind
 m_i depends only on query i and its own window, so any chunking (or a decoder holding the last W keys and a
 linear state) computes the same numbers: `initial_state` (S, z) adds the keys folded in before the given ones to
 the linear part, and `fold_window_state` moves keys that left the window into such a state (decoding with
-`hf_fastattn.RecurrentCache`). This form materializes the Nq x N weights (O(N^2) memory): it is meant for
+`hf_fastattn.RecurrentCache`; one token at a time, `hybrid_decode_step` does both with fewer operations). This form materializes the Nq x N weights (O(N^2) memory): it is meant for
 the short sequences of conversion and uptraining, where LoLCATs trains with the same quadratic form.
 """
 
@@ -106,6 +106,8 @@ def fold_window_state(
     """The linear state (S `[B, H, F, Dv]`, z `[B, H, F]`) of `state` plus keys `k` `[B, Hkv, N, D]` and values `v`
     `[B, Hkv, N, Dv]` that have left every later query's window (padded keys, False in `padding_mask` `[B, N]`, are
     left out). Kept per query head (`num_heads`), as `sliding_window_linear_attention` computes."""
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} differ in batch, heads or length")
     phi = get_feature_map(feature_map)
     kf = phi(repeat_kv(k.float(), num_heads))
     if padding_mask is not None:
@@ -141,6 +143,16 @@ def hybrid_decode_step(
         (output `[B, H, 1, Dv]` in v's dtype, the new window (keys, values, mask), the new state).
     """
     wk, wv, wmask = window_kv
+    if q.shape[2] != 1 or k.shape[2] != 1:
+        raise ValueError(
+            f"hybrid_decode_step takes one new token, got {q.shape[2]} queries and {k.shape[2]} keys: "
+            "use sliding_window_linear_attention with initial_state for several"
+        )
+    if wk.shape[:2] != k.shape[:2] or wmask.shape != (wk.shape[0], wk.shape[2]):
+        raise ValueError(
+            f"the stored window (keys {tuple(wk.shape)}, mask {tuple(wmask.shape)}) does not match the new key "
+            f"{tuple(k.shape)} in batch or K/V heads"
+        )
     h, d = q.shape[1], q.shape[-1]
     scaling = d**-0.5 if scaling is None else scaling
     state = fold_window_state(

@@ -89,3 +89,5 @@ def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_to
         with pytest.raises(Stop):
             main([*argv, "--no-minilm", "--methods", "linear", "--out", str(tmp_path)])
         assert asked.pop() == expected
+    with pytest.raises(SystemExit):
+        main(["--teacher-seq-len", "0", "--out", str(tmp_path)])

@@ -708,6 +708,12 @@ def test_hybrid_decode_step_equals_the_general_form():
     torch.testing.assert_close(s2, s_ref)
     torch.testing.assert_close(z2, z_ref)
     assert torch.equal(s2[1], state[0][1])  # row 1's leaving slot was empty: its state did not change
+    with pytest.raises(ValueError, match="one new token"):
+        hybrid_decode_step(q.expand(b, h, 2, d), k, v, mask, (wk, wv, wmask), state, feature_map=phi)
+    with pytest.raises(ValueError, match="does not match the new key"):
+        hybrid_decode_step(q, k[:1], v[:1], mask[:1], (wk, wv, wmask), state, feature_map=phi)
+    with pytest.raises(ValueError, match="differ in batch, heads or length"):
+        fold_window_state(wk, wv[:, :, :2], feature_map=phi, num_heads=h)
 
 
 # --------------------------------------------------------------------------------------------------------------
