@@ -41,6 +41,8 @@ class Recipe:
         transfer_proj_lr: "layer" stage-1 learning rate of the attention projections.
         finetune: stage 2, "lora", "full", "attention" or "none". batch: stage-2 batch size. lr: its learning rate.
         distill: stage-2 weight of the KL divergence to the teacher's logits (1: distillation only, 0: LM loss).
+        hidden: stage-2 weight of hidden-state distillation (`UptrainConfig.distill_hidden_weight`).
+        score: stage-1 weight of Hedgehog's attention-score loss (`UptrainConfig.transfer_score_weight`).
         warmup: warm-up of each stage, as a share of the stage-2 steps.
     """
 
@@ -55,6 +57,8 @@ class Recipe:
     batch: int = 2
     lr: float = 1e-3
     distill: float = 1.0
+    hidden: float = 0.0
+    score: float = 0.0
     warmup: float = 0.1
     lora_rank: int = 16
 
@@ -222,6 +226,8 @@ def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: i
         warmup_steps=int(recipe.warmup * finetune),
         lora_rank=recipe.lora_rank,
         distill_weight=recipe.distill,
+        distill_hidden_weight=recipe.hidden,
+        transfer_score_weight=recipe.score,
     )
     model = uptrain(convert(teacher, recipe.method, **recipe.options), dataset, cfg, teacher=teacher).eval()
     used = transfer * recipe.transfer_batch + finetune * recipe.batch

@@ -33,10 +33,14 @@ from transformers import AttentionInterface, Trainer, TrainingArguments
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..integration.registry import linear_attention_forward, padding_mask
+from ..integration.registry import feature_map_of, get_options, linear_attention_forward, padding_mask
+from ..ops.reference import allowed_mask, repeat_kv
 from .families import attention_modules, family_of
 
 TRANSFER_IMPLEMENTATION = "fastattn_transfer"
+# "linear" attention that also stores Hedgehog's attention-score loss on the module (the "layer" stage 1 with
+# `transfer_score_weight > 0`)
+SCORED_LINEAR_IMPLEMENTATION = "fastattn_scored_linear"
 # parameter-name fragments of the modules conversion adds
 NEW_PARAMETER_NAMES = ("fastattn_feature_map", "fastattn_window_factor")
 STAGES = ("attention_transfer", "lora", "full", "attention")
@@ -46,17 +50,50 @@ STAGES = ("attention_transfer", "lora", "full", "attention")
 # stage 1: the attention-transfer attention function and Trainer
 
 
+def attention_score_loss(module, query, key, attention_mask, scaling=None, causal=True) -> torch.Tensor:
+    """Hedgehog's attention-transfer loss (Zhang et al. 2024): the cross-entropy of the linear attention's weights
+    `phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')` against softmax attention's weights on the same q and k (soft
+    labels, no gradient), summed over keys and averaged over heads and real (not padded) queries. Its minimum is the
+    softmax weights' entropy, reached when the two weightings are equal. Weights (and their sums) below 1e-6 count as
+    1e-6: ReLU features (T2R) can give a key weight 0.
+
+    query `[B, H, N, D]`, key `[B, Hkv, N, D]` (after RoPE, as the attention function gets them), `attention_mask`
+    the 2D padding mask `[B, N]` or None. O(N^2) per head, for training lengths.
+    """
+    fmap = feature_map_of(module, get_options(module.config))
+    q, k = query.float(), repeat_kv(key, query.shape[1]).float()
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    pad = None if attention_mask is None else attention_mask.to(torch.bool)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=pad, device=q.device)
+    with torch.no_grad():
+        logits = (q @ k.transpose(-1, -2)) * scaling
+        target = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(-1) * allowed
+    weights = (fmap(q) @ fmap(k).transpose(-1, -2)) * allowed
+    eps = 1e-6
+    log_weights = weights.clamp_min(eps).log() - weights.sum(-1, keepdim=True).clamp_min(eps).log()
+    ce = -(target * log_weights).sum(-1)  # [B, H, N]
+    if pad is None:
+        return ce.mean()
+    keep = pad[:, None, :].to(ce.dtype)
+    return (ce * keep).sum() / (keep.sum() * ce.shape[1]).clamp_min(1)
+
+
+def _is_causal_module(module, is_causal) -> bool:
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
 def transfer_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
-    """Softmax attention (returned, detached) and the converted linear attention (its MSE stored on the module).
+    """Softmax attention (returned, detached) and the converted linear attention (its MSE stored on the module, and
+    with `module._fastattn_score_loss` set, the `attention_score_loss` too).
 
     `attention_mask` is the 2D padding mask `[B, N]` or None (the registered mask function is `padding_mask`).
     """
     student, _ = linear_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
     )
-    causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    causal = _is_causal_module(module, is_causal)
     mask4d = None
     if attention_mask is not None:
         n = key.shape[2]
@@ -75,12 +112,31 @@ def transfer_attention_forward(
         ).clamp_min(1)
     else:
         module.fastattn_transfer_loss = F.mse_loss(student.float(), teacher.float())
+    _store_score_loss(module, query, key, attention_mask, scaling, causal)
     return teacher.detach(), None
 
 
+def scored_linear_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """"linear" attention, plus `attention_score_loss` stored on the module when it asks for it."""
+    out = linear_attention_forward(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal)
+    _store_score_loss(module, query, key, attention_mask, scaling, _is_causal_module(module, is_causal))
+    return out
+
+
+def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> None:
+    if getattr(module, "_fastattn_score_loss", False):
+        module.fastattn_score_loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
+
+
 def register_transfer_attention() -> None:
-    AttentionInterface.register(TRANSFER_IMPLEMENTATION, transfer_attention_forward)
-    AttentionMaskInterface.register(TRANSFER_IMPLEMENTATION, padding_mask)
+    for name, fn in (
+        (TRANSFER_IMPLEMENTATION, transfer_attention_forward),
+        (SCORED_LINEAR_IMPLEMENTATION, scored_linear_attention_forward),
+    ):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, padding_mask)
 
 
 register_transfer_attention()
@@ -106,68 +162,111 @@ def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
         base.config._attn_implementation = previous
 
 
-def attention_transfer_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
-    """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention)."""
+@contextlib.contextmanager
+def _score_losses(modules: list[nn.Module], score_weight: float) -> Iterator[None]:
+    """With `score_weight > 0`, the attention functions of `modules` store `attention_score_loss` while inside."""
+    for m in modules:
+        m._fastattn_score_loss = score_weight > 0
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_fastattn_score_loss", None)
+            m.__dict__.pop("fastattn_score_loss", None)
+
+
+def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
+    """The mean over layers of each module's output loss, plus `score_weight` times its attention-score loss."""
+    loss = torch.stack([m.__dict__.pop("fastattn_transfer_loss") for m in modules]).mean()
+    if score_weight > 0:
+        loss = loss + score_weight * torch.stack([m.__dict__.pop("fastattn_score_loss") for m in modules]).mean()
+    return loss
+
+
+def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float = 0.0) -> torch.Tensor:
+    """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention), plus
+    `score_weight` times the mean of Hedgehog's `attention_score_loss`."""
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
-    with attention_transfer(model) as modules:
+    with attention_transfer(model) as modules, _score_losses(modules, score_weight):
         model(**inputs, **extra)
-        losses = [m.__dict__.pop("fastattn_transfer_loss") for m in modules]
-    return torch.stack(losses).mean()
+        return _stage1_loss(modules, score_weight)
 
 
 class DistillationTrainer(Trainer):
     """A `Trainer` for stage 2 with knowledge distillation: the loss is
-    `(1 - distill_weight) * LM loss + distill_weight * KL(teacher || student)` over every non-padded position, the
-    teacher's logits computed on the same batch without gradient (it is put in eval mode and moved to the student's
-    device; its weights are not changed)."""
+    `(1 - distill_weight) * LM loss + distill_weight * KL(teacher || student)
+    + hidden_weight * mean over layers of |h_student - h_teacher|^2 / |h_teacher|^2`, over every non-padded position.
+    The last term (hidden-state distillation, as TinyBERT's) matches each layer's output to the teacher's: a denser
+    signal per token than the logits alone. The teacher runs on the same batch without gradient (it is put in eval
+    mode and moved to the student's device; its weights are not changed)."""
 
     def __init__(
-        self, *args, teacher: nn.Module, distill_weight: float = 1.0, temperature: float = 1.0, **kwargs
+        self,
+        *args,
+        teacher: nn.Module,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+        hidden_weight: float = 0.0,
+        **kwargs,
     ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         self.distill_weight = distill_weight
         self.temperature = temperature
+        self.hidden_weight = hidden_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.get("labels")
         if self.distill_weight >= 1:  # the LM loss is not used
             inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**inputs)
+        hidden = {"output_hidden_states": True} if self.hidden_weight > 0 else {}
+        outputs = model(**inputs, **hidden)
         device = outputs.logits.device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         keys = ("input_ids", "attention_mask", "token_type_ids")
         with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in inputs.items() if k in keys}).logits
-        t = self.temperature
-        kl = F.kl_div(
-            F.log_softmax(outputs.logits.float() / t, -1),
-            F.log_softmax(teacher_logits.float() / t, -1),
-            log_target=True,
-            reduction="none",
-        ).sum(-1) * (t * t)
+            teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k in keys}, **hidden)
         mask = inputs.get("attention_mask")
-        mask = torch.ones_like(kl) if mask is None else mask.to(kl.dtype)
-        kd = (kl * mask).sum() / mask.sum().clamp_min(1)
-        if self.distill_weight < 1 and labels is not None:
-            loss = (1 - self.distill_weight) * outputs.loss + self.distill_weight * kd
-        else:
-            loss = kd
+        mask = torch.ones(outputs.logits.shape[:2], device=device) if mask is None else mask.to(torch.float32)
+        use_lm = self.distill_weight < 1 and labels is not None
+        loss = (1 - self.distill_weight) * outputs.loss if use_lm else 0.0
+        if self.distill_weight > 0:
+            t = self.temperature
+            kl = F.kl_div(
+                F.log_softmax(outputs.logits.float() / t, -1),
+                F.log_softmax(teacher_out.logits.float() / t, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1) * (t * t)
+            kd = (kl * mask).sum() / mask.sum().clamp_min(1)
+            loss = loss + (self.distill_weight if use_lm else 1.0) * kd
+        if self.hidden_weight > 0:
+            errors = [
+                ((s.float() - t.float()) ** 2 * mask[..., None]).sum()
+                / ((t.float() ** 2) * mask[..., None]).sum().clamp_min(1e-12)
+                for s, t in zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)
+            ]
+            loss = loss + self.hidden_weight * torch.stack(errors).mean()
         return (loss, outputs) if return_outputs else loss
 
 
 class AttentionTransferTrainer(Trainer):
-    """A `Trainer` for stage 1: the loss is the attention-transfer MSE (labels, if any, are ignored)."""
+    """A `Trainer` for stage 1: the loss is the attention-transfer MSE, plus `score_weight` times Hedgehog's
+    attention-score loss (labels, if any, are ignored)."""
+
+    def __init__(self, *args, score_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.score_weight = score_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = attention_transfer_loss(model, inputs)
+        loss = attention_transfer_loss(model, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
-            loss = attention_transfer_loss(model, self._prepare_inputs(inputs))
+            loss = attention_transfer_loss(model, self._prepare_inputs(inputs), self.score_weight)
         return loss.detach(), None, None
 
 
@@ -225,32 +324,44 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             m.__dict__.pop("_fastattn_token_mask", None)
 
 
-def layer_transfer_loss(model: nn.Module, teacher: nn.Module, inputs: dict) -> torch.Tensor:
+def layer_transfer_loss(
+    model: nn.Module, teacher: nn.Module, inputs: dict, score_weight: float = 0.0
+) -> torch.Tensor:
     """The "layer" stage-1 loss on one batch: the mean over attention modules of the normalized MSE
     `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
-    outputs fed forward (see `layer_transfer`)."""
+    outputs fed forward (see `layer_transfer`); plus `score_weight` times the mean of Hedgehog's
+    `attention_score_loss` on the converted modules' own q and k (linear attention only)."""
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
-    with layer_transfer(model, teacher) as modules:
+    base = _unwrap(model)
+    previous = base.config._attn_implementation
+    with layer_transfer(model, teacher) as modules, _score_losses(modules, score_weight):
         mask = inputs.get("attention_mask")
         for m in modules:
             m._fastattn_token_mask = None if mask is None else mask.float()
         with torch.no_grad():
             teacher(**inputs, **extra)
-        model(**inputs, **extra)
-        losses = [m.__dict__.pop("fastattn_transfer_loss") for m in modules]
-    return torch.stack(losses).mean()
+        if score_weight > 0:
+            base.config._attn_implementation = SCORED_LINEAR_IMPLEMENTATION
+        try:
+            model(**inputs, **extra)
+        finally:
+            base.config._attn_implementation = previous
+        return _stage1_loss(modules, score_weight)
 
 
 class LayerTransferTrainer(Trainer):
     """A `Trainer` for the "layer" stage 1: attention modules (projections and feature maps) regressed onto the
     teacher's (`layer_transfer_loss`); the feature maps (`NEW_PARAMETER_NAMES`) train at `map_lr`, the rest at the
-    Trainer's learning rate."""
+    Trainer's learning rate; with `score_weight > 0` Hedgehog's attention-score loss is added."""
 
-    def __init__(self, *args, teacher: nn.Module, map_lr: float | None = None, **kwargs):
+    def __init__(
+        self, *args, teacher: nn.Module, map_lr: float | None = None, score_weight: float = 0.0, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         self.map_lr = map_lr
+        self.score_weight = score_weight
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.map_lr is not None:
@@ -273,7 +384,7 @@ class LayerTransferTrainer(Trainer):
         device = inputs["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        loss = layer_transfer_loss(model, self.teacher, inputs)
+        loss = layer_transfer_loss(model, self.teacher, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
 
 
@@ -424,6 +535,11 @@ class UptrainConfig:
     logging_steps: Trainer logging period.
     distill_weight: stage 2 loss weight of the KL divergence to the teacher's logits (knowledge distillation;
         needs `uptrain(..., teacher=)`); 0: the plain LM loss, 1: distillation only.
+    distill_hidden_weight: stage 2: weight of a hidden-state distillation term added to that loss, the normalized
+        MSE of each layer's output against the teacher's (see `DistillationTrainer`; needs the teacher); 0: none.
+    transfer_score_weight: stage 1: weight of Hedgehog's attention-score loss (`attention_score_loss`: linear
+        attention's weights against softmax's, cross-entropy) added to the output MSE, in either mode; linear
+        attention with a feature map only (t2r, hedgehog, linear), not the hybrid; 0: none.
     weight_decay: stage 2 AdamW weight decay (stage 1, the feature maps, never decays).
     lr_scheduler: the Trainer's `lr_scheduler_type` of both stages ("cosine", "linear", "constant_with_warmup").
     """
@@ -444,6 +560,8 @@ class UptrainConfig:
     warmup_steps: int = 0
     logging_steps: int = 10
     distill_weight: float = 0.0
+    distill_hidden_weight: float = 0.0
+    transfer_score_weight: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
 
@@ -467,6 +585,10 @@ class UptrainConfig:
             raise ValueError(f"transfer_proj_lr must be > 0, got {self.transfer_proj_lr!r}")
         if not 0 <= self.distill_weight <= 1:
             raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        for name in ("distill_hidden_weight", "transfer_score_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
 
@@ -505,24 +627,41 @@ def training_arguments(
     )
 
 
+def _check_scorable(model: nn.Module) -> None:
+    """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
+    base = _unwrap(model)
+    implementation = base.config._attn_implementation
+    if implementation != "linear" or get_options(base.config).window is not None:
+        what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
+        raise ValueError(
+            f"transfer_score_weight > 0 compares linear attention's weights with softmax's; this model has {what}. "
+            "It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True; "
+            "use transfer_score_weight=0 here"
+        )
+
+
 def uptrain(
     model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None, teacher: nn.Module | None = None
 ) -> nn.Module:
     """Run the recipe on a converted model: stage 1 (if `transfer_steps`), then stage 2 (if `finetune_steps`).
 
     `teacher` (the original model, left untouched) is needed for `transfer_mode="layer"` and for
-    `distill_weight > 0` (stage 2 then distills its logits).
+    `distill_weight > 0` or `distill_hidden_weight > 0` (stage 2 then distills its logits / hidden states).
 
     Returns the trained model with LoRA merged (a plain converted model, ready for `save_pretrained`).
     """
     has_maps = any(_is_new_parameter(n) for n, _ in model.named_parameters())
+    distills = cfg.distill_weight > 0 or cfg.distill_hidden_weight > 0
     needs_teacher = (cfg.transfer_steps and cfg.transfer_mode == "layer") or (
-        cfg.finetune_steps and cfg.finetune != "none" and cfg.distill_weight > 0
+        cfg.finetune_steps and cfg.finetune != "none" and distills
     )
     if needs_teacher and teacher is None:
         raise ValueError(
-            "transfer_mode='layer' and distill_weight > 0 need the original model: uptrain(..., teacher=)"
+            "transfer_mode='layer', distill_weight > 0 and distill_hidden_weight > 0 need the original model: "
+            "uptrain(..., teacher=)"
         )
+    if cfg.transfer_steps and cfg.transfer_score_weight > 0:
+        _check_scorable(model)
     if cfg.transfer_steps and cfg.transfer_mode == "layer":
         set_trainable(model, "attention")
         args = training_arguments(
@@ -539,6 +678,7 @@ def uptrain(
             data_collator=data_collator,
             teacher=teacher,
             map_lr=cfg.transfer_lr if has_maps else None,
+            score_weight=cfg.transfer_score_weight,
         ).train()
     elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
@@ -546,14 +686,18 @@ def uptrain(
             cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer", batch_size=cfg.transfer_batch_size
         )
         AttentionTransferTrainer(
-            model=model, args=args, train_dataset=train_dataset, data_collator=data_collator
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            score_weight=cfg.transfer_score_weight,
         ).train()
     if cfg.finetune_steps and cfg.finetune != "none":
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
         if cfg.finetune != "lora":
             set_trainable(model, cfg.finetune)
         args = training_arguments(cfg, cfg.finetune_steps, cfg.finetune_lr, "finetune", cfg.weight_decay)
-        if cfg.distill_weight > 0:
+        if distills:
             trainer = DistillationTrainer(
                 model=target,
                 args=args,
@@ -561,6 +705,7 @@ def uptrain(
                 data_collator=data_collator,
                 teacher=teacher,
                 distill_weight=cfg.distill_weight,
+                hidden_weight=cfg.distill_hidden_weight,
             )
         else:
             trainer = Trainer(
