@@ -43,8 +43,8 @@ def _loop_score_loss(fmap, q, k, keep, scaling, causal):
                 target = logits.softmax(0)
                 phi_q = fmap(q[bi : bi + 1, :, i : i + 1])[0, hi, 0]
                 w = torch.stack([phi_q @ fmap(k[bi : bi + 1, :, j : j + 1])[0, hi, 0] for j in keys])
-                # zero weights (ReLU features can give them) count as 1e-6, as in the loss
-                log_w = w.clamp_min(1e-6).log() - w.sum().clamp_min(1e-6).log()
+                # normalized weights below 1e-6 (ReLU features can give 0) count as 1e-6, as in the loss
+                log_w = (w / w.sum().clamp_min(1e-6)).clamp_min(1e-6).log()
                 total += -(target * log_w).sum().item() / h
                 count += 1 / h
     return total / count
