@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=None, help="stage-2 learning rate (default 1e-3 lora, 3e-4 otherwise)"
     )
     p.add_argument("--transfer-lr", type=float, default=1e-2)
+    p.add_argument(
+        "--score-weight",
+        type=float,
+        default=0.0,
+        help="attention transfer: weight of Hedgehog's attention-score loss added to the output MSE "
+        "(t2r / hedgehog / linear without --hybrid)",
+    )
     p.add_argument("--feature-dim", type=int, default=None, help="t2r / hedgehog feature size")
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--hybrid", action="store_true", help="t2r / hedgehog: LoLCATs sliding-window hybrid (softmax over the last --window tokens)")
@@ -87,11 +94,14 @@ def method_options(args) -> dict:
             ("--feature-dim", args.feature_dim is None or args.method in ("t2r", "hedgehog")),
             ("--hybrid", not args.hybrid or args.method in ("t2r", "hedgehog")),
             ("--num-key-value-heads", args.num_key_value_heads is None or args.method == "gqa"),
+            ("--score-weight", args.score_weight == 0 or args.method in ("t2r", "hedgehog", "linear")),
         )
         if not used
     ]
     if ignored:
         raise ValueError(f"option(s) {ignored} do not apply to method {args.method!r}")
+    if args.score_weight and args.hybrid:
+        raise ValueError("--score-weight compares plain linear attention's weights with softmax's; not with --hybrid")
     return options
 
 
@@ -164,6 +174,7 @@ def run(args) -> int:
         cfg = UptrainConfig(
             transfer_steps=transfer,
             transfer_lr=args.transfer_lr,
+            transfer_score_weight=args.score_weight,
             finetune=finetune,
             finetune_steps=args.max_steps,
             finetune_lr=lr,

@@ -82,8 +82,11 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
         (["--method", "mqa", "--hybrid"], "do not apply to method 'mqa'"),
         (["--method", "gqa", "--num-key-value-heads", "3"], "must divide"),
         (["--method", "t2r", "--feature-dim", "0"], "feature_dim"),
+        (["--method", "t2r", "--hybrid", "--score-weight", "1"], "not with --hybrid"),
+        (["--method", "mqa", "--score-weight", "1"], "do not apply to method 'mqa'"),
+        (["--method", "t2r", "--transfer-steps", "1", "--score-weight", "-1"], "transfer_score_weight"),
     ],
-    ids=["method", "option", "gqa-groups", "feature-dim"],
+    ids=["method", "option", "gqa-groups", "feature-dim", "score-hybrid", "score-mqa", "score-negative"],
 )
 def test_convert_cli_errors(tmp_path, src, train_file, capsys, extra, message):
     before = _hashes(src)
@@ -116,3 +119,23 @@ def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys):
         == 2
     )
     assert "--out must differ from SRC" in capsys.readouterr().err
+
+
+def test_convert_cli_score_weight_reaches_attention_transfer(tmp_path, src, train_file, monkeypatch):
+    """--score-weight adds Hedgehog's attention-score loss to pure t2r's attention transfer (each layer, each step)."""
+    import hf_fastattn.conversion.distill as distill
+
+    calls = []
+    real = distill.attention_score_loss
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill, "attention_score_loss", spy)
+    argv = ["convert", str(src), "--method", "t2r", "--train-file", str(train_file), "--transfer-steps", "2",
+            "--score-weight", "0.5", "--max-steps", "0", "--seq-len", "32", "--batch-size", "2",
+            "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 0
+    assert len(calls) == 2 * 2  # 2 steps x 2 layers
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.fastattn_conversion["method"] == "t2r"

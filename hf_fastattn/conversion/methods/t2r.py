@@ -9,8 +9,9 @@ The paper fine-tunes the whole model from the start. `hf-fastattn bench conversi
 `RECIPES["t2r-hybrid"]`) departs from it where that measured better on a small token budget: a warm-up of the maps
 before fine-tuning (an attention transfer in the Hedgehog / LoLCATs manner, here
 `UptrainConfig(transfer_mode="layer")`: the attention modules, maps at a higher learning rate, regressed onto the
-original's outputs), distillation of the original's logits during fine-tuning, and for the pure form more features
-than the paper's 32-64 (256 for a 32-dim head).
+original's outputs), distillation of the original's logits during fine-tuning, and for the pure form Hedgehog's
+attention-score loss in the warm-up (`UptrainConfig.transfer_score_weight`), hidden-state distillation during
+fine-tuning (`distill_hidden_weight`) and more features than the paper's 32-64 (1024 for a 32-dim head).
 """
 from __future__ import annotations
 
