@@ -73,6 +73,11 @@ def tiny_config(family: str, **overrides):
     return cfg
 
 
+def random_ids(seed: int = 0, batch: int = 2, n: int = 24) -> torch.Tensor:
+    """`[batch, n]` token ids in the tiny models' vocabulary (3..299: no special tokens), from a fixed seed."""
+    return torch.randint(3, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
 def tiny_model(family: str, seed: int = 0, **overrides):
     from transformers import AutoModel, AutoModelForCausalLM
 

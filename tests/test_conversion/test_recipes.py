@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_ids as _ids
 from conftest import tiny_model
 from transformers import AutoModelForCausalLM
 
@@ -16,10 +17,6 @@ from hf_fastattn.conversion.distill import (
     set_trainable,
     uptrain,
 )
-
-
-def _ids(seed=0, batch=2, n=24):
-    return torch.randint(3, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _out(model, x):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_ids as _ids
 from conftest import tiny_model
 from transformers import TrainingArguments
 
@@ -23,10 +24,6 @@ from hf_fastattn.conversion.distill import (
     uptrain,
 )
 from hf_fastattn.conversion.families import attention_modules, family_of
-
-
-def _ids(seed=0, batch=2, n=24):
-    return torch.randint(3, 300, (batch, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _loop_score_loss(fmap, q, k, keep, scaling, causal):
