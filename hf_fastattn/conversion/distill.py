@@ -163,6 +163,19 @@ def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
         base.config._attn_implementation = previous
 
 
+def _check_scorable(model: nn.Module) -> None:
+    """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
+    base = _unwrap(model)
+    implementation = base.config._attn_implementation
+    if implementation != "linear" or get_options(base.config).window is not None:
+        what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
+        raise ValueError(
+            f"transfer_score_weight > 0 compares linear attention's weights with softmax's; this model has {what}. "
+            "It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True; "
+            "use transfer_score_weight=0 here"
+        )
+
+
 @contextlib.contextmanager
 def _score_losses(modules: list[nn.Module], score_weight: float) -> Iterator[None]:
     """With `score_weight > 0`, the attention functions of `modules` store `attention_score_loss` while inside."""
@@ -187,6 +200,8 @@ def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
 def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float = 0.0) -> torch.Tensor:
     """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention), plus
     `score_weight` times the mean of Hedgehog's `attention_score_loss`."""
+    if score_weight > 0:
+        _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
     with attention_transfer(model) as modules, _score_losses(modules, score_weight):
@@ -332,6 +347,8 @@ def layer_transfer_loss(
     `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
     outputs fed forward (see `layer_transfer`); plus `score_weight` times the mean of Hedgehog's
     `attention_score_loss` on the converted modules' own q and k (linear attention only)."""
+    if score_weight > 0:
+        _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
     base = _unwrap(model)
@@ -628,19 +645,6 @@ def training_arguments(
     )
 
 
-def _check_scorable(model: nn.Module) -> None:
-    """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
-    base = _unwrap(model)
-    implementation = base.config._attn_implementation
-    if implementation != "linear" or get_options(base.config).window is not None:
-        what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
-        raise ValueError(
-            f"transfer_score_weight > 0 compares linear attention's weights with softmax's; this model has {what}. "
-            "It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True; "
-            "use transfer_score_weight=0 here"
-        )
-
-
 def uptrain(
     model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None, teacher: nn.Module | None = None
 ) -> nn.Module:
@@ -661,8 +665,6 @@ def uptrain(
             "transfer_mode='layer', distill_weight > 0 and distill_hidden_weight > 0 need the original model: "
             "uptrain(..., teacher=)"
         )
-    if cfg.transfer_steps and cfg.transfer_score_weight > 0:
-        _check_scorable(model)
     if cfg.transfer_steps and cfg.transfer_mode == "layer":
         set_trainable(model, "attention")
         args = training_arguments(
