@@ -97,8 +97,8 @@ class Recipe:
 #   the attention modules' outputs or the teacher's attention weights as further stage-2 targets, a 10x map learning
 #   rate in stage 2, Adam beta2 0.99, temperature 2, an EMA of the stage-2 weights, splits 0.3 and 0.7, learning
 #   rates 2.5e-4 and 1e-3, training on 64-token blocks (1.47x: the maps do not carry over to longer contexts) or
-#   256-token blocks (1.080x, validation 1.127x: half the updates), map learning rates 0.01 and 0.1, projection learning rates 3e-4 and 3e-3 in the
-#   layer stage. Hedgehog without the window gains too (dev 1.122x -> 1.111x).
+#   256-token blocks (1.080x, validation 1.127x: half the updates), map learning rates 0.01 and 0.1, projection
+#   learning rates 3e-4 and 3e-3 in the layer stage. Hedgehog without the window gains too (dev 1.122x -> 1.111x).
 # - The token budget is what holds pure t2r back: the former recipe (256 features, no extra signals) reached 1.058x
 #   on validation with 20% of the teacher's tokens and 1.029x with 40%; this one 1.054x with 15%.
 # stage 1: "layer" transfer of the maps (30x the learning rate) and projections at batch 1; stage 2: full fine-tuning
