@@ -33,7 +33,13 @@ from transformers import AttentionInterface, Trainer, TrainingArguments
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from ..integration.registry import feature_map_of, get_options, linear_attention_forward, padding_mask
+from ..integration.registry import (
+    _is_causal,
+    feature_map_of,
+    get_options,
+    linear_attention_forward,
+    padding_mask,
+)
 from ..ops.reference import allowed_mask, repeat_kv
 from .families import attention_modules, family_of
 
@@ -79,10 +85,6 @@ def attention_score_loss(module, query, key, attention_mask, scaling=None, causa
     return (ce * keep).sum() / (keep.sum() * ce.shape[1]).clamp_min(1)
 
 
-def _is_causal_module(module, is_causal) -> bool:
-    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-
-
 def transfer_attention_forward(
     module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
 ):
@@ -94,7 +96,7 @@ def transfer_attention_forward(
     student, _ = linear_attention_forward(
         module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
     )
-    causal = _is_causal_module(module, is_causal)
+    causal = _is_causal(module, is_causal)
     mask4d = None
     if attention_mask is not None:
         n = key.shape[2]
@@ -122,7 +124,7 @@ def scored_linear_attention_forward(
 ):
     """"linear" attention, plus `attention_score_loss` stored on the module when it asks for it."""
     out = linear_attention_forward(module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal)
-    _store_score_loss(module, query, key, attention_mask, scaling, _is_causal_module(module, is_causal))
+    _store_score_loss(module, query, key, attention_mask, scaling, _is_causal(module, is_causal))
     return out
 
 
@@ -151,16 +153,23 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
+def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run `model` (possibly DDP- or peft-wrapped) with the attention implementation `name` while inside."""
+    base = _unwrap(model)
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        base.config._attn_implementation = previous
+
+
+@contextlib.contextmanager
 def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
     """Run `model` (possibly DDP- or peft-wrapped) with the transfer attention; yields its attention modules."""
     base = _unwrap(model)
-    modules = attention_modules(base, family_of(base))
-    previous = base.config._attn_implementation
-    base.config._attn_implementation = TRANSFER_IMPLEMENTATION
-    try:
-        yield modules
-    finally:
-        base.config._attn_implementation = previous
+    with _attention_implementation(base, TRANSFER_IMPLEMENTATION):
+        yield attention_modules(base, family_of(base))
 
 
 def _check_scorable(model: nn.Module) -> None:
@@ -351,20 +360,15 @@ def layer_transfer_loss(
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
-    base = _unwrap(model)
-    previous = base.config._attn_implementation
     with layer_transfer(model, teacher) as modules, _score_losses(modules, score_weight):
         mask = inputs.get("attention_mask")
         for m in modules:
             m._fastattn_token_mask = None if mask is None else mask.float()
         with torch.no_grad():
             teacher(**inputs, **extra)
-        if score_weight > 0:
-            base.config._attn_implementation = SCORED_LINEAR_IMPLEMENTATION
-        try:
+        scored = score_weight > 0
+        with _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION) if scored else contextlib.nullcontext():
             model(**inputs, **extra)
-        finally:
-            base.config._attn_implementation = previous
         return _stage1_loss(modules, score_weight)
 
 
