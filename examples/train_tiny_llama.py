@@ -1,6 +1,7 @@
 """Train a small softmax Llama on the packaged tinyshakespeare and print its validation perplexity.
 
 python examples/train_tiny_llama.py --steps 500 --out tiny_llama
+python examples/train_tiny_llama.py --steps 1000     # the teacher of `hf-fastattn bench conversion`
 python examples/train_tiny_llama.py --tiny          # seconds: a smoke run
 """
 

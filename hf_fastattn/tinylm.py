@@ -12,6 +12,7 @@ The tokenizer is a byte-level BPE trained on the corpus, the model a `LlamaForCa
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -148,6 +149,9 @@ def train_tiny_llama(
     return model, tokenizer
 
 
+_TRAIN_SIGNATURE = inspect.signature(train_tiny_llama)
+
+
 def get_tiny_llama(cache_dir: str | os.PathLike | None = None, **train_kwargs):
     """`train_tiny_llama(**train_kwargs)` once, cached on disk under `$HF_FASTATTN_CACHE` (default
     `~/.cache/hf_fastattn`) by a hash of the arguments; later calls load the saved model and tokenizer."""
@@ -155,7 +159,11 @@ def get_tiny_llama(cache_dir: str | os.PathLike | None = None, **train_kwargs):
         raise ValueError(
             "get_tiny_llama trains on the packaged corpus; call train_tiny_llama(text=...) for others"
         )
-    key = hashlib.sha1(json.dumps(train_kwargs, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    # the key: every argument that shapes the model, defaults filled in (a changed default is a new model)
+    bound = _TRAIN_SIGNATURE.bind(**train_kwargs)
+    bound.apply_defaults()
+    shaping = {k: v for k, v in bound.arguments.items() if k not in ("out_dir", "progress")}
+    key = hashlib.sha1(json.dumps(shaping, sort_keys=True, default=str).encode()).hexdigest()[:10]
     root = Path(cache_dir or os.environ.get("HF_FASTATTN_CACHE", Path.home() / ".cache" / "hf_fastattn"))
     path = root / f"tiny_llama-{key}"
     if not (path / "config.json").is_file():

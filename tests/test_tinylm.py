@@ -103,8 +103,12 @@ def test_get_tiny_llama_caches(tmp_path, monkeypatch):
         progress=False,
     )
     a, _ = tinylm.get_tiny_llama(tmp_path, **kwargs)
-    b, _ = tinylm.get_tiny_llama(tmp_path, **kwargs)
+    # the same model: the progress bar is not part of the key, and a default spelled out is the default
+    b, _ = tinylm.get_tiny_llama(tmp_path, **(kwargs | {"progress": True, "lr": 3e-3}))
     assert len(calls) == 1
+    # a different number of steps is a different model
+    tinylm.get_tiny_llama(tmp_path, **(kwargs | {"steps": 3}))
+    assert len(calls) == 2 and len(list(tmp_path.iterdir())) == 2
     ids = torch.randint(0, 100, (1, 8))
     torch.testing.assert_close(a(ids).logits, b(ids).logits)
 

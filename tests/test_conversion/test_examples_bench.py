@@ -71,7 +71,8 @@ def test_window_only_control_is_the_teacher_on_its_last_window_tokens():
 
 def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_tokens(monkeypatch, tmp_path):
     """`--teacher-seq-len 512` asks tinylm for a teacher trained on 512-token sequences at 2048 tokens per step (the
-    default teacher's 16 x 128), so its token count, and the 10% budget, stay the same."""
+    default teacher's 16 x 128), so its token count, and the 10% budget, stay the same; `--teacher-steps` (default
+    1000) sets its steps."""
     import hf_fastattn.tinylm as tinylm
     from hf_fastattn.bench.conversion import main
 
@@ -85,7 +86,12 @@ def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_to
         raise Stop
 
     monkeypatch.setattr(tinylm, "get_tiny_llama", fake_teacher)
-    for argv, expected in ((["--teacher-seq-len", "512"], {"seq_len": 512, "batch_size": 4}), ([], {})):
+    cases = (
+        (["--teacher-seq-len", "512"], {"steps": 1000, "seq_len": 512, "batch_size": 4}),
+        ([], {"steps": 1000}),
+        (["--teacher-steps", "300"], {"steps": 300}),
+    )
+    for argv, expected in cases:
         with pytest.raises(Stop):
             main([*argv, "--no-minilm", "--methods", "linear", "--out", str(tmp_path)])
         assert asked.pop() == expected
