@@ -6,10 +6,12 @@ transformers' `AttentionInterface` and `AttentionMaskInterface`, so that
 then `generate` with a constant-size `RecurrentCache` instead of a growing K/V cache. Options go in `config.fastattn`
 (see `FastAttnOptions`; set them with `hf_fastattn.configure(model_or_config, **options)`).
 `hf_fastattn.convert(model, method)` converts a checkpoint (T2R, Hedgehog, MQA/GQA, ...); after `import hf_fastattn`,
-`from_pretrained` restores converted checkpoints.
+`from_pretrained` restores converted checkpoints. `model.generate(ids, custom_generate=hf_fastattn.jacobi_decoding)`
+decodes greedily with Jacobi / lookahead guesses (exactly greedy's output).
 """
 
 from .conversion import convert  # also registers converted model types with the Auto classes
+from .generation import jacobi_decoding, jacobi_generate
 from .integration.cache import RecurrentCache
 from .integration.patching import enable_recurrent_decoding, install_generate_hook
 from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
@@ -30,6 +32,8 @@ __all__ = [
     "convert",
     "enable_recurrent_decoding",
     "fast_attention",
+    "jacobi_decoding",
+    "jacobi_generate",
     "linear_attention",
     "register",
     "sparse_attention",

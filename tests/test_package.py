@@ -35,3 +35,12 @@ def test_import_hf_fastattn_alone_restores_a_converted_checkpoint(tmp_path, make
     )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 0 and "ok" in res.stdout, res.stderr[-2000:]
+
+
+def test_jacobi_decoding_from_the_top_level():
+    """`hf_fastattn.jacobi_decoding` is the callable `generate(custom_generate=...)` takes (as first asked)."""
+    from hf_fastattn.generation import jacobi
+
+    assert hf_fastattn.jacobi_decoding is jacobi.jacobi_decoding
+    assert hf_fastattn.jacobi_generate is jacobi.jacobi_generate
+    assert {"jacobi_decoding", "jacobi_generate"} <= set(hf_fastattn.__all__)
