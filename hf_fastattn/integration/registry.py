@@ -24,6 +24,7 @@ from transformers import AttentionInterface, PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..ops.dropout import key_dropout
 from ..ops.fast import fast_attention, fast_feature_map, validate_fast_options
 from ..ops.feature_maps import FEATURE_MAPS, get_feature_map
 from ..ops.linear import (
@@ -199,6 +200,7 @@ def _suffix_queries(query, key, value, mask, run):
 
 def linear_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """"linear": Katharopoulos et al. elu+1 (or relu, or a learned map). `scaling` is not used: phi sees q, k as given."""
+    value = key_dropout(value, dropout)  # attention dropout as whole keys dropped for every query (ops/dropout.py)
     options = get_options(module.config)
     fmap = feature_map_of(module, options)
     layer = getattr(module, "fastattn_recurrent_layer", None)
@@ -362,6 +364,7 @@ def _with_prefix_state(q, k, v, mask, prefix, fmap, options):
 
 def fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """"fast": FAST fastmax of order 1 or 2. `scaling` is not used: q and k are normalized, `temperature` scales."""
+    value = key_dropout(value, dropout)  # attention dropout as whole keys dropped for every query (ops/dropout.py)
     options = get_options(module.config)
     layer = getattr(module, "fastattn_recurrent_layer", None)
     if layer is not None:
@@ -395,6 +398,7 @@ def sparse_attention_forward(module, query, key, value, attention_mask, dropout=
     out = sparse_attention(
         query, key, value, causal=_is_causal(module, is_causal), pattern=options.pattern, stride=options.stride,
         local=options.local, summary=options.summary, scaling=scaling, padding_mask=mask, backend=options.backend,
+        dropout_p=dropout,
     )
     return out.transpose(1, 2).contiguous(), None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from .dropout import key_dropout
 from .feature_maps import FastmaxFeatureMap
 from .linear import bidirectional_linear_attention, causal_linear_attention, use_triton
 from .reference import fast_normalize, fastmax_weight
@@ -49,6 +50,7 @@ def fast_attention(
     padding_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """FAST fastmax attention in O(N).
 
@@ -59,11 +61,14 @@ def fast_attention(
         temperature: T > 0 dividing q_hat . k_hat (order 1 needs T >= 1).
         padding_mask: `[B, N]` bool, True for real tokens; padded keys get weight 0.
         backend: "auto" | "torch" | "triton".
+        dropout_p: attention dropout, as keys dropped for every query (`hf_fastattn.ops.dropout.key_dropout`);
+            pass 0 outside training.
 
     Returns:
         `[B, H, N, Dv]` in v's dtype.
     """
     validate_fast_options(order, temperature)
+    v = key_dropout(v, dropout_p)
     if use_triton(backend, q, k, v):
         from ..kernels import fast_attention_triton
 

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .dropout import key_dropout
 from .feature_maps import get_feature_map
 from .reference import repeat_kv
 
@@ -300,6 +301,7 @@ def linear_attention(
     padding_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Linear attention with feature map phi applied to q and k as given (no scaling).
 
@@ -309,11 +311,14 @@ def linear_attention(
         feature_map: "elu" (elu + 1), "relu", or an `nn.Module` mapping `[..., D]` to `[..., F]` (learned maps).
         padding_mask: `[B, N]` bool, True for real tokens; padded keys contribute nothing.
         backend: "auto" | "torch" | "triton" (see `hf_fastattn.kernels.dispatch`).
+        dropout_p: attention dropout, as keys dropped for every query (`hf_fastattn.ops.dropout.key_dropout`:
+            sdpa's per-weight form is not factorizable); pass 0 outside training.
 
     Returns:
         `[B, H, N, Dv]` in v's dtype.
     """
     fmap = get_feature_map(feature_map)
+    v = key_dropout(v, dropout_p)
     if getattr(fmap, "per_head", False) and k.shape[1] != q.shape[1]:
         # a per-head learned map has one set of weights per query head: give k those heads too
         k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])

@@ -11,6 +11,10 @@ pattern is split into two dense pieces whose union is the allowed set and whose 
   j = i mod stride, |i - j| >= local (queries and keys regrouped by residue, one small attention per residue);
 - fixed: the block-diagonal part plus the summary keys of the other blocks (gathered).
 The two softmax pieces are merged by their log-sum-exp. Cost O(N (N / stride + stride) D), memory likewise.
+
+Attention dropout (`dropout_p`) is sdpa's: every normalized weight is dropped on its own with probability p and the
+kept ones are scaled by 1 / (1 - p). A piece's weights are exp(s_ij - lse_piece) and the merge rescales them by
+exp(lse_piece - lse), so dropping a piece's weights (its log-sum-exp left as it was) drops the final weights.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .dropout import check_dropout_p
 from .linear import use_triton
 from .reference import repeat_kv, sparse_pattern_mask
 
@@ -51,12 +56,15 @@ class SparsePattern:
         return self.stride if self.local is None else self.local
 
 
-def _masked_part(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor):
-    """Softmax piece over `allowed` entries: returns (normalized out, log-sum-exp); empty rows give (0, -inf)."""
+def _masked_part(scores: torch.Tensor, allowed: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0):
+    """Softmax piece over `allowed` entries: returns (normalized out, log-sum-exp); empty rows give (0, -inf).
+    With `dropout_p`, the weights are dropped before they meet v; the log-sum-exp counts every weight."""
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # [..., Nq, 1]
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     probs = torch.exp(scores - safe_lse)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p, training=True)
     return probs @ v, lse
 
 
@@ -76,7 +84,7 @@ def _pad_to(x: torch.Tensor, multiple: int, dim: int = 2) -> torch.Tensor:
     return torch.cat([x, x.new_zeros(shape)], dim=dim)
 
 
-def _band(q, k, v, valid, window: int, causal: bool, scale: float):
+def _band(q, k, v, valid, window: int, causal: bool, scale: float, dropout_p: float = 0.0):
     """Softmax piece over |i - j| < window: blocks of `window` queries against their own and neighbour blocks."""
     b, h, n, _ = q.shape
     w = window
@@ -97,11 +105,11 @@ def _band(q, k, v, valid, window: int, causal: bool, scale: float):
     j = torch.cat([torch.arange(w, device=q.device) + o * w for o in offsets])[None, :]
     allowed = ((i - j).abs() < w) & ((j <= i) if causal else True)
     allowed = allowed[None, None, None] & kvalid[:, None, :, None, :]
-    out, lse = _masked_part(scores, allowed, vals)
+    out, lse = _masked_part(scores, allowed, vals, dropout_p)
     return out.reshape(b, h, nb * w, -1)[:, :, :n], lse.reshape(b, h, nb * w, 1)[:, :, :n]
 
 
-def _periodic(q, k, v, valid, stride: int, window: int, causal: bool, scale: float):
+def _periodic(q, k, v, valid, stride: int, window: int, causal: bool, scale: float, dropout_p: float = 0.0):
     """Softmax piece over j = i (mod stride), |i - j| >= window: one attention per residue class."""
     b, h, n, _ = q.shape
     qp, kp, vp = (_pad_to(x, stride) for x in (q, k, v))
@@ -117,12 +125,12 @@ def _periodic(q, k, v, valid, stride: int, window: int, causal: bool, scale: flo
     allowed = (dist.abs() >= window) & ((dist >= 0) if causal else True)
     kvalid = validp.reshape(b, m, stride).transpose(1, 2)  # [B, stride, m]
     allowed = allowed[None, None, None] & kvalid[:, None, :, None, :]
-    out, lse = _masked_part(scores, allowed, by_residue(vp))
+    out, lse = _masked_part(scores, allowed, by_residue(vp), dropout_p)
     unres = lambda x: x.transpose(2, 3).reshape(b, h, m * stride, -1)[:, :, :n]
     return unres(out), unres(lse)
 
 
-def _block_diagonal(q, k, v, valid, block: int, causal: bool, scale: float):
+def _block_diagonal(q, k, v, valid, block: int, causal: bool, scale: float, dropout_p: float = 0.0):
     """Softmax piece over keys in the same block of `block` tokens as the query."""
     b, h, n, _ = q.shape
     qp, kp, vp = (_pad_to(x, block) for x in (q, k, v))
@@ -133,11 +141,11 @@ def _block_diagonal(q, k, v, valid, block: int, causal: bool, scale: float):
     i = torch.arange(block, device=q.device)
     allowed = (i[None, :] <= i[:, None]) if causal else torch.ones(block, block, dtype=torch.bool, device=q.device)
     allowed = allowed[None, None, None] & validp.reshape(b, nb, block)[:, None, :, None, :]
-    out, lse = _masked_part(scores, allowed, shape(vp))
+    out, lse = _masked_part(scores, allowed, shape(vp), dropout_p)
     return out.reshape(b, h, nb * block, -1)[:, :, :n], lse.reshape(b, h, nb * block, 1)[:, :, :n]
 
 
-def _summary(q, k, v, valid, stride: int, summary: int, causal: bool, scale: float):
+def _summary(q, k, v, valid, stride: int, summary: int, causal: bool, scale: float, dropout_p: float = 0.0):
     """Softmax piece over the last `summary` keys of every other block (j mod stride >= stride - summary)."""
     n = q.shape[2]
     pos = torch.arange(n, device=q.device)
@@ -147,7 +155,7 @@ def _summary(q, k, v, valid, stride: int, summary: int, causal: bool, scale: flo
     if causal:
         allowed = allowed & (cols[None, :] <= pos[:, None])
     allowed = allowed[None, None] & valid[:, cols][:, None, None, :]
-    return _masked_part(scores, allowed, v[:, :, cols])
+    return _masked_part(scores, allowed, v[:, :, cols], dropout_p)
 
 
 def sparse_attention(
@@ -163,6 +171,7 @@ def sparse_attention(
     scaling: float | None = None,
     padding_mask: torch.Tensor | None = None,
     backend: str = "auto",
+    dropout_p: float = 0.0,
 ) -> torch.Tensor:
     """Softmax attention restricted to a Child et al. 2019 sparse pattern.
 
@@ -175,11 +184,14 @@ def sparse_attention(
         scaling: score scale, default 1 / sqrt(D).
         padding_mask: `[B, N]` bool, True for real tokens.
         backend: "auto" | "torch" | "triton".
+        dropout_p: attention dropout on the normalized weights, as sdpa's `dropout_p` (pass 0 outside training).
+            The Triton kernel has none: with `dropout_p > 0` the PyTorch form runs whatever the backend.
 
     Returns:
         `[B, H, Nq, Dv]` in v's dtype. When the pattern allows every key it equals dense softmax attention.
     """
     spec = SparsePattern(pattern, stride, local, summary)
+    check_dropout_p(dropout_p)
     b, h, nq, d = q.shape
     n = k.shape[2]
     if v.shape[2] != n or nq > n:
@@ -195,7 +207,7 @@ def sparse_attention(
     valid = (
         torch.ones(b, n, dtype=torch.bool, device=q.device) if padding_mask is None else padding_mask.to(torch.bool)
     )
-    if use_triton(backend, q, k, v) and nq == n:
+    if dropout_p == 0 and use_triton(backend, q, k, v) and nq == n:
         from ..kernels import sparse_attention_triton
 
         return sparse_attention_triton(
@@ -204,22 +216,22 @@ def sparse_attention(
         )
     qf, kf, vf = q.float(), repeat_kv(k, h).float(), repeat_kv(v, h).float()
     if nq != n:
-        return _sparse_rows(qf, kf, vf, valid, spec, causal, scale).to(v.dtype)
+        return _sparse_rows(qf, kf, vf, valid, spec, causal, scale, dropout_p).to(v.dtype)
     if spec.pattern == "strided":
-        a = _band(qf, kf, vf, valid, spec.window, causal, scale)
-        p = _periodic(qf, kf, vf, valid, spec.stride, spec.window, causal, scale)
+        a = _band(qf, kf, vf, valid, spec.window, causal, scale, dropout_p)
+        p = _periodic(qf, kf, vf, valid, spec.stride, spec.window, causal, scale, dropout_p)
     else:
-        a = _block_diagonal(qf, kf, vf, valid, spec.stride, causal, scale)
-        p = _summary(qf, kf, vf, valid, spec.stride, spec.summary, causal, scale)
+        a = _block_diagonal(qf, kf, vf, valid, spec.stride, causal, scale, dropout_p)
+        p = _summary(qf, kf, vf, valid, spec.stride, spec.summary, causal, scale, dropout_p)
     return _merge(*a, *p).to(v.dtype)
 
 
-def _sparse_rows(q, k, v, valid, spec: SparsePattern, causal: bool, scale: float) -> torch.Tensor:
+def _sparse_rows(q, k, v, valid, spec: SparsePattern, causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """Queries at the last Nq of N positions (few of them when decoding): dense rows of the pattern mask."""
     nq, n = q.shape[2], k.shape[2]
     rows = _pattern_rows(n - nq, n, spec, causal, q.device)  # [Nq, N]
     allowed = rows[None, None] & valid[:, None, None, :]
-    out, _ = _masked_part(q @ k.transpose(-1, -2) * scale, allowed, v)
+    out, _ = _masked_part(q @ k.transpose(-1, -2) * scale, allowed, v, dropout_p)
     return out
 
 
