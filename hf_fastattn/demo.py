@@ -1,8 +1,8 @@
 """`hf-fastattn demo`: what the library does, offline, in one command.
 
-    hf-fastattn demo                    # under 5 minutes on 2 CPU cores; about 2.5 of them train the teacher, which
-                                        # is cached on disk, so later runs take about 2
-    hf-fastattn demo --quick            # under 30 seconds: a much smaller teacher, fewer steps and prompts
+    hf-fastattn demo                    # about 8 minutes on 2 CPU cores the first time (the teacher's training,
+                                        # about 2.5 of them, is cached on disk)
+    hf-fastattn demo --quick            # about a minute: a much smaller teacher, fewer steps and prompts
     hf-fastattn demo --model PATH_OR_HUB_ID   # the same on your causal LM instead of the embedded teacher
 
 The steps, in the order `main` runs them:
@@ -11,11 +11,14 @@ The steps, in the order `main` runs them:
    cached on disk after the first run), or the `--model` checkpoint.
 2. Conversion: the teacher converted with "t2r", "hedgehog" and "mqa" (`hf_fastattn.convert`) and uptrained on a
    small token budget with the recipe of `hf-fastattn bench conversion` (attention transfer, then full or LoRA
-   fine-tuning with the HF `Trainer`).
+   fine-tuning with the HF `Trainer`); beside the hedgehog hybrid (softmax over the last 64 tokens + linear
+   attention), its control "window-only" (the teacher restricted to those 64 tokens, untrained). Every model is
+   saved under `--out`/models, to try with `hf-fastattn generate` or `hf-fastattn ddgviz`.
 3. Measurements:
    - validation perplexity of the teacher and of every converted model (every held-out token);
-   - decoding at growing context lengths: the cache `generate` keeps (a growing K/V `DynamicCache` for softmax and
-     MQA, a constant-size `hf_fastattn.RecurrentCache` for the linear-attention T2R model) and the time per step;
+   - decoding at growing context lengths, up to where the curves cross and beyond: the cache `generate` keeps (a
+     growing K/V `DynamicCache` for softmax and MQA, a constant-size `hf_fastattn.RecurrentCache` for the T2R and
+     hedgehog models) and the time per step, with the context from which each converted model wins marked;
    - Jacobi decoding ("jacobi" and "lookahead") against greedy `generate` on the teacher: speed-up, with the outputs
      asserted identical token for token.
 4. Report, in `--out` (default `outputs/demo`): results.md (the tables), results.json (every number), PNG plots and
@@ -28,6 +31,7 @@ import argparse
 import base64
 import html
 import json
+import math
 import os
 import statistics
 import sys
@@ -48,6 +52,9 @@ from .bench.utils import cache_nbytes, format_table, machine_line, torch_threads
 from .tinylm import get_tiny_llama, lm_dataset, load_corpus, perplexity, split_corpus
 
 METHODS = ("t2r", "hedgehog", "mqa")
+# untrained controls, each shown beside the converted model it explains (`bench.conversion.RECIPES`)
+CONTROLS = {"window-only": "hedgehog"}
+DECODE_MODELS = ("teacher", "t2r", "hedgehog", "mqa")
 JACOBI_MODES = ("jacobi", "lookahead")
 
 
@@ -81,7 +88,7 @@ FULL = Sizes(
     batch_size=16,
     uptrain_tokens=50 * 16 * 128,  # 10% of the teacher's training tokens, as in `hf-fastattn bench conversion`
     val_chars=None,
-    contexts=(64, 256, 1024, 1920),
+    contexts=(64, 512, 2048, 8192, 16384),
     decode_steps=64,
     decode_repeats=3,
     jacobi_prompts=8,
@@ -102,7 +109,7 @@ QUICK = Sizes(
     batch_size=8,
     uptrain_tokens=40 * 8 * 64,
     val_chars=6000,
-    contexts=(32, 128, 448),
+    contexts=(32, 512, 2048, 8192),
     decode_steps=16,
     decode_repeats=2,
     jacobi_prompts=3,
@@ -151,18 +158,32 @@ def load_teacher(model_name: str | None, sizes: Sizes):
 
 
 def convert_all(teacher, tokenizer, train_text: str, sizes: Sizes, workdir: str) -> dict:
-    """{method: (converted model, training tokens, seconds)}, each uptrained on `sizes.uptrain_tokens`."""
+    """{name: (converted model, training tokens, seconds)}: each of `METHODS` uptrained on `sizes.uptrain_tokens`,
+    and each of `CONTROLS` converted untrained (0 tokens)."""
     dataset = lm_dataset(train_text, tokenizer, sizes.seq_len)
     steps = max(1, sizes.uptrain_tokens // (sizes.batch_size * sizes.seq_len))
     converted = {}
-    for method in METHODS:
-        print(f"\n== converting the teacher with {method!r} and uptraining for {steps} steps", flush=True)
+    for method in (*METHODS, *CONTROLS):
+        what = "converting (untrained control)" if method in CONTROLS else f"converting and uptraining for {steps} steps"
+        print(f"\n== {method}: {what}", flush=True)
         start = time.perf_counter()
         model, trained = convert_and_uptrain(
             teacher, method, dataset, steps, sizes.batch_size, os.path.join(workdir, method)
         )
         converted[method] = (model, trained * sizes.batch_size * sizes.seq_len, time.perf_counter() - start)
     return converted
+
+
+def save_models(models: dict, tokenizer, folder: Path) -> dict[str, str]:
+    """Save every model with the tokenizer under `folder`/<name> (reload with `AutoModelForCausalLM` after
+    `import hf_fastattn`; try with `hf-fastattn generate` / `ddgviz`). Returns {name: path}."""
+    paths = {}
+    for name, model in models.items():
+        path = folder / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        paths[name] = str(path)
+    return paths
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,9 +227,8 @@ def decode_profile(model, prompt: torch.Tensor, new_tokens: int) -> dict:
 def measure_decoding(models: dict, val_ids: torch.Tensor, sizes: Sizes) -> list[dict]:
     """One record per (model, context length), model by model. Every pair runs `sizes.decode_repeats` times,
     interleaved so that a busy spell of a shared machine hits all alike, and the fastest run is kept."""
-    config = next(iter(models.values())).config
-    limit = min(getattr(config, "max_position_embeddings", None) or len(val_ids), len(val_ids))
-    contexts = [c for c in sizes.contexts if c + sizes.decode_steps <= limit]
+    # beyond the teacher's trained length too: these are timings (RoPE itself has no limit), not quality
+    contexts = [c for c in sizes.contexts if c + sizes.decode_steps <= len(val_ids)]
     for model in models.values():
         decode_profile(model, val_ids[None, :16], 4)  # warm-up
     best = {}
@@ -218,6 +238,45 @@ def measure_decoding(models: dict, val_ids: torch.Tensor, sizes: Sizes) -> list[
         if (name, context) not in best or profile["s_per_token"] < best[name, context]["s_per_token"]:
             best[name, context] = profile
     return [{"model": name, "context": context, **best[name, context]} for name in models for context in contexts]
+
+
+def crossover(decoding: list[dict], model: str, baseline: str, key: str) -> dict:
+    """Where `model`'s `key` ("s_per_token" or "cache_bytes") drops to `baseline`'s or below, along the measured
+    contexts: {"status": "crosses", "from": context (interpolated in log context)}, {"status": "always"} (already at
+    the smallest context) or {"status": "never"} (not within the measured range; "up_to" says how far it went)."""
+    ours = {d["context"]: d[key] for d in decoding if d["model"] == model}
+    theirs = {d["context"]: d[key] for d in decoding if d["model"] == baseline}
+    contexts = sorted(set(ours) & set(theirs))
+    gaps = [ours[c] - theirs[c] for c in contexts]  # > 0: the baseline is still ahead
+    for i, gap in enumerate(gaps):
+        if gap <= 0:
+            if i == 0:
+                return {"status": "always", "from": contexts[0]}
+            lo, hi = math.log(contexts[i - 1]), math.log(contexts[i])
+            at = math.exp(lo + (hi - lo) * gaps[i - 1] / (gaps[i - 1] - gap))
+            return {"status": "crosses", "from": int(round(at))}
+    return {"status": "never", "up_to": contexts[-1] if contexts else 0}
+
+
+def crossovers(decoding: list[dict]) -> dict:
+    """{model: {"time": crossover, "cache": crossover}} against the teacher, for every decoded model but it."""
+    names = dict.fromkeys(d["model"] for d in decoding)
+    return {
+        name: {
+            "time": crossover(decoding, name, "teacher", "s_per_token"),
+            "cache": crossover(decoding, name, "teacher", "cache_bytes"),
+        }
+        for name in names
+        if name != "teacher"
+    }
+
+
+def describe_crossover(c: dict) -> str:
+    if c["status"] == "crosses":
+        return f"from about {c['from']:,} tokens"
+    if c["status"] == "always":
+        return f"already at {c['from']:,} tokens"
+    return f"not up to {c['up_to']:,} tokens"
 
 
 @torch.no_grad()
@@ -243,16 +302,34 @@ def measure_jacobi(model, val_ids: torch.Tensor, sizes: Sizes) -> dict:
 # 4. report: tables, plots, HTML
 
 
+QUALITY = "Validation perplexity (held-out tinyshakespeare)"
+DECODING = "Decoding: cache and time per token against context length"
+CROSSOVER = "Where each converted model overtakes the teacher in decoding"
+JACOBI = "Jacobi decoding on the teacher vs greedy generate"
+
+
 def results_tables(results: dict) -> dict[str, tuple[list, list]]:
-    """{title: (header, rows)} for the three tables."""
+    """{title: (header, rows)} for the four tables."""
     teacher_ppl = results["models"]["teacher"]["val_ppl"]
     quality = [
         [name, f"{r['val_ppl']:.2f}", f"{r['val_ppl'] / teacher_ppl:.4f}", r["train_tokens"], r["seconds"], r["attention"]]
         for name, r in results["models"].items()
     ]
+    teacher_ms = {d["context"]: d["s_per_token"] for d in results["decoding"] if d["model"] == "teacher"}
     decode = [
-        [d["model"], d["context"], d["cache"], f"{d['cache_bytes'] / 1024:.1f}", d["s_per_token"] * 1000]
+        [
+            d["model"],
+            d["context"],
+            d["cache"],
+            f"{d['cache_bytes'] / 2**20:.2f}",
+            d["s_per_token"] * 1000,
+            f"{teacher_ms[d['context']] / d['s_per_token']:.2f}x",
+        ]
         for d in results["decoding"]
+    ]
+    crossing = [
+        [name, describe_crossover(c["time"]), describe_crossover(c["cache"])]
+        for name, c in results["crossovers"].items()
     ]
     totals = results["jacobi"]["totals"]
     greedy, identical = totals["greedy"]["seconds"], results["jacobi"]["identical"]
@@ -261,27 +338,79 @@ def results_tables(results: dict) -> dict[str, tuple[list, list]]:
         for m, t in totals.items()
     ]
     return {
-        "Validation perplexity (held-out tinyshakespeare)": (
-            ["model", "val ppl", "x teacher", "train tokens", "seconds", "attention"],
-            quality,
+        QUALITY: (["model", "val ppl", "x teacher", "train tokens", "seconds", "attention"], quality),
+        DECODING: (["model", "context", "cache", "cache MiB", "ms/token", "speed vs teacher"], decode),
+        CROSSOVER: (["model", "faster per token than the teacher", "smaller cache than the teacher"], crossing),
+        JACOBI: (["method", "tokens/forward", "total s", "speed-up", "identical to greedy"], jacobi),
+    }
+
+
+def section_notes(results: dict) -> dict[str, str]:
+    """{title: a short paragraph}: what each table measured and what to conclude from this run's numbers."""
+    models = results["models"]
+    teacher_ppl = models["teacher"]["val_ppl"]
+    ratio = lambda name: models[name]["val_ppl"] / teacher_ppl
+    controls = "; ".join(
+        f"{target} scores {ratio(target):.3f}x the teacher's perplexity, its control {control} (the softmax window "
+        f"alone, untrained) {ratio(control):.3f}x: "
+        + ("the linear part adds what lies beyond the window" if ratio(target) < ratio(control)
+           else "on these short validation windows the softmax window carries the hybrid, and this table cannot "
+           "tell what its linear part adds (`hf-fastattn bench conversion --seq-len 512` can)")
+        for control, target in CONTROLS.items()
+        if control in models and target in models
+    )
+    cross = results["crossovers"]
+    cross_text = "; ".join(
+        f"{name} is faster per token {describe_crossover(c['time'])} and holds less cache "
+        f"{describe_crossover(c['cache'])}"
+        for name, c in cross.items()
+    )
+    longest = max(d["context"] for d in results["decoding"])
+    totals = results["jacobi"]["totals"]
+    speedups = ", ".join(
+        f"{m} {totals['greedy']['seconds'] / t['seconds']:.2f}x" for m, t in totals.items() if m != "greedy"
+    )
+    return {
+        QUALITY: (
+            "Perplexity on the held-out last 10% of the corpus, every token scored in windows of "
+            f"{results['sizes']['seq_len']} tokens, the same computation for every model. Lower is better; "
+            "'x teacher' is the ratio to the softmax teacher the others were converted from, on a token budget "
+            f"of about a tenth of its training. {controls}."
         ),
-        "Decoding: cache and time per token against context length": (
-            ["model", "context", "cache", "cache KiB", "ms/token"],
-            decode,
+        DECODING: (
+            "Greedy `generate` after prompts of growing length (the median step time of the fastest run, prefill "
+            "excluded) and the bytes of the cache `generate` kept. Softmax attention's K/V cache (teacher, mqa) "
+            "grows with the context and each step reads all of it; the recurrent cache of t2r and hedgehog keeps "
+            "a fixed-size state (plus, for the hybrid, the last window's keys and values), so its bytes and step "
+            f"time stay flat. Contexts past the teacher's training length ({results['sizes']['seq_len']} tokens "
+            "per window) measure cost only, not quality."
         ),
-        "Jacobi decoding on the teacher vs greedy generate": (
-            ["method", "tokens/forward", "total s", "speed-up", "identical to greedy"],
-            jacobi,
+        CROSSOVER: (
+            "The context from which each model's curve passes under the teacher's (interpolated between the "
+            f"measured contexts, up to {longest:,} tokens): {cross_text}. Below that point softmax attention is "
+            "cheaper; this is the length where conversion starts to pay for decoding."
+        ),
+        JACOBI: (
+            "Greedy decoding of held-out prompts with Jacobi iterations and lookahead n-gram guesses, on the "
+            "teacher, against transformers' greedy `generate`; every output was checked identical token for "
+            f"token. Speed-ups in this run: {speedups}. Tokens per forward above 1 means guesses were accepted; "
+            "on a CPU a forward that feeds more tokens costs more, so fewer forwards is not always less time."
         ),
     }
 
 
+def _context_label(n: int) -> str:
+    return f"{n // 1024}K" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def plot_all(results: dict, out: Path) -> list[Path]:
-    """perplexity.png, decoding.png (cache size and step time against context) and jacobi.png under `out`."""
+    """perplexity.png, decoding.png (cache size and step time against context, crossovers marked) and jacobi.png
+    under `out`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
     paths = []
 
@@ -292,19 +421,43 @@ def plot_all(results: dict, out: Path) -> list[Path]:
         plt.close(fig)
 
     names = list(results["models"])
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
-    ax.bar(names, [results["models"][n]["val_ppl"] for n in names], color=["gray"] + ["C0"] * (len(names) - 1))
-    ax.set(ylabel="validation perplexity", title="teacher and converted models")
+    colors = ["gray" if n == "teacher" else "lightgray" if n in CONTROLS else "C0" for n in names]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    bars = ax.bar(names, [results["models"][n]["val_ppl"] for n in names], color=colors)
+    ax.bar_label(bars, [f"{results['models'][n]['val_ppl']:.2f}" for n in names], fontsize=8)
+    ax.set(ylabel="validation perplexity", title="teacher, converted models (blue) and controls (light gray)")
+    ax.margins(y=0.12)
     save(fig, "perplexity.png")
 
-    fig, (size_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
-    for name in dict.fromkeys(d["model"] for d in results["decoding"]):
+    fig, (size_ax, time_ax) = plt.subplots(1, 2, figsize=(11.5, 4))
+    contexts = sorted({d["context"] for d in results["decoding"]})
+    for i, name in enumerate(dict.fromkeys(d["model"] for d in results["decoding"])):
         rows = [d for d in results["decoding"] if d["model"] == name]
         label = f"{name} ({rows[0]['cache']})"
-        size_ax.plot([d["context"] for d in rows], [d["cache_bytes"] / 1024 for d in rows], "o-", label=label)
-        time_ax.plot([d["context"] for d in rows], [d["s_per_token"] * 1000 for d in rows], "o-", label=label)
-    size_ax.set(xlabel="context (tokens)", ylabel="cache size (KiB)", title="cache size", xscale="log", yscale="log")
-    time_ax.set(xlabel="context (tokens)", ylabel="ms per new token", title="decode step time", xscale="log")
+        color = "gray" if name == "teacher" else f"C{i}"
+        size_ax.plot([d["context"] for d in rows], [d["cache_bytes"] / 2**20 for d in rows], "o-", color=color, label=label)
+        time_ax.plot([d["context"] for d in rows], [d["s_per_token"] * 1000 for d in rows], "o-", color=color, label=label)
+        crossing = results["crossovers"].get(name)
+        for ax, key in ((time_ax, "time"), (size_ax, "cache")):
+            if crossing and crossing[key]["status"] == "crosses":
+                ax.axvline(crossing[key]["from"], color=color, ls=":", lw=1)
+                ax.annotate(
+                    f"{name} wins from ~{crossing[key]['from']:,}",
+                    (crossing[key]["from"], 0.97 - 0.07 * i),
+                    xycoords=("data", "axes fraction"),
+                    fontsize=7,
+                    color=color,
+                )
+    for ax in (size_ax, time_ax):
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(contexts))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: _context_label(int(round(x)))))
+        ax.grid(alpha=0.3)
+    size_ax.set_yscale("log")
+    size_ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    size_ax.set(xlabel="context (tokens)", ylabel="cache size (MiB, log scale)", title="cache size")
+    time_ax.set(xlabel="context (tokens)", ylabel="ms per new token", title="decode step time (dotted: crossover)")
     time_ax.set_ylim(bottom=0)
     size_ax.legend(fontsize=8)
     save(fig, "decoding.png")
@@ -312,19 +465,27 @@ def plot_all(results: dict, out: Path) -> list[Path]:
     totals = results["jacobi"]["totals"]
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     bars = ax.bar(list(totals), [totals["greedy"]["seconds"] / t["seconds"] for t in totals.values()], color="C2")
-    ax.bar_label(bars, [f"{t['tokens'] / t['passes']:.2f} tokens/forward" for t in totals.values()], fontsize=8)
+    ax.bar_label(
+        bars,
+        [f"{totals['greedy']['seconds'] / t['seconds']:.2f}x, {t['tokens'] / t['passes']:.2f} tok/fwd" for t in totals.values()],
+        fontsize=8,
+    )
     ax.axhline(1.0, color="gray", lw=0.8)
+    ax.margins(y=0.12)
     ax.set(ylabel="speed-up over greedy generate", title="Jacobi decoding (identical outputs)")
     save(fig, "jacobi.png")
     return paths
 
 
 def html_report(results: dict, tables: dict, plots: list[Path]) -> str:
-    """One HTML page with the tables and the plots inlined as base64 PNGs (no other files needed)."""
+    """One HTML page with a paragraph, the table and the plot of each section, the plots inlined as base64 PNGs
+    (no other files needed)."""
 
     def cell(c):
         return f"{c:.3g}" if isinstance(c, float) else html.escape(str(c))
 
+    notes = section_notes(results)
+    plot_of = {QUALITY: "perplexity", DECODING: "decoding", JACOBI: "jacobi"}
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>hf-fastattn demo</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
@@ -333,16 +494,18 @@ def html_report(results: dict, tables: dict, plots: list[Path]) -> str:
         "<h1>hf-fastattn demo</h1>",
         f"<p>teacher: {html.escape(results['teacher'])} ({html.escape(results['teacher_size'])}); "
         f"{html.escape(results['machine'])}; "
-        f"{results['seconds']:.0f} s in all</p>",
+        f"{results['seconds']:.0f} s in all. The models are saved under "
+        f"{html.escape(str(Path(next(iter(results['saved'].values()))).parent))}.</p>",
     ]
     for title, (header, rows) in tables.items():
-        parts.append(f"<h2>{html.escape(title)}</h2><table><tr>")
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{html.escape(notes[title])}</p><table><tr>")
         parts.append("".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>")
         parts.extend("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in rows)
         parts.append("</table>")
-    for path in plots:
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        parts.append(f"<h3>{path.stem}</h3><img alt='{path.stem}' src='data:image/png;base64,{data}'>")
+        for path in plots:
+            if path.stem == plot_of.get(title):
+                data = base64.b64encode(path.read_bytes()).decode("ascii")
+                parts.append(f"<img alt='{path.stem}' src='data:image/png;base64,{data}'>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -365,8 +528,16 @@ def attention_of(model) -> str:
     return f"{kind}" + (f" + window {window}" if window else "") + (f", {heads} K/V heads" if heads else "")
 
 
-def run(model_name: str | None, sizes: Sizes) -> dict:
-    """Steps 1 to 3: everything the report shows, as one JSON-able dict."""
+def model_order(converted: dict) -> list[str]:
+    """The converted models' names, each control right after the model it explains."""
+    order = []
+    for method in METHODS:
+        order += [method, *(c for c, target in CONTROLS.items() if target == method and c in converted)]
+    return order
+
+
+def run(model_name: str | None, sizes: Sizes, out: Path) -> dict:
+    """Steps 1 to 3: everything the report shows, as one JSON-able dict; the models are saved under `out`/models."""
     start = time.perf_counter()
     torch.manual_seed(0)
     train_text, val_text = split_corpus(load_corpus())
@@ -378,6 +549,12 @@ def run(model_name: str | None, sizes: Sizes) -> dict:
     print("\n== 2. conversion", flush=True)
     with tempfile.TemporaryDirectory(prefix="hf-fastattn-demo-") as workdir:  # Trainer output, not kept
         converted = convert_all(teacher, tokenizer, train_text, sizes, workdir)
+    converted = {name: converted[name] for name in model_order(converted)}
+    saved = save_models(
+        {**({} if model_name else {"teacher": teacher}), **{m: c[0] for m, c in converted.items()}},
+        tokenizer,
+        out / "models",
+    )
 
     print("\n== 3. measurements", flush=True)
     models = {"teacher": teacher, **{m: c[0] for m, c in converted.items()}}
@@ -385,8 +562,7 @@ def run(model_name: str | None, sizes: Sizes) -> dict:
     ppl = {}
     for name, model in tqdm(models.items(), desc="perplexity"):
         ppl[name] = perplexity(model, tokenizer, scored, sizes.seq_len)
-    decode_models = {"teacher": teacher, "t2r": converted["t2r"][0], "mqa": converted["mqa"][0]}
-    decoding = measure_decoding(decode_models, val_ids, sizes)
+    decoding = measure_decoding({name: models[name] for name in DECODE_MODELS}, val_ids, sizes)
     jacobi = measure_jacobi(teacher, val_ids, sizes)
 
     results = {
@@ -402,11 +578,18 @@ def run(model_name: str | None, sizes: Sizes) -> dict:
                 "attention": attention_of(teacher),
             },
             **{
-                m: {"val_ppl": ppl[m], "train_tokens": tokens, "seconds": seconds, "attention": attention_of(model)}
+                m: {
+                    "val_ppl": ppl[m],
+                    "train_tokens": tokens,
+                    "seconds": seconds,
+                    "attention": attention_of(model) + (f" (control for {CONTROLS[m]}, untrained)" if m in CONTROLS else ""),
+                }
                 for m, (model, tokens, seconds) in converted.items()
             },
         },
+        "saved": saved,
         "decoding": decoding,
+        "crossovers": crossovers(decoding),
         "jacobi": jacobi,
     }
     results["seconds"] = time.perf_counter() - start
@@ -417,7 +600,10 @@ def write_report(results: dict, out: Path) -> str:
     """Write results.md, results.json, the plots and report.html under `out`; returns the tables as text."""
     out.mkdir(parents=True, exist_ok=True)
     tables = results_tables(results)
-    text = "\n\n".join(f"### {title}\n\n{format_table(header, rows)}" for title, (header, rows) in tables.items())
+    notes = section_notes(results)
+    text = "\n\n".join(
+        f"### {title}\n\n{notes[title]}\n\n{format_table(header, rows)}" for title, (header, rows) in tables.items()
+    )
     text += f"\n\nteacher: {results['teacher']} ({results['teacher_size']}); {results['machine']}; "
     text += f"{results['seconds']:.0f} s\n"
     (out / "results.md").write_text(text)
@@ -431,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-fastattn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer steps: under 30 seconds")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer steps: about a minute")
     parser.add_argument("--model", help="a causal LM (local folder or hub id) instead of the embedded teacher")
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument(
@@ -445,15 +631,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        parser.error(f"--out {args.out!r} is a file; give a folder (it receives the report and the saved models)")
     try:
         with torch_threads(args.threads or (None if args.model else 1)):
-            results = run(args.model, QUICK if args.quick else FULL)
+            results = run(args.model, QUICK if args.quick else FULL, out)
     except DemoError as e:
         print(f"hf-fastattn demo: error: {e}", file=sys.stderr)
         return 2
     text = write_report(results, out)
     print("\n" + text)
     print(f"wrote {out}/results.md, results.json, perplexity.png, decoding.png, jacobi.png, report.html")
+    tried = results["saved"].get("hedgehog") or next(iter(results["saved"].values()))
+    print(f"models saved under {out}/models; try one: hf-fastattn generate {tried} --prompt 'ROMEO:' --compare")
     return 0
 
 

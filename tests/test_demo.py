@@ -29,18 +29,88 @@ def test_writes_tables_plots_and_a_self_contained_report(quick_run):
     tables = (out / "results.md").read_text()
     for title in demo.results_tables(results):
         assert title in tables
-    for name in ("teacher", *demo.METHODS, "greedy", *demo.JACOBI_MODES):
+    for name in ("teacher", *demo.METHODS, *demo.CONTROLS, "greedy", *demo.JACOBI_MODES):
         assert re.search(rf"^\|\s+{name} \|", tables, re.M), name
     for png in ("perplexity.png", "decoding.png", "jacobi.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
     assert page.count("src='data:image/png;base64,") == 3
     assert "src='http" not in page and "<table>" in page
+    # every section explains itself, in the markdown and in the page
+    for title, note in demo.section_notes(results).items():
+        assert len(note) > 100 and note in tables and title in page, title
+
+
+def test_control_sits_beside_the_hybrid(quick_run):
+    _, results, _ = quick_run
+    names = list(results["models"])
+    for control, target in demo.CONTROLS.items():
+        assert names.index(control) == names.index(target) + 1
+        assert results["models"][control]["train_tokens"] == 0
+        assert "control for" in results["models"][control]["attention"]
+
+
+def test_models_are_kept_and_reload_with_the_same_outputs(quick_run):
+    """The converted models are saved under --out/models and reload (after `import hf_fastattn`) to the same
+    logits; `hf-fastattn generate` runs on one of them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_fastattn.generation.cli import generate_main
+
+    out, results, cache = quick_run
+    assert set(results["saved"]) == {"teacher", *demo.METHODS, *demo.CONTROLS}
+    (teacher_folder,) = cache.iterdir()
+    reference = AutoModelForCausalLM.from_pretrained(teacher_folder).eval()
+    ids = torch.randint(3, 200, (1, 40))
+    for name, path in results["saved"].items():
+        assert path == str(out / "models" / name)
+        model = AutoModelForCausalLM.from_pretrained(path).eval()
+        assert AutoTokenizer.from_pretrained(path) is not None
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert torch.isfinite(logits).all(), name
+        if name == "teacher":
+            torch.testing.assert_close(logits, reference(ids).logits)
+    assert generate_main([results["saved"]["hedgehog"], "--prompt", "ROMEO:", "--max-new-tokens", "8", "--compare"]) == 0
+
+
+def test_decoding_reaches_the_crossover(quick_run):
+    """The decode measurement goes past the teacher's 2048 positions and marks where each converted model
+    overtakes the teacher; the recurrent caches are smaller than the teacher's K/V by the longest context."""
+    _, results, _ = quick_run
+    assert max(d["context"] for d in results["decoding"]) >= 8192
+    for name in ("t2r", "hedgehog"):
+        cache = results["crossovers"][name]["cache"]
+        assert cache["status"] == "crosses", cache
+        ours = {d["context"]: d["cache_bytes"] for d in results["decoding"] if d["model"] == name}
+        teacher = {d["context"]: d["cache_bytes"] for d in results["decoding"] if d["model"] == "teacher"}
+        below = [c for c in ours if c < cache["from"]]
+        above = [c for c in ours if c > cache["from"]]
+        assert all(ours[c] > teacher[c] for c in below) and all(ours[c] < teacher[c] for c in above)
+
+
+def test_crossover_interpolates_between_measured_contexts():
+    rows = lambda name, values: [{"model": name, "context": c, "v": v} for c, v in zip((100, 400, 1600), values)]
+    decoding = rows("teacher", [1.0, 2.0, 4.0]) + rows("a", [3.0, 3.0, 3.0]) + rows("b", [0.5, 1, 1]) + rows("c", [9, 9, 9])
+    crossing = demo.crossover(decoding, "a", "teacher", "v")
+    assert crossing["status"] == "crosses" and 400 < crossing["from"] < 1600
+    assert crossing["from"] == 800  # the gap goes 1 -> -1: halfway in log context
+    assert demo.crossover(decoding, "b", "teacher", "v") == {"status": "always", "from": 100}
+    assert demo.crossover(decoding, "c", "teacher", "v") == {"status": "never", "up_to": 1600}
+
+
+def test_out_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "report.txt"
+    target.write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--quick", "--out", str(target)])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
 
 
 def test_perplexities_are_finite(quick_run):
     _, results, _ = quick_run
-    assert set(results["models"]) == {"teacher", *demo.METHODS}
+    assert set(results["models"]) == {"teacher", *demo.METHODS, *demo.CONTROLS}
     for name, record in results["models"].items():
         assert math.isfinite(record["val_ppl"]) and 1 < record["val_ppl"] < 512, name
     assert all(results["models"][m]["train_tokens"] > 0 for m in demo.METHODS)
@@ -54,8 +124,9 @@ def test_recurrent_state_is_constant_and_kv_cache_grows(quick_run):
         assert record["s_per_token"] > 0
     contexts = [r["context"] for r in by_model["teacher"]]
     assert len(contexts) >= 2 and contexts == sorted(contexts)
-    assert {r["cache"] for r in by_model["t2r"]} == {"RecurrentCache"}
-    assert len({r["cache_bytes"] for r in by_model["t2r"]}) == 1 and by_model["t2r"][0]["cache_bytes"] > 0
+    for model in ("t2r", "hedgehog"):  # linear attention and the hybrid: constant bytes
+        assert {r["cache"] for r in by_model[model]} == {"RecurrentCache"}
+        assert len({r["cache_bytes"] for r in by_model[model]}) == 1 and by_model[model][0]["cache_bytes"] > 0
     for model in ("teacher", "mqa"):
         assert {r["cache"] for r in by_model[model]} == {"DynamicCache"}
         sizes = [r["cache_bytes"] for r in by_model[model]]
