@@ -176,7 +176,7 @@ class RecurrentCache(Cache):
     `generate` makes one by itself for such models; make one up front to pass it in or to continue a generation:
 
         cache = hf_fastattn.RecurrentCache(model)          # or RecurrentCache(model.config), then generate(...)
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=32)
+        out = model.generate(ids, cache=cache, max_new_tokens=32)
 
     Args:
         config_or_model: the model (its attention modules are then prepared at once, see
