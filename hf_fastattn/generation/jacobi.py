@@ -65,6 +65,7 @@ next pass (in a separate forward, since a recurrent layer only returns its final
 from __future__ import annotations
 
 import dataclasses
+import operator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -169,6 +170,7 @@ def jacobi_decoding(
         `num_forward_passes` and `accepted_per_pass` when `return_dict_in_generate=True`.
     """
     _check_model(model)
+    _check_inputs(input_ids, block_size)
     if generation_config is None:  # called directly: let generate prepare everything and call us back
         return model.generate(
             input_ids,
@@ -320,7 +322,13 @@ def jacobi_decoding(
 
 
 def jacobi_generate(model, input_ids, *, streamer=None, **kwargs):
-    """`model.generate(input_ids, custom_generate=jacobi_decoding, **kwargs)`, with `streamer` routed correctly."""
+    """`model.generate(input_ids, custom_generate=jacobi_decoding, **kwargs)`, with `streamer` routed correctly.
+
+    Bad inputs raise `ValueError` before any forward: an empty prompt (`input_ids` of shape `[B, 0]`; greedy
+    `generate` fails inside the model on one), a `block_size` below 1, and, from `generate`'s own checks,
+    `max_new_tokens` below 1 (transformers refuses `max_new_tokens=0` rather than returning the prompt; so do we).
+    """
+    _check_inputs(input_ids, kwargs.get("block_size"))
     return model.generate(input_ids, custom_generate=jacobi_decoding, jacobi_streamer=streamer, **kwargs)
 
 
@@ -411,6 +419,29 @@ def _check_model(model) -> None:
         raise ValueError(
             f"Jacobi decoding is not applicable to {type(model).__name__}: it needs a causal LM that can generate"
         )
+
+
+def _check_inputs(input_ids, block_size) -> None:
+    """Refuse what would otherwise fail deep inside the decoding loop with a shape error."""
+    if input_ids is not None:  # None: `generate` starts from the BOS token
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be a LongTensor of shape [batch, prompt_length], got {shape}")
+        if input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has no tokens (shape {tuple(input_ids.shape)}): Jacobi decoding continues a prompt of at "
+                "least one token (e.g. the BOS token; or pass input_ids=None to start from generation_config's BOS); "
+                "prompts given as inputs_embeds alone are not supported"
+            )
+    if block_size is not None:
+        try:
+            valid = not isinstance(block_size, bool) and operator.index(block_size) >= 1
+        except TypeError:  # 2.5, "4": not an integer
+            valid = False
+        if not valid:
+            raise ValueError(
+                f"block_size={block_size!r} must be a positive integer (or None for the mode's default)"
+            )
 
 
 def _check_config(generation_config, mode: str) -> None:

@@ -80,38 +80,82 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
     [
         (["--method", "performer"], "valid methods are"),
         (["--method", "mqa", "--hybrid"], "do not apply to method 'mqa'"),
-        (["--method", "gqa", "--num-key-value-heads", "3"], "must divide"),
-        (["--method", "t2r", "--feature-dim", "0"], "feature_dim"),
+        (["--method", "gqa", "--num-key-value-heads", "3"], "--num-key-value-heads 3 must divide the 4 key/value"),
+        (["--method", "t2r", "--feature-dim", "0"], "argument --feature-dim: must be at least 1, got 0"),
         (["--method", "t2r", "--hybrid", "--score-weight", "1"], "not with --hybrid"),
         (["--method", "mqa", "--score-weight", "1"], "do not apply to method 'mqa'"),
-        (["--method", "t2r", "--transfer-steps", "1", "--score-weight", "-1"], "transfer_score_weight"),
+        (["--method", "t2r", "--transfer-steps", "1", "--score-weight", "-1"], "argument --score-weight"),
+        (["--method", "gqa"], "--method gqa needs --num-key-value-heads"),
+        (["--method", "t2r", "--max-steps", "-1"], "argument --max-steps: must be at least 0, got -1"),
+        (["--method", "t2r", "--transfer-steps", "-2"], "argument --transfer-steps: must be at least 0, got -2"),
+        (["--method", "t2r", "--seq-len", "0"], "argument --seq-len: must be at least 2, got 0"),
+        (["--method", "t2r", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--method", "t2r", "--lr", "0"], "argument --lr: must be a finite number in (0, inf)"),
+        (["--method", "t2r", "--val-fraction", "1"], "argument --val-fraction: must be a finite number in (0, 1)"),
+        (["--method", "t2r", "--max-steps", "many"], "argument --max-steps: expected an integer, got 'many'"),
     ],
-    ids=["method", "option", "gqa-groups", "feature-dim", "score-hybrid", "score-mqa", "score-negative"],
+    ids=[
+        "method",
+        "option",
+        "gqa-groups",
+        "feature-dim",
+        "score-hybrid",
+        "score-mqa",
+        "score-negative",
+        "gqa-no-heads",
+        "max-steps",
+        "transfer-steps",
+        "seq-len",
+        "batch-size",
+        "lr",
+        "val-fraction",
+        "max-steps-text",
+    ],
 )
-def test_convert_cli_errors(tmp_path, src, train_file, capsys, extra, message):
+def test_convert_cli_errors(tmp_path, src, train_file, capsys, monkeypatch, extra, message):
+    """Each mistake is one line on stderr naming the flag, exit code 2, found before the model is loaded."""
+    _forbid_model_loading(monkeypatch)
     before = _hashes(src)
     argv = [
         "convert",
         str(src),
-        *extra,
         "--train-file",
         str(train_file),
         "--max-steps",
         "1",
+        *extra,
         "--out",
         str(tmp_path / "o"),
     ]
     assert cli_main(argv) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert _hashes(src) == before
+    assert not (tmp_path / "o").exists()
 
 
-def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys):
+def _forbid_model_loading(monkeypatch):
+    """Make any model loading fail the test: the checks must come first."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the arguments were checked")
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+
+
+def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys, monkeypatch):
+    _forbid_model_loading(monkeypatch)
+    import transformers
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: pytest.fail("config loaded"))
     common = ["--method", "linear", "--max-steps", "1", "--out", str(tmp_path / "o")]
-    assert cli_main(["convert", str(tmp_path / "missing"), "--train-file", str(train_file), *common]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    missing = str(tmp_path / "missing")
+    assert cli_main(["convert", missing, "--train-file", str(train_file), *common]) == 2
+    assert f"SRC {missing!r}: no such local folder" in capsys.readouterr().err
     assert cli_main(["convert", str(src), "--train-file", str(tmp_path / "nope.txt"), *common]) == 2
-    assert "cannot load text" in capsys.readouterr().err
+    assert "--train-file" in capsys.readouterr().err
     assert (
         cli_main(
             ["convert", str(src), "--train-file", str(train_file), "--method", "linear", "--out", str(src)]
@@ -139,3 +183,90 @@ def test_convert_cli_score_weight_reaches_attention_transfer(tmp_path, src, trai
     assert cli_main(argv) == 0
     assert len(calls) == 2 * 2  # 2 steps x 2 layers
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.fastattn_conversion["method"] == "t2r"
+
+
+def _quick_argv(src, train_file, out, *extra):
+    return ["convert", str(src), "--method", "linear", "--train-file", str(train_file), "--max-steps", "0",
+            "--seq-len", "32", "--batch-size", "2", "--out", str(out), *extra]
+
+
+def test_convert_cli_refuses_out_that_is_a_file(tmp_path, src, train_file, capsys, monkeypatch):
+    """transformers only logs that --out should be a folder and saves nothing; the command must refuse up front."""
+    _forbid_model_loading(monkeypatch)
+    out = tmp_path / "results.txt"
+    out.write_text("keep me")
+    assert cli_main(_quick_argv(src, train_file, out)) == 2
+    captured = capsys.readouterr()
+    assert f"--out {str(out)!r} is a file" in captured.err and "saved to" not in captured.out
+    assert out.read_text() == "keep me"
+    below = out / "model"  # a folder below a file cannot be created either
+    assert cli_main(_quick_argv(src, train_file, below)) == 2
+    assert "cannot be created" in capsys.readouterr().err
+
+
+def test_convert_cli_non_empty_out(tmp_path, src, train_file, capsys):
+    """A non-empty folder that is not an earlier output is refused (naming --overwrite); with --overwrite the model
+    is written beside the user's files, which stay as they were; an earlier output is replaced without asking."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.md").write_text("my notes")
+    assert cli_main(_quick_argv(src, train_file, out)) == 2
+    err = capsys.readouterr().err
+    assert "is a non-empty folder" in err and "notes.md" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.md"]
+
+    assert cli_main(_quick_argv(src, train_file, out, "--overwrite")) == 0
+    assert (out / "notes.md").read_text() == "my notes" and (out / "model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(out).config.fastattn_conversion["method"] == "linear"
+    capsys.readouterr()
+
+    # now an earlier output of ours: a second run replaces it, and says so
+    assert cli_main([*_quick_argv(src, train_file, out)[:3], "mqa", *_quick_argv(src, train_file, out)[4:]]) == 0
+    assert "holds an earlier conversion (method 'linear')" in capsys.readouterr().out
+    assert AutoModelForCausalLM.from_pretrained(out).config.fastattn_conversion["method"] == "mqa"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main(_quick_argv(src, train_file, empty)) == 0
+    assert (empty / "config.json").is_file()
+
+
+def test_convert_cli_out_inside_src(tmp_path, src, train_file, capsys, monkeypatch):
+    _forbid_model_loading(monkeypatch)
+    before = _hashes(src)
+    assert cli_main(_quick_argv(src, train_file, src / "converted")) == 2
+    assert "lies inside SRC" in capsys.readouterr().err
+    assert _hashes(src) == before
+
+
+def test_convert_cli_checks_the_text_before_the_model(tmp_path, src, train_file, capsys, monkeypatch):
+    """An empty or too short --train-file, a folder given as one, or a --val-fraction that leaves nothing are
+    reported, naming the flag, before the model's weights are loaded."""
+    _forbid_model_loading(monkeypatch)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    short = tmp_path / "short.txt"
+    short.write_text("To be, or not to be.")
+    cases = [
+        (empty, [], f"--train-file {str(empty)!r} is empty"),
+        (tmp_path, [], "is a folder; give a text file"),
+        (tmp_path / "nope.txt", [], "no such file"),
+        (short, [], "fewer than one block of --seq-len 32"),
+        (train_file, ["--seq-len", "100000"], "fewer than one block of --seq-len 100000"),
+        (train_file, ["--val-fraction", "1e-9"], "leaves no validation text"),
+    ]
+    for path, extra, message in cases:
+        assert cli_main(_quick_argv(src, path, tmp_path / "o", *extra)) == 2, message
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_convert_cli_says_when_nothing_was_saved(tmp_path, src, train_file, capsys, monkeypatch):
+    """Should saving still write nothing (transformers only logs), no "saved to" and exit code 1."""
+    from transformers import PreTrainedModel
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", lambda self, *a, **k: None)
+    assert cli_main(_quick_argv(src, train_file, tmp_path / "o")) == 1
+    captured = capsys.readouterr()
+    assert "nothing was saved" in captured.err and "saved to" not in captured.out
