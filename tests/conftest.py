@@ -8,14 +8,18 @@ finds depends on collection order.
 import os
 import pathlib
 
-# Triton decorates its own library when first imported, in interpreter mode only if this is set by then; torch and
-# transformers may import triton early, so it is set here, before anything else (kernel tests run on CPU tensors)
-os.environ["TRITON_INTERPRET"] = "1"
+import torch
+
+# Without a CUDA GPU the kernel tests run in Triton's interpreter on CPU tensors; with one they run the compiled
+# kernels on CUDA tensors (tests/test_kernels/helpers.py picks the device), unless TRITON_INTERPRET=1 was set by
+# hand. Triton decorates its own library when first imported, in interpreter mode only if this is set by then:
+# `import torch` does not import triton, and nothing else has run yet.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,8 +1,24 @@
-"""Comparison helpers for the Triton kernels against the naive references."""
+"""Comparison helpers for the Triton kernels against the naive references, and the device the kernels run on."""
 
 import torch
 
+from hf_fastattn.kernels.dispatch import interpreter_enabled
+
 LENGTHS = [1, 63, 130]
+
+# the compiled kernels on a GPU; Triton's interpreter on CPU tensors without one (or when TRITON_INTERPRET=1 was set
+# by hand: the root conftest sets it only without a GPU)
+INTERPRETED = interpreter_enabled()
+DEVICE = torch.device("cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda")
+
+
+def randn(*shape, dtype=torch.float32):
+    """`torch.randn` drawn on the CPU (the same numbers on every machine for a seed), then put on `DEVICE`."""
+    return torch.randn(*shape).to(DEVICE, dtype)
+
+
+def rand(*shape, dtype=torch.float32):
+    return torch.rand(*shape).to(DEVICE, dtype)
 
 
 def grads_of(outputs, inputs, cotangents):
@@ -15,7 +31,7 @@ def run(fn, inputs, seed=1):
     outputs = fn(*inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     gen = torch.Generator().manual_seed(seed)
-    cots = [torch.randn(o.shape, generator=gen) for o in outputs]
+    cots = [torch.randn(o.shape, generator=gen).to(o.device) for o in outputs]
     return [o.detach() for o in outputs], grads_of(outputs, inputs, cots)
 
 
@@ -35,12 +51,13 @@ def assert_close_all(fast_fn, ref_fn, tensors, *, atol=1e-5, rtol=1e-4):
         torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol * 10, msg=lambda m, i=i: f"grad {i}: {m}")
 
 
-def assert_bf16_close(fast_fn, ref_fn, tensors, *, floor=1e-2):
-    """bf16 inputs: the error against the fp32 reference is at most about twice the reference's own bf16 error."""
+def assert_bf16_close(fast_fn, ref_fn, tensors, *, floor=1e-2, dtype=torch.bfloat16):
+    """16-bit inputs (bf16, or `dtype`): the error against the fp32 reference is at most about twice the reference's
+    own error on the same 16-bit inputs (as flash-attention's tests measure it), outputs and gradients."""
     ref32, ref32_grads = run(ref_fn, leaves(tensors))
-    ref16, ref16_grads = run(ref_fn, leaves(tensors, torch.bfloat16))
-    out16, out16_grads = run(fast_fn, leaves(tensors, torch.bfloat16))
-    assert out16[0].dtype == torch.bfloat16
+    ref16, ref16_grads = run(ref_fn, leaves(tensors, dtype))
+    out16, out16_grads = run(fast_fn, leaves(tensors, dtype))
+    assert out16[0].dtype == dtype
     pairs = [*zip(out16, ref16, ref32), *zip(out16_grads, ref16_grads, ref32_grads)]
     for i, (fast, ref_low, ref_high) in enumerate(pairs):
         assert torch.isfinite(fast).all(), i
@@ -48,3 +65,8 @@ def assert_bf16_close(fast_fn, ref_fn, tensors, *, floor=1e-2):
         err = (fast.float() - ref_high.float()).abs().max().item()
         scale = ref_high.float().abs().max().item()
         assert err <= 2 * ref_err + floor * max(1.0, scale), (i, err, ref_err)
+
+
+def assert_fp16_close(fast_fn, ref_fn, tensors, *, floor=2e-3):
+    """fp16 inputs: as `assert_bf16_close`; fp16 has 3 more mantissa bits than bf16, so a tighter floor."""
+    assert_bf16_close(fast_fn, ref_fn, tensors, floor=floor, dtype=torch.float16)

@@ -1,5 +1,6 @@
-"""Smoke test of `hf-fastattn bench kernels --quick` (CPU, Triton interpreter): it runs every kernel and writes its
-table, plot and JSON. Timings are not checked (they mean nothing in the interpreter)."""
+"""Smoke test of `hf-fastattn bench kernels`: `--quick` (CPU, Triton interpreter) without a GPU, short lengths on the
+GPU with one. It runs every kernel and writes its table, plot and JSON. Timings are not checked (they mean nothing
+in the interpreter, and little at these sizes)."""
 
 import json
 
@@ -9,11 +10,15 @@ pytest.importorskip("triton")
 
 from hf_fastattn.bench.kernels import main  # noqa: E402
 
+from .helpers import DEVICE  # noqa: E402
+
 pytestmark = pytest.mark.triton
+ON_GPU = DEVICE.type == "cuda"
 
 
 def test_bench_kernels_quick(tmp_path, capsys):
-    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    small = ["--lengths", "64", "128", "--heads", "2", "--head-dim", "16", "--dtype", "float32"]
+    assert main([*(small if ON_GPU else ["--quick"]), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "kernels.json").read_text())
     assert set(data["results"]) >= {"sdpa", "linear", "fast-1", "fast-2", "sparse"}
     for by_mode in data["results"].values():
@@ -23,8 +28,11 @@ def test_bench_kernels_quick(tmp_path, capsys):
     assert "| N | method |" in (tmp_path / "kernels.md").read_text().replace("  ", " ")
 
 
-def test_bench_kernels_without_gpu_says_so(tmp_path):
+def test_bench_kernels_refuses_what_cannot_run_here(tmp_path, capsys):
+    # without a GPU only --quick runs; with one (and no interpreter) --quick cannot
     with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path)])
+        main(["--quick", "--out", str(tmp_path)] if ON_GPU else ["--out", str(tmp_path)])
+    assert ("TRITON_INTERPRET=1" if ON_GPU else "needs a CUDA GPU") in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        main(["--quick", "--methods", "nope", "--out", str(tmp_path)])
+        main([*([] if ON_GPU else ["--quick"]), "--methods", "nope", "--out", str(tmp_path)])
+    assert "unknown or unavailable methods ['nope']" in capsys.readouterr().err

@@ -11,9 +11,12 @@ import torch
 from hf_fastattn.kernels import dispatch
 from hf_fastattn.kernels.dispatch import resolve_backend
 
+from .helpers import DEVICE
+
 pytestmark = pytest.mark.triton
 
 CPU = torch.zeros(1)
+KERNEL = torch.zeros(1, device=DEVICE)  # where the kernels run in this session: CUDA, or CPU in the interpreter
 
 
 @pytest.fixture(autouse=True)
@@ -36,11 +39,17 @@ def test_bad_backend_names_valid_values(monkeypatch):
 
 def test_env_overrides_argument(monkeypatch):
     pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv("HF_FASTATTN_BACKEND", "triton")
-    assert resolve_backend("torch", CPU) == "triton"
+    assert resolve_backend("torch", KERNEL) == "triton"
     monkeypatch.setenv("HF_FASTATTN_BACKEND", "torch")
+    assert resolve_backend("triton", KERNEL) == "torch"
     assert resolve_backend("triton", CPU) == "torch"
+
+
+def test_auto_picks_triton_on_cuda_only():
+    pytest.importorskip("triton")
+    assert resolve_backend("auto", KERNEL) == ("triton" if KERNEL.is_cuda else "torch")
+    assert resolve_backend("auto", KERNEL, CPU) == "torch"  # mixed devices: the PyTorch form
 
 
 def test_triton_on_cpu_needs_interpreter(monkeypatch):
@@ -49,7 +58,11 @@ def test_triton_on_cpu_needs_interpreter(monkeypatch):
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", CPU)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert resolve_backend("triton", CPU) == "triton"
+    if dispatch.interpreter_ready():  # triton was imported in interpreter mode (no GPU here)
+        assert resolve_backend("triton", CPU) == "triton"
+    else:  # a GPU session: triton was imported compiled, too late for the interpreter, and the error says why
+        with pytest.raises(RuntimeError, match="imported before"):
+            resolve_backend("triton", CPU)
 
 
 def test_triton_missing_is_a_clear_error(monkeypatch):

@@ -1,4 +1,5 @@
-"""Triton linear-attention kernels (chunked causal / bidirectional, recurrent step) vs the naive reference."""
+"""Triton linear-attention kernels (chunked causal / bidirectional, recurrent step) vs the naive reference, fp32 /
+bf16 / fp16, feature and value sizes 16 to 150 (64: a real head size)."""
 
 import pytest
 import torch
@@ -9,20 +10,20 @@ from hf_fastattn.kernels import linear_attention_triton, recurrent_linear_step_t
 from hf_fastattn.ops.linear import chunk_linear_attention, linear_attention, recurrent_linear_step  # noqa: E402
 from hf_fastattn.ops.reference import naive_feature_attention, naive_linear_attention  # noqa: E402
 
-from .helpers import LENGTHS, assert_bf16_close, assert_close_all  # noqa: E402
+from .helpers import DEVICE, LENGTHS, assert_bf16_close, assert_close_all, assert_fp16_close, rand, randn  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
 
 def features(b, h, n, f, dv):
-    qf = torch.rand(b, h, n, f) + 0.1
-    kf = torch.rand(b, h, n, f) + 0.1
-    v = torch.randn(b, h, n, dv)
+    qf = rand(b, h, n, f) + 0.1
+    kf = rand(b, h, n, f) + 0.1
+    v = randn(b, h, n, dv)
     return qf, kf, v
 
 
 def state(b, h, f, dv):
-    return torch.randn(b, h, f, dv), torch.rand(b, h, f) * 5
+    return randn(b, h, f, dv), rand(b, h, f) * 5
 
 
 def kernel_fn(causal):
@@ -63,11 +64,26 @@ def test_linear_many_feature_blocks_and_value_blocks(causal):
     assert_close_all(kernel_fn(causal), reference_fn(causal), tensors, atol=2e-5)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_linear_head_dim_64(causal):
+    """Features and values of a real head size (F = Dv = 64: one full feature and value block each)."""
+    tensors = [*features(1, 2, 100, 64, 64), *state(1, 2, 64, 64)]
+    assert_close_all(kernel_fn(causal), reference_fn(causal), tensors, atol=2e-5)
+
+
 @pytest.mark.parametrize("n", [1, 63], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_linear_bf16_within_twice_reference_error(causal, n):
     tensors = [*features(2, 2, n, 16, 16), *state(2, 2, 16, 16)]
     assert_bf16_close(kernel_fn(causal), reference_fn(causal), tensors)
+
+
+@pytest.mark.parametrize("f", [16, 64], ids=lambda f: f"f{f}")
+@pytest.mark.parametrize("n", [1, 63], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_linear_fp16_within_twice_reference_error(causal, n, f):
+    tensors = [*features(1, 2, n, f, f), *state(1, 2, f, f)]
+    assert_fp16_close(kernel_fn(causal), reference_fn(causal), tensors)
 
 
 def test_chunks_carry_state():
@@ -111,21 +127,25 @@ def test_recurrent_step_matches_reference_and_chunks(f):
     torch.testing.assert_close(st[1], rz, atol=1e-5, rtol=1e-4)
 
 
-def test_recurrent_step_bf16():
-    qf, kf, v = (x.bfloat16() for x in features(1, 2, 1, 16, 16))
-    s0, z0 = state(1, 2, 16, 16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("f", [16, 64], ids=lambda f: f"f{f}")
+def test_recurrent_step_16bit(f, dtype):
+    qf, kf, v = (x.to(dtype) for x in features(1, 2, 1, f, f))
+    s0, z0 = state(1, 2, f, f)
     out, _ = recurrent_linear_step_triton(qf, kf, v, (s0, z0))
     ref, _ = naive_feature_attention(qf.float(), kf.float(), v.float(), causal=True, initial_state=(s0, z0))
-    assert out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    assert out.dtype == dtype
+    # the inputs are the 16-bit numbers themselves: what is left is the rounding of the output (8 / 11 bits)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(out.float(), ref, atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_operator_backend_triton_gqa_state(causal):
     """`chunk_linear_attention(backend="triton")` with Hkv < H equals the PyTorch form, state included."""
-    qf = torch.rand(2, 4, 40, 16)
-    kf, v = torch.rand(2, 2, 40, 16), torch.randn(2, 2, 40, 16)
-    init = (torch.randn(2, 2, 16, 16), torch.rand(2, 2, 16))
+    qf = rand(2, 4, 40, 16)
+    kf, v = rand(2, 2, 40, 16), randn(2, 2, 40, 16)
+    init = (randn(2, 2, 16, 16), rand(2, 2, 16))
     kw = dict(causal=causal, initial_state=init, output_final_state=True)
     out, st = chunk_linear_attention(qf, kf, v, backend="triton", **kw)
     ref, rst = chunk_linear_attention(qf, kf, v, backend="torch", **kw)
@@ -139,8 +159,8 @@ def test_operator_backend_triton_gqa_state(causal):
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_linear_attention_backend_triton_with_padding(causal):
-    q, k, v = (torch.randn(2, 2, 33, 16) for _ in range(3))
-    mask = torch.ones(2, 33, dtype=torch.bool)
+    q, k, v = (randn(2, 2, 33, 16) for _ in range(3))
+    mask = torch.ones(2, 33, dtype=torch.bool, device=DEVICE)
     mask[1, :5] = False
     out = linear_attention(q, k, v, causal=causal, padding_mask=mask, backend="triton")
     ref = naive_linear_attention(q, k, v, causal=causal, padding_mask=mask)

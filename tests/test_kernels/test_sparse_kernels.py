@@ -1,4 +1,5 @@
-"""Block-sparse softmax kernel vs the naive reference for the Child et al. patterns."""
+"""Block-sparse softmax kernel vs the naive reference for the Child et al. patterns (fp32 / bf16 / fp16, head_dim 16
+and 64)."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from hf_fastattn.kernels.block_sparse import block_table  # noqa: E402
 from hf_fastattn.ops.reference import naive_sparse_attention, sparse_pattern_mask  # noqa: E402
 from hf_fastattn.ops.sparse import sparse_attention  # noqa: E402
 
-from .helpers import LENGTHS, assert_bf16_close, assert_close_all  # noqa: E402
+from .helpers import DEVICE, LENGTHS, assert_bf16_close, assert_close_all, assert_fp16_close, randn  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -58,28 +59,45 @@ def test_blocks_are_skipped():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
 def test_sparse_fp32_outputs_grads(pattern, causal, n):
-    mask = torch.ones(2, n, dtype=torch.bool)
+    mask = torch.ones(2, n, dtype=torch.bool, device=DEVICE)
     mask[0, : n // 3] = False
-    tensors = [torch.randn(2, 2, n, 16) for _ in range(3)]
+    tensors = [randn(2, 2, n, 16) for _ in range(3)]
     assert_close_all(*pair(causal, PATTERNS[pattern], mask=mask), tensors)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_sparse_head_dim_64(pattern, causal):
+    mask = torch.ones(1, 90, dtype=torch.bool, device=DEVICE)
+    mask[0, :7] = False
+    assert_close_all(
+        *pair(causal, PATTERNS[pattern], mask=mask, scaling=64**-0.5), [randn(1, 2, 90, 64) for _ in range(3)]
+    )
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_sparse_small_blocks_skip_and_match(causal):
     spec = dict(pattern="strided", stride=48, local=8, summary=1)
-    assert_close_all(*pair(causal, spec, block=16), [torch.randn(1, 2, 130, 16) for _ in range(3)])
+    assert_close_all(*pair(causal, spec, block=16), [randn(1, 2, 130, 16) for _ in range(3)])
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 @pytest.mark.parametrize("pattern", ["strided", "fixed"])
 def test_sparse_bf16_within_twice_reference_error(pattern, causal):
-    assert_bf16_close(*pair(causal, PATTERNS[pattern]), [torch.randn(2, 2, 63, 16) for _ in range(3)])
+    assert_bf16_close(*pair(causal, PATTERNS[pattern]), [randn(2, 2, 63, 16) for _ in range(3)])
+
+
+@pytest.mark.parametrize("d", [16, 64], ids=lambda d: f"d{d}")
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_sparse_fp16_within_twice_reference_error(pattern, causal, d):
+    assert_fp16_close(*pair(causal, PATTERNS[pattern], scaling=d**-0.5), [randn(1, 2, 63, d) for _ in range(3)])
 
 
 def test_operator_backend_triton_gqa_padding():
-    q = torch.randn(2, 4, 50, 16)
-    k, v = torch.randn(2, 2, 50, 16), torch.randn(2, 2, 50, 16)
-    mask = torch.ones(2, 50, dtype=torch.bool)
+    q = randn(2, 4, 50, 16)
+    k, v = randn(2, 2, 50, 16), randn(2, 2, 50, 16)
+    mask = torch.ones(2, 50, dtype=torch.bool, device=DEVICE)
     mask[1, :7] = False
     kw = dict(causal=True, pattern="strided", stride=8, padding_mask=mask)
     torch.testing.assert_close(
@@ -88,11 +106,11 @@ def test_operator_backend_triton_gqa_padding():
 
 
 def test_bad_inputs_name_the_limit():
-    q = torch.randn(1, 2, 4, 300)
+    q = randn(1, 2, 4, 300)
     spec = PATTERNS["strided"]
     with pytest.raises(ValueError, match="up to 256"):
         sparse_attention_triton(q, q, q, causal=True, scaling=1.0, **spec)
-    q = torch.randn(1, 2, 4, 16)
+    q = randn(1, 2, 4, 16)
     with pytest.raises(TypeError, match="dtypes"):
         sparse_attention_triton(q.double(), q.double(), q.double(), causal=True, scaling=1.0, **spec)
     with pytest.raises(ValueError, match="pattern"):
