@@ -190,3 +190,38 @@ def naive_sparse_attention(
         q.shape[2], causal=causal, pattern=pattern, stride=stride, local=local, summary=summary, device=q.device
     )
     return naive_softmax_attention(q, k, v, allowed=allowed, scaling=scaling, padding_mask=padding_mask)
+
+
+def naive_hybrid_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    feature_map: str | torch.nn.Module,
+    window: int,
+    window_factor: torch.Tensor | None = None,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """LoLCATs sliding-window hybrid (causal self-attention, Nq == N), one `[B, H, N, N]` weight matrix:
+    w_ij = gamma_h exp(s_ij - m_i) for i - W < j <= i, (1 - gamma_h) phi(q_i).phi(k_j) for j <= i - W, with
+    s_ij = q_i.k_j * scaling, m_i the largest s_ij of the window and gamma_h = sigmoid(window_factor_h) (1/2 when
+    None); padded keys get 0; rows normalized."""
+    b, h, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scaling is None else scaling
+    fmap = get_feature_map(feature_map)
+    qf, kf, vf = q.float(), repeat_kv(k, h).float(), repeat_kv(v, h).float()
+    allowed = allowed_mask(n, n, causal=True, padding_mask=padding_mask, device=q.device)
+    i = torch.arange(n, device=q.device)[:, None]
+    j = torch.arange(n, device=q.device)[None, :]
+    in_window = allowed & (i - j < window)
+    beyond = allowed & (i - j >= window)
+    scores = qf @ kf.transpose(-1, -2) * scale
+    m = torch.where(in_window, scores, torch.full_like(scores, -math.inf)).amax(-1, keepdim=True)
+    m = torch.nan_to_num(m, neginf=0.0)
+    gamma = torch.full((h,), 0.5) if window_factor is None else torch.sigmoid(window_factor.float())
+    gamma = gamma.to(q.device).view(1, h, 1, 1)
+    soft = torch.exp(torch.where(in_window, scores - m, torch.full_like(scores, -math.inf)))
+    linear = fmap(qf) @ fmap(kf).transpose(-1, -2)
+    weights = torch.where(in_window, gamma * soft, torch.where(beyond, (1 - gamma) * linear, torch.zeros_like(linear)))
+    return naive_weighted_attention(weights, vf, v.dtype)
