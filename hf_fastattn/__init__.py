@@ -13,12 +13,13 @@ decodes greedily with Jacobi / lookahead guesses (exactly greedy's output).
 from .conversion import convert  # also registers converted model types with the Auto classes
 from .generation import jacobi_decoding, jacobi_generate
 from .integration.cache import RecurrentCache
-from .integration.patching import enable_recurrent_decoding, install_generate_hook
+from .integration.patching import enable_recurrent_decoding, install_attn_implementation_checks, install_generate_hook
 from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
 from .ops import fast_attention, linear_attention, sparse_attention
 
 register()
 install_generate_hook()
+install_attn_implementation_checks()
 
 __version__ = "0.1.0"
 

@@ -1,17 +1,29 @@
 """Persistence of converted models: distinct `model_type`s registered with the Auto classes.
 
-A converted model is saved with `model_type = "hf_fastattn_<family>"` (e.g. "hf_fastattn_llama"), its architecture
-class `HfFastattn<Arch>` (e.g. "HfFastattnLlamaForCausalLM"), the method and options in `config.fastattn_conversion`
+A converted model has `model_type = "hf_fastattn_<family>"` (e.g. "hf_fastattn_llama"), its architecture class
+`HfFastattn<Arch>` (e.g. "HfFastattnLlamaForCausalLM"), the method and options in `config.fastattn_conversion`
 and the attention options in `config.fastattn`. Importing `hf_fastattn.conversion` (done by `import hf_fastattn`)
 generates, for each supported family, a config subclass and model subclasses of the family's classes and registers
 them with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` / `AutoModelForMaskedLM`. Their `__init__` sets the
 attention implementation and re-creates the feature maps before the weights load, so `from_pretrained` restores
 the converted model exactly.
 
-Without the plugin, transformers does not know the model type and `AutoConfig` / `AutoModel*.from_pretrained` raise
-`ValueError: The checkpoint you are trying to load has model type `hf_fastattn_llama` but Transformers does not
-recognize this architecture...`: the name says which library is needed, and `config.json` also carries a
-`fastattn_requires` line saying so. No model is built, so no weight is dropped silently.
+Loading without the plugin. `config.json` stores the model type with a hint for the user (`saved_model_type`):
+
+    "model_type": "hf_fastattn_llama (this checkpoint was converted by hf_fastattn: pip install hf_fastattn and
+                   import hf_fastattn)"
+
+Every entry point that reads a checkpoint (`AutoConfig`, `AutoModel*.from_pretrained`, `pipeline(model=path)`) first
+looks the model type up in transformers' table and, not finding it, raises `ValueError: The checkpoint you are trying
+to load has model type `<that string>` but Transformers does not recognize this architecture...`: the user reads the
+hint inside transformers' own message (which goes on to suggest upgrading transformers). No model is built, so no
+weight is dropped silently. Loading through a family class (`LlamaForCausalLM.from_pretrained`) fails too: config.json
+stores `attn_implementation = "hf_fastattn_<impl>"`, which transformers rejects (see `_config_to_dict`). An `auto_map`
+entry (remote code) was not used: without `trust_remote_code` transformers answers with its own remote-code message
+(or an interactive prompt) before it reads the model type, and ours would not show.
+
+After `import hf_fastattn` both the hinted type and the plain "hf_fastattn_<family>" (checkpoints saved before the
+hint) are registered; in memory `config.model_type` is always the plain one.
 
 Standard checkpoints (a GQA-pooled Llama) are not marked: they keep their model type and load anywhere.
 """
@@ -29,13 +41,18 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..integration.registry import IMPLEMENTATIONS
 from .families import CONVERTED_PREFIX, FAMILIES, base_model_type
 
-REQUIRES = (
-    "pip install hf_fastattn, then `import hf_fastattn` before loading (converted attention, hf_fastattn)"
-)
+HINT = "this checkpoint was converted by hf_fastattn: pip install hf_fastattn and import hf_fastattn"
+
+
+def saved_model_type(model_type: str) -> str:
+    """The model type written to config.json for the converted `model_type`: it carries `HINT`, which transformers
+    prints when it does not know the type (hf_fastattn not imported)."""
+    return f"{model_type} ({HINT})"
 
 # family -> (transformers module, config class, [(model class, Auto class)])
 _FAMILY_CLASSES = {
@@ -90,7 +107,38 @@ def _config_to_dict(self) -> dict:
     impl = self._attn_implementation
     if isinstance(impl, str) and impl in IMPLEMENTATIONS:
         out["attn_implementation"] = CONVERTED_PREFIX + impl
+    out["model_type"] = saved_model_type(type(self).model_type)
     return out
+
+
+class _ModelType:
+    """The `model_type` of a converted config class: the plain "hf_fastattn_<family>" on the class and on every
+    instance. `from_dict` passes config.json's hinted type to `__init__`, which would otherwise store it on the
+    instance; that write is accepted only for the forms this class reads."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __get__(self, obj, owner=None) -> str:
+        return self.name
+
+    def __set__(self, obj, value) -> None:
+        if value not in (self.name, saved_model_type(self.name)):
+            raise ValueError(
+                f"{type(obj).__name__} has model_type {self.name!r}, got {value!r}"
+            )
+
+
+def _get_config_dict_of(base: type[PretrainedConfig]):
+    # `XConfig.from_pretrained` compares config.json's model_type with the class's and warns on a mismatch
+    @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        config_dict, kwargs = base.get_config_dict.__func__(cls, *args, **kwargs)
+        if config_dict.get("model_type") == saved_model_type(cls.model_type):
+            config_dict["model_type"] = cls.model_type
+        return config_dict, kwargs
+
+    return get_config_dict
 
 
 def converted_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfig]:
@@ -101,10 +149,11 @@ def converted_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfi
             f"HfFastattn{base.__name__}",
             (base,),
             {
-                "model_type": model_type,
+                "model_type": _ModelType(model_type),
                 "__module__": __name__,
                 "_attn_implementation": property(_ATTN_PROPERTY.fget, _set_attn_implementation),
                 "to_dict": _config_to_dict,
+                "get_config_dict": _get_config_dict_of(base),
             },
         )
     return _CONFIG_CLASSES[base]
@@ -150,7 +199,7 @@ def mark_converted(model: nn.Module) -> None:
     config = model.config
     model.__class__ = converted_model_class(type(model))
     config.__class__ = converted_config_class(type(config))
-    config.fastattn_requires = REQUIRES
+    config.fastattn_requires = HINT  # for readers of config.json
     config.architectures = [type(model).__name__]
 
 
@@ -161,6 +210,9 @@ def register_auto_classes() -> None:
         config_class = converted_config_class(getattr(module, config_name))
         globals()[config_class.__name__] = config_class
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        # config.json stores the type with the hint for users without hf_fastattn (`saved_model_type`); AutoConfig's
+        # own register insists on the class's model_type, the mapping does not
+        CONFIG_MAPPING.register(saved_model_type(config_class.model_type), config_class, exist_ok=True)
         for model_name, auto in models:
             auto.register(config_class, converted_model_class(getattr(module, model_name)), exist_ok=True)
     assert set(_FAMILY_CLASSES) == set(FAMILIES)

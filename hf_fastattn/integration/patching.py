@@ -12,6 +12,18 @@ on the cache itself. So for a causal "linear" / "fast" model:
 Models whose attention is anything else (sdpa, "sparse", "mqa") keep transformers' own caches. The sliding-window
 hybrid ("linear" with the "window" option) decodes recurrently too: its layers keep the linear state plus the last
 `window` keys and values.
+
+`install_attn_implementation_checks` wraps four `PreTrainedModel` methods so that setting an implementation is checked
+when it is set (`registry.validate_implementation`), not at the first forward of a fully loaded model:
+
+- `_check_and_adjust_attn_implementation` (run by every model's `__init__`, so by `from_pretrained` and
+  `from_config` before any weight loads, and by `set_attn_implementation`): validates hf_fastattn's names.
+- `set_attn_implementation`: validates before delegating. Models that do not dispatch through `AttentionInterface`
+  (Bloom, MPT) would otherwise accept the name with a logged warning and keep their own softmax attention.
+- `get_correct_attn_implementation`: transformers' error for an unknown name lists only its own names; ours are
+  added, with the closest valid names ("Linear" -> "linear").
+- `post_init` (the end of every model's `__init__`): "mqa" on Qwen3 needs its key-norm hook
+  (`registry.enable_mqa_key_pooling`).
 """
 
 from __future__ import annotations
@@ -19,10 +31,12 @@ from __future__ import annotations
 import functools
 
 from torch import nn
-from transformers import GenerationMixin
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import RecurrentCache
+from .registry import IMPLEMENTATIONS, enable_mqa_key_pooling, unknown_implementation_hint, validate_implementation
 
 RECURRENT_IMPLEMENTATIONS = ("linear", "fast")
 _HOOKED = "_fastattn_recurrent_hooks"
@@ -113,3 +127,60 @@ def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, 
 def install_generate_hook() -> None:
     """Make `generate` choose a `RecurrentCache` for recurrent models (done once by `import hf_fastattn`)."""
     GenerationMixin._prepare_cache_for_generation = _prepare_cache_for_generation
+
+
+_original_check_and_adjust = PreTrainedModel._check_and_adjust_attn_implementation
+_original_get_correct = PreTrainedModel.get_correct_attn_implementation
+_original_set_attn_implementation = PreTrainedModel.set_attn_implementation
+_original_post_init = PreTrainedModel.post_init
+
+
+@functools.wraps(_original_check_and_adjust)
+def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+    applicable = _original_check_and_adjust(self, attn_implementation, *args, **kwargs)
+    if applicable in IMPLEMENTATIONS:
+        validate_implementation(self.config, applicable)
+    return applicable
+
+
+@functools.wraps(_original_get_correct)
+def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs):
+    try:
+        return _original_get_correct(self, requested_attention, *args, **kwargs)
+    except ValueError as err:
+        valid = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+        if not isinstance(requested_attention, str) or requested_attention in valid:
+            raise  # not the unknown-name error (e.g. sdpa asked for but unavailable)
+        raise ValueError(f"{err} {unknown_implementation_hint(requested_attention, valid)}") from err
+
+
+@functools.wraps(_original_set_attn_implementation)
+def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
+    requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
+    if requested in IMPLEMENTATIONS:
+        if not type(self)._can_set_attn_implementation():
+            raise ValueError(
+                f"hf_fastattn: {type(self).__name__} does not dispatch its attention through transformers' "
+                f"AttentionInterface, so attn_implementation={requested!r} would be ignored"
+            )
+        validate_implementation(self.config, requested)
+    _original_set_attn_implementation(self, attn_implementation, *args, **kwargs)
+    if getattr(self.config, "_attn_implementation", None) == "mqa":
+        enable_mqa_key_pooling(self)
+
+
+@functools.wraps(_original_post_init)
+def _post_init(self, *args, **kwargs):
+    result = _original_post_init(self, *args, **kwargs)
+    if getattr(self.config, "_attn_implementation", None) == "mqa":
+        enable_mqa_key_pooling(self)
+    return result
+
+
+def install_attn_implementation_checks() -> None:
+    """Check hf_fastattn's implementations when they are set, list them in transformers' unknown-name error, and
+    prepare "mqa" models (done once by `import hf_fastattn`; see the module docstring)."""
+    PreTrainedModel._check_and_adjust_attn_implementation = _check_and_adjust_attn_implementation
+    PreTrainedModel.get_correct_attn_implementation = _get_correct_attn_implementation
+    PreTrainedModel.set_attn_implementation = _set_attn_implementation
+    PreTrainedModel.post_init = _post_init

@@ -10,10 +10,16 @@ causality comes from the module. Without a registered mask function transformers
 and a padded batch silently attends to its padding.
 
 Options live in `model.config.fastattn` (a dict, saved in config.json) and are validated by `FastAttnOptions`.
+
+Validation happens when an implementation is set, not at the first forward: `validate_implementation` (called by
+the hooks of `hf_fastattn.integration.patching` on `from_pretrained` / `from_config`, `set_attn_implementation`,
+and by `configure`) refuses model types outside `SUPPORTED_MODEL_TYPES`, invalid options and a `kv_groups` that does
+not divide the model's K/V heads, before a large model has loaded its weights.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 from dataclasses import asdict, dataclass, fields
 from types import SimpleNamespace
@@ -102,10 +108,27 @@ def configure(target, **options) -> FastAttnOptions:
     """Validate `options` and store them in `config.fastattn` of a model or config (merged with what is there).
 
     Example: `hf_fastattn.configure(model, order=1, temperature=2.0)`; they are saved by `save_pretrained`.
+
+    Args:
+        target: a model (its `config` is changed) or a config.
+        **options: fields of `FastAttnOptions`.
+
+    Returns:
+        The merged, validated `FastAttnOptions`.
+
+    Raises:
+        ValueError: an unknown option or an invalid value, a `kv_groups` that does not divide the model's K/V heads,
+            or (when the model already runs an hf_fastattn implementation) an unsupported model type. Nothing is
+            stored then.
     """
     config = target if isinstance(target, PreTrainedConfig) else target.config
     merged = {**(getattr(config, CONFIG_KEY, None) or {}), **options}
     parsed = FastAttnOptions.from_dict(merged)
+    if "kv_groups" in merged:
+        check_kv_groups(config, parsed.kv_groups)
+    implementation = getattr(config, "_attn_implementation", None)
+    if implementation in IMPLEMENTATIONS:
+        check_model_type(config, implementation)
     setattr(config, CONFIG_KEY, {k: v for k, v in asdict(parsed).items() if k in merged})
     return parsed
 
@@ -124,8 +147,9 @@ def _parse_options(items: tuple) -> FastAttnOptions:
     return FastAttnOptions.from_dict(dict(items))
 
 
-def check_supported(module: torch.nn.Module, implementation: str) -> None:
-    model_type = getattr(module.config, "model_type", None)
+def check_model_type(config, implementation: str) -> None:
+    """Raise a ValueError unless `config` is of a model type whose attention hf_fastattn serves."""
+    model_type = getattr(config, "model_type", None)
     # converted checkpoints carry model_type "hf_fastattn_<family>" (see hf_fastattn.conversion.modeling)
     if isinstance(model_type, str):
         model_type = model_type.removeprefix("hf_fastattn_")
@@ -134,6 +158,70 @@ def check_supported(module: torch.nn.Module, implementation: str) -> None:
             f"hf_fastattn: attn_implementation={implementation!r} is not supported for model_type={model_type!r}; "
             f"supported model types are {list(SUPPORTED_MODEL_TYPES)}"
         )
+
+
+def kv_heads(config) -> int | None:
+    """The number of key/value heads the attention function receives (None when the config does not say)."""
+    return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+
+
+def check_kv_groups(config, groups: int) -> None:
+    """Raise a ValueError unless `groups` divides the K/V heads of `config` (no check when it has no head count)."""
+    heads = kv_heads(config)
+    if isinstance(heads, int) and heads % groups != 0:
+        raise ValueError(
+            f"hf_fastattn: fastattn option kv_groups={groups} must divide the model's {heads} key/value heads "
+            f"(valid: {[g for g in range(1, heads + 1) if heads % g == 0]})"
+        )
+
+
+def validate_implementation(config, implementation: str) -> FastAttnOptions:
+    """Check, when `implementation` is set on a model with `config`, what its first forward would otherwise find.
+
+    Args:
+        config: the model's config (options in `config.fastattn`).
+        implementation: one of `IMPLEMENTATIONS`.
+
+    Returns:
+        The validated options.
+
+    Raises:
+        ValueError: a model type outside `SUPPORTED_MODEL_TYPES`, an invalid option, or ("mqa") a `kv_groups` that does
+            not divide the model's key/value heads; the message names the valid values.
+    """
+    check_model_type(config, implementation)
+    options = get_options(config)
+    if implementation == "mqa":
+        check_kv_groups(config, options.kv_groups)
+    return options
+
+
+def check_supported(module: torch.nn.Module, implementation: str) -> None:
+    check_model_type(module.config, implementation)
+
+
+def unknown_implementation_hint(name: str, valid: list[str]) -> str:
+    """The sentence added to transformers' error for an unknown `attn_implementation`: hf_fastattn's names (which
+    transformers does not list) and the closest valid names, if any.
+
+    Args:
+        name: the name asked for.
+        valid: every valid name (transformers' and those registered).
+
+    Returns:
+        One or two sentences, e.g. 'hf_fastattn also registers "linear", ... Did you mean "linear"?'.
+    """
+    quoted = [f'"{n}"' for n in IMPLEMENTATIONS]
+    hint = f"hf_fastattn also registers {', '.join(quoted)}."
+    # case-insensitive: "Linear" is close to "linear"
+    lowered = {}
+    for candidate in [*IMPLEMENTATIONS, *valid]:
+        lowered.setdefault(candidate.lower(), candidate)
+    close = difflib.get_close_matches(name.lower(), list(lowered), n=3, cutoff=0.6)
+    if close:
+        suggestions = [f'"{lowered[c]}"' for c in close]
+        hint += f" Did you mean {' or '.join(suggestions)}?"
+    return hint
 
 
 def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
@@ -411,20 +499,75 @@ def mean_pool_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, groups, hkv // groups, n, d).mean(2)
 
 
+# set on attention modules that normalize each key head (Qwen3's `k_norm`) once `enable_mqa_key_pooling` hooked them
+POOLED_BEFORE_NORM = "_fastattn_mqa_pooled_before_norm"
+
+
 def mqa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     """"mqa": K/V mean-pooled into `kv_groups` heads at run time (Ainslie et al. 2023 init), then SDPA.
 
-    Pooling after RoPE equals pooling the projections (RoPE rotates every head alike), so this is exactly the model
-    whose K/V projections were mean-pooled.
+    This is exactly the model whose K/V projections were mean-pooled (`hf_fastattn.convert(model, "mqa")`, or "gqa"
+    with `num_key_value_heads=kv_groups`), in every supported family:
+    - Llama, Mistral, Qwen2, GPT-2, BERT: the keys arrive after RoPE (or none), which rotates every head alike, so
+      pooling them here equals pooling the projections.
+    - Qwen3 normalizes each key head (`k_norm`, RMSNorm) before RoPE, and the mean of normalized heads is not the
+      normalized mean. So `enable_mqa_key_pooling` (run when "mqa" is set: `from_pretrained`, `from_config`,
+      `set_attn_implementation`) hooks `k_norm` to pool the projected keys *before* the norm; the heads of a group
+      then arrive equal and one per group is kept. A Qwen3 module without the hook is refused rather than computing
+      the other model (mean of normalized keys).
     """
     check_supported(module, "mqa")
     groups = get_options(module.config).kv_groups
-    key, value = mean_pool_heads(key, groups), mean_pool_heads(value, groups)
+    if getattr(module, "k_norm", None) is not None:
+        if not getattr(module, POOLED_BEFORE_NORM, False):
+            raise ValueError(
+                f"hf_fastattn 'mqa': {type(module).__name__} normalizes each key head (k_norm), so its keys must be "
+                "pooled before the norm; set the implementation with model.set_attn_implementation('mqa') or "
+                "from_pretrained(..., attn_implementation='mqa') (not by assigning config._attn_implementation), "
+                "or call hf_fastattn.integration.registry.enable_mqa_key_pooling(model)"
+            )
+        hkv = key.shape[1]
+        if hkv % groups != 0:
+            mean_pool_heads(key, groups)  # raises the error naming the valid values
+        key = key[:, :: hkv // groups]  # the group's heads are equal (pooled before k_norm)
+    else:
+        key = mean_pool_heads(key, groups)
+    value = mean_pool_heads(value, groups)
     shim = SimpleNamespace(
         num_key_value_groups=query.shape[1] // groups, is_causal=getattr(module, "is_causal", True),
         layer_idx=getattr(module, "layer_idx", None),
     )
     return sdpa_attention_forward(shim, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
+
+
+def _pool_keys_before_norm(attention: torch.nn.Module, norm: torch.nn.Module, args):
+    """Forward pre-hook of `attention.k_norm` (input `[B, N, Hkv, D]`, the projected keys): under "mqa", replace each
+    head by the mean of its group of Hkv / kv_groups heads, as a model with mean-pooled K projections computes."""
+    if getattr(attention.config, "_attn_implementation", None) != "mqa":
+        return None
+    (keys, *rest) = args
+    groups = get_options(attention.config).kv_groups
+    b, n, hkv, d = keys.shape
+    if hkv % groups != 0:
+        raise ValueError(f"mqa: kv_groups={groups} must divide the model's {hkv} key/value heads")
+    pooled = keys.view(b, n, groups, hkv // groups, d).mean(3, keepdim=True).expand(b, n, groups, hkv // groups, d)
+    return (pooled.reshape(b, n, hkv, d), *rest)
+
+
+def enable_mqa_key_pooling(model: torch.nn.Module) -> torch.nn.Module:
+    """Hook the key norm (`k_norm`, Qwen3) of every attention module of `model` so that "mqa" pools the keys before
+    it (see `mqa_attention_forward`). Idempotent; the hooks do nothing unless the implementation is "mqa".
+
+    Returns:
+        The model.
+    """
+    for module in model.modules():
+        norm = getattr(module, "k_norm", None)
+        if isinstance(norm, torch.nn.Module) and isinstance(getattr(module, "layer_idx", None), int):
+            if not getattr(module, POOLED_BEFORE_NORM, False):
+                norm.register_forward_pre_hook(functools.partial(_pool_keys_before_norm, module))
+                setattr(module, POOLED_BEFORE_NORM, True)
+    return model
 
 
 ATTENTION_FUNCTIONS = {

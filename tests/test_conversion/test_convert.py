@@ -93,7 +93,10 @@ def test_save_load_identical_logits(tmp_path, family, method, options):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["fastattn_conversion"]["method"] == method
     native = method in ("mqa", "gqa") and family == "llama"
-    assert config["model_type"] == (family if native else f"hf_fastattn_{family}")
+    hint = "this checkpoint was converted by hf_fastattn: pip install hf_fastattn and import hf_fastattn"
+    assert config["model_type"] == (family if native else f"hf_fastattn_{family} ({hint})")
+    if not native:
+        assert loaded.config.model_type == f"hf_fastattn_{family}"  # the plain type in memory
 
 
 def test_gqa_llama_is_standard_and_loads_without_plugin(tmp_path):
@@ -135,21 +138,82 @@ def test_mean_pooling_is_exact():
         torch.testing.assert_close(pooled(_inputs()).logits, sdpa(_inputs()).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_loading_without_plugin_fails_naming_hf_fastattn(tmp_path, family):
-    convert(tiny_model(family), "hedgehog").save_pretrained(tmp_path)
-    cls = {"llama": "LlamaForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
-    for loader in ("AutoModelForCausalLM", cls):
-        code = f"from transformers import {loader}; {loader}.from_pretrained({str(tmp_path)!r})"
-        out = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-        assert out.returncode != 0
-        error = next(line for line in out.stderr.splitlines() if line.startswith("ValueError"))
-        assert "hf_fastattn" in error, error
+HINT = "this checkpoint was converted by hf_fastattn: pip install hf_fastattn and import hf_fastattn"
+# the three entry points, then the family class itself; each must fail before a model is built
+WITHOUT_PLUGIN = """
+import sys, transformers
+from transformers import AutoModel, AutoModelForCausalLM
+path, family_class = sys.argv[1], getattr(transformers, sys.argv[2])
+for name, load in [
+    ("AutoModelForCausalLM", lambda: AutoModelForCausalLM.from_pretrained(path)),
+    ("AutoModel", lambda: AutoModel.from_pretrained(path)),
+    ("pipeline", lambda: transformers.pipeline("text-generation", model=path)),
+    ("family class", lambda: family_class.from_pretrained(path)),
+]:
+    try:
+        load()
+        print(name, "LOADED")
+    except ValueError as err:
+        print(name, "|", " ".join(str(err).split()))
+assert "hf_fastattn" not in sys.modules
+"""
+
+
+@pytest.mark.parametrize("family,method", [("llama", "hedgehog"), ("qwen3", "fast"), ("gpt2", "mqa")])
+def test_loading_without_plugin_fails_naming_hf_fastattn(tmp_path, family, method):
+    """A process that never imports hf_fastattn: AutoModelForCausalLM, AutoModel and pipeline all fail on the model
+    type, whose text (in transformers' own message) says how to load the checkpoint; the family class fails on the
+    attention implementation. No model is built with weights dropped."""
+    convert(tiny_model(family), method).save_pretrained(tmp_path)
+    cls = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}[family]
+    out = subprocess.run(
+        [sys.executable, "-c", WITHOUT_PLUGIN, str(tmp_path), cls],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd="/",
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    errors = dict(line.split(" | ", 1) for line in out.stdout.splitlines() if " | " in line)
+    assert "LOADED" not in out.stdout, out.stdout
+    for entry in ("AutoModelForCausalLM", "AutoModel", "pipeline"):
+        assert f"model type `hf_fastattn_{family} ({HINT})`" in errors[entry], errors.get(entry, out.stdout)
+    assert "hf_fastattn_" in errors["family class"], errors["family class"]
+
+
+def test_checkpoint_saved_with_the_plain_model_type_still_loads(tmp_path):
+    """Checkpoints saved before the hint carry model_type "hf_fastattn_<family>": still registered."""
+    converted = convert(tiny_model("llama"), "t2r")
+    converted.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["model_type"] = "hf_fastattn_llama"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(loaded).__name__ == "HfFastattnLlamaForCausalLM"
+    x = _inputs()
+    with torch.no_grad():
+        assert torch.equal(converted(x).logits, loaded(x).logits)
+
+
+def test_converted_config_class_loads_its_config_without_warning(tmp_path):
+    """`HfFastattnLlamaConfig.from_pretrained` reads the hinted model type as its own (no mismatch warning; the
+    plain LlamaConfig does warn, which shows that the warning is captured)."""
+    from transformers import LlamaConfig
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    converted = convert(tiny_model("llama"), "t2r")
+    converted.save_pretrained(tmp_path)
+    logger = logging.get_logger("transformers.configuration_utils")
+    with CaptureLogger(logger) as plain:
+        LlamaConfig.from_pretrained(tmp_path)
+    assert "You are using a model of type" in plain.out
+    with CaptureLogger(logger) as captured:
+        config = type(converted.config).from_pretrained(tmp_path)
+    assert config.model_type == "hf_fastattn_llama"
+    assert "You are using a model of type" not in captured.out
+    assert config.fastattn_conversion == converted.config.fastattn_conversion
 
 
 @pytest.mark.parametrize("method", ["t2r", "hedgehog"])

@@ -123,6 +123,56 @@ def test_mqa_equals_hand_pooled_llama(groups):
     torch.testing.assert_close(_out(model, "llama", ids), _out(pooled, "llama", ids), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_mqa_equals_hand_pooled_qwen3(tmp_path, groups):
+    """Qwen3 normalizes each key head (k_norm) before RoPE: run-time "mqa" pools the projected keys before the norm,
+    so it is the model with mean-pooled K/V projections (a standard Qwen3 with `groups` K/V heads, built here by hand)
+    and `convert(model, "mqa")`; pooling the normalized keys would differ by about 3 in the logits."""
+    model = tiny_model("qwen3")  # 4 query heads, 2 K/V heads, head_dim 16
+    ids = _ids("qwen3")
+    pooled = tiny_model("qwen3", num_key_value_heads=groups)
+    state = model.state_dict()
+    for name, tensor in state.items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            state[name] = _pool_rows(tensor, 2, groups)
+    pooled.load_state_dict(state)
+    expected = _out(pooled, "qwen3", ids)
+    original = _out(model, "qwen3", ids)
+    converted = (
+        hf_fastattn.convert(model, "mqa") if groups == 1 else hf_fastattn.convert(model, "gqa", num_key_value_heads=groups)
+    )
+    torch.testing.assert_close(_out(converted, "qwen3", ids), expected, atol=1e-5, rtol=1e-4)
+    hf_fastattn.configure(model, kv_groups=groups)
+    model.set_attn_implementation("mqa")
+    torch.testing.assert_close(_out(model, "qwen3", ids), expected, atol=1e-5, rtol=1e-4)
+    # built with "mqa" (from_pretrained, from_config): hooked at construction
+    model.save_pretrained(tmp_path)
+    loaded = __import__("transformers").AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="mqa")
+    torch.testing.assert_close(_out(loaded.eval(), "qwen3", ids), expected, atol=1e-5, rtol=1e-4)
+    # switching back to sdpa leaves the keys alone
+    model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(_out(model, "qwen3", ids), original)
+
+
+def test_mqa_qwen3_decodes_with_cache_like_without():
+    model = tiny_model("qwen3", attn_implementation="mqa")
+    ids = _ids("qwen3", b=1, n=6)
+    with_cache = model.generate(ids, max_new_tokens=8, do_sample=False)
+    without = model.generate(ids, max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_mqa_qwen3_set_by_hand_is_refused():
+    """`config._attn_implementation = "mqa"` skips the k_norm hook: the function refuses rather than pooling the
+    normalized keys (another model)."""
+    model = tiny_model("qwen3")
+    model.config._attn_implementation = "mqa"
+    with pytest.raises(ValueError, match=r"normalizes each key head \(k_norm\), so its keys must be pooled before"):
+        _out(model, "qwen3", _ids("qwen3"))
+    hf_fastattn.integration.registry.enable_mqa_key_pooling(model)
+    assert torch.isfinite(_out(model, "qwen3", _ids("qwen3"))).all()
+
+
 def test_mqa_equals_hand_pooled_gpt2():
     """GPT-2 has no native GQA: the reference ties every head's K and V to the mean over heads (bias included)."""
     model = tiny_model("gpt2")

@@ -56,29 +56,119 @@ def test_bad_options_raise(options, match):
         hf_fastattn.configure(model, **options)
 
 
-def test_bad_option_in_saved_config_raises_at_forward():
+def test_bad_option_set_after_loading_raises_at_forward():
     model = tiny_model("llama", attn_implementation="linear")
     model.config.fastattn = {"feature_mapp": "elu"}
     with pytest.raises(ValueError, match="valid options are"):
         model(torch.randint(3, 96, (1, 4)))
 
 
-def test_mqa_groups_must_divide_heads():
-    model = tiny_model("llama", attn_implementation="mqa")
-    hf_fastattn.configure(model, kv_groups=3)
-    with pytest.raises(ValueError, match="kv_groups=3 must divide"):
-        model(torch.randint(3, 96, (1, 4)))
+def test_mqa_groups_must_divide_heads_checked_by_configure():
+    model = tiny_model("llama", attn_implementation="mqa")  # 2 K/V heads
+    with pytest.raises(ValueError, match=r"kv_groups=3 must divide the model's 2 key/value heads \(valid: \[1, 2\]\)"):
+        hf_fastattn.configure(model, kv_groups=3)
+    assert "kv_groups" not in (getattr(model.config, "fastattn", None) or {})  # nothing stored
+    hf_fastattn.configure(model, kv_groups=2)
+    assert model.config.fastattn["kv_groups"] == 2
 
 
-@pytest.mark.parametrize("impl", hf_fastattn.IMPLEMENTATIONS)
-def test_unsupported_architecture_raises(impl):
+def test_mqa_groups_checked_when_the_implementation_is_set(tmp_path):
+    """A bad kv_groups already in the config (a saved config.json, or set by hand) is refused by from_pretrained
+    before the model is built and by set_attn_implementation, not at the first forward."""
+    model = tiny_model("llama")
+    model.config.fastattn = {"kv_groups": 4}
+    with pytest.raises(ValueError, match=r"kv_groups=4 must divide the model's 2 key/value heads"):
+        model.set_attn_implementation("mqa")
+    assert model.config._attn_implementation == "sdpa"
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"kv_groups=4 must divide the model's 2 key/value heads"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="mqa")
+    # other implementations do not use kv_groups and load
+    AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="linear")
+
+
+def test_bad_option_in_saved_config_raises_at_load(tmp_path):
+    model = tiny_model("llama")
+    model.config.fastattn = {"feature_mapp": "elu"}
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"unknown fastattn option\(s\) \['feature_mapp'\]; valid options are"):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="linear")
+
+
+def _neox():
     config = GPTNeoXConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
     )
-    model = GPTNeoXForCausalLM(config).eval()
-    model.set_attn_implementation(impl)
+    return config, GPTNeoXForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("impl", hf_fastattn.IMPLEMENTATIONS)
+def test_unsupported_architecture_raises_when_set(tmp_path, impl):
+    config, model = _neox()
+    match = r"not supported for model_type='gpt_neox'; supported model types are \['llama'"
+    with pytest.raises(ValueError, match=match):
+        model.set_attn_implementation(impl)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match=match):
+        GPTNeoXForCausalLM._from_config(config, attn_implementation=impl)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
+
+
+def test_unsupported_architecture_still_refused_at_forward():
+    """Assigning config._attn_implementation by hand skips the checks above: the attention function refuses."""
+    _, model = _neox()
+    model.config._attn_implementation = "linear"
     with pytest.raises(ValueError, match=r"supported model types are \['llama'"):
         model(torch.randint(0, 64, (1, 5)))
+
+
+@pytest.mark.parametrize("name", ["bloom", "mpt"])
+def test_models_without_attention_interface_are_refused(name):
+    """Bloom and MPT (ALiBi in their own eager code) accept set_attn_implementation with only a logged warning and
+    keep softmax attention: hf_fastattn refuses instead."""
+    import transformers
+
+    if name == "bloom":
+        model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+    else:
+        model = transformers.MptForCausalLM(
+            transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
+        )
+    for impl in hf_fastattn.IMPLEMENTATIONS:
+        with pytest.raises(ValueError, match="does not dispatch its attention through transformers' AttentionInterface"):
+            model.set_attn_implementation(impl)
+    assert model.config._attn_implementation != "linear"
+
+
+@pytest.mark.parametrize(
+    "name,suggestion", [("Linear", "linear"), ("fastt", "fast"), ("MQA", "mqa"), ("sparce", "sparse"), ("sdpaa", "sdpa")]
+)
+def test_mistyped_name_lists_ours_and_a_close_match(tmp_path, name, suggestion):
+    tiny_model("llama").save_pretrained(tmp_path)
+    ours = r'hf_fastattn also registers "linear", "fast", "sparse", "mqa"\.'
+    with pytest.raises(ValueError, match=ours + f' Did you mean "{suggestion}"') as info:
+        AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=name)
+    assert f'attn_implementation="{name}"` is not supported' in str(info.value)  # transformers' own message first
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=ours + f' Did you mean "{suggestion}"'):
+        model.set_attn_implementation(name)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_unrelated_name_lists_ours_without_suggestion():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match=r'registers "linear", "fast", "sparse", "mqa"\.$'):
+        model.set_attn_implementation("xyzzy")
+
+
+@pytest.mark.parametrize("name", ["eager", "sdpa", "linear"])
+def test_valid_names_still_set(name):
+    model = tiny_model("llama")
+    model.set_attn_implementation(name)
+    assert model.config._attn_implementation == name
+    assert torch.isfinite(model(torch.randint(3, 96, (1, 5))).logits).all()
 
 
 @pytest.mark.parametrize("impl", ["linear", "fast", "sparse"])
