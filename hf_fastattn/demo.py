@@ -618,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="hf-fastattn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer steps: about a minute")
-    parser.add_argument("--model", help="a causal LM (local folder or hub id) instead of the embedded teacher")
+    parser.add_argument("--model", help="a causal LM to use: local folder or hub id (default: the embedded teacher)")
     parser.add_argument("--out", default="outputs/demo", help="output folder (default: outputs/demo)")
     parser.add_argument(
         "--threads",

@@ -89,17 +89,27 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn bench attention", description=__doc__)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for attention.png and attention.md")
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+        help="sequence lengths N (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+        help="attention operators to time (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
+        help="forward only, and/or forward and backward (default: %(default)s)",
+    )
+    parser.add_argument("--heads", type=int, default=8, help="attention heads H (default: %(default)s)")
+    parser.add_argument("--dim", type=int, default=64, help="head dimension D (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point, the best kept (default: %(default)s)")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for attention.png and attention.md (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
         "--threads", type=int, default=0,
-        help="torch threads for every method (0: torch's default); 1 gives steadier ratios on a loaded machine",
+        help="torch threads for every method (0: torch's default); 1 gives steadier ratios on a loaded machine"
+        " (default: %(default)s)",
     )
     args = parser.parse_args(argv)
     if args.threads:

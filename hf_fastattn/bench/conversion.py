@@ -412,36 +412,47 @@ def plot(rows, path):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hf-fastattn bench conversion", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny teacher, a few steps, small eval")
-    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(RECIPES))
-    p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens")
-    p.add_argument("--seq-len", type=int, default=128, help="uptraining and validation window in tokens")
+    p.add_argument(
+        "--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(RECIPES), help="recipes to run (default: %(default)s)"
+    )
+    p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=128, help="uptraining and validation window in tokens (default: %(default)s)")
     p.add_argument(
         "--teacher-seq-len",
         type=int,
         default=128,
         help="sequence length the tinylm teacher trains on (128: the shared cached teacher; longer ones are trained "
         "and cached once, on the same number of tokens); with --seq-len as long, the 64-token softmax window of the "
-        "hybrids covers less of each validation window",
+        "hybrids covers less of each validation window (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="uptraining batch size (default: %(default)s)")
     p.add_argument(
         "--teacher-steps",
         type=int,
         default=TEACHER_STEPS,
-        help="training steps of the teacher (2048 tokens each; cached by tinylm after the first run)",
+        help="training steps of the teacher (2048 tokens each; cached by tinylm after the first run)"
+        " (default: %(default)s)",
     )
     p.add_argument(
-        "--teacher-tokens", type=int, default=None, help="teacher training tokens if the teacher does not say"
+        "--teacher-tokens", type=int, default=None, help="teacher training tokens if the teacher does not say (default: none)"
     )
-    p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument(
-        "--minilm-steps", type=int, default=300, help="a third attention transfer, the rest layer transfer"
+        "--hidden", type=int, default=128, help="hidden size of a teacher trained here; no effect at present (only --quick trains one, and it sets 64)"
+        " (default: %(default)s)"
     )
-    p.add_argument("--no-minilm", action="store_true")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is)")
-    p.add_argument("--out", default="benchmarks/results/conversion")
+    p.add_argument(
+        "--layers", type=int, default=4, help="layers of a teacher trained here; no effect at present (only --quick trains one, and it sets 2)"
+        " (default: %(default)s)"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, default=64, help="greedy tokens per decode-speed run (default: %(default)s)"
+    )
+    p.add_argument(
+        "--minilm-steps", type=int, default=300, help="all-MiniLM-L6-v2 transfer steps: a third attention transfer, the rest layer transfer (default: %(default)s)"
+    )
+    p.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 (encoder) conversion")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is) (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results/conversion", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
     if args.teacher_seq_len < 1:
         p.error(f"--teacher-seq-len must be a positive number of tokens, got {args.teacher_seq_len}")

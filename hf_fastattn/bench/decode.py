@@ -221,26 +221,33 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-fastattn bench decode", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768])
-    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS)
-    parser.add_argument("--steps", type=int, default=20, help="timed single-token forwards per context and method")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards before them")
-    parser.add_argument("--prefill-piece", type=int, default=4096, help="tokens per prefill forward")
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[1024, 4096, 16384, 32768],
+        help="context lengths in tokens (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--implementations", nargs="+", default=list(IMPLEMENTATIONS), choices=IMPLEMENTATIONS,
+        help="attention implementations (and caches) to compare (default: %(default)s)",
+    )
+    parser.add_argument("--steps", type=int, default=20, help="timed single-token forwards per context and method (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed forwards before them (default: %(default)s)")
+    parser.add_argument("--prefill-piece", type=int, default=4096, help="tokens per prefill forward (default: %(default)s)")
     parser.add_argument(
         "--fast-prefill-limit",
         type=int,
         default=0,
         help="at most this many real prefill tokens for 'fast' (0: no limit); longer contexts reuse that state with "
-        "the token count set to N (a recurrent step costs the same)",
+        "the token count set to N (a recurrent step costs the same) (default: %(default)s)",
     )
     parser.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch threads (0: torch's default). One by default: on a shared CPU, multi-threaded kernels stall on "
-        "descheduled threads and single-token timings become noise (an sdpa call of 12 us took 16 ms with 2 threads)",
+        "descheduled threads and single-token timings become noise (an sdpa call of 12 us took 16 ms with 2 threads)"
+        " (default: %(default)s)",
     )
-    parser.add_argument("--out", default="benchmarks/results", help="folder for decode.md, decode.json, decode.png")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for decode.md, decode.json, decode.png (default: %(default)s)")
     parser.add_argument(
         "--quick", action="store_true", help="tiny model (2 layers, hidden 64), contexts 64 and 256, 3 steps"
     )

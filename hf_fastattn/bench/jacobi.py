@@ -125,23 +125,25 @@ def plot(results: dict, methods: list[str], path: str) -> None:
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn bench jacobi", description=__doc__)
-    parser.add_argument("--prompts", type=int, default=50)
-    parser.add_argument("--prompt-tokens", type=int, default=64)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=list(MODES))
+    parser.add_argument("--prompts", type=int, default=50, help="prompts from the validation split (default: %(default)s)")
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (default: %(default)s)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default: %(default)s)")
+    parser.add_argument(
+        "--modes", nargs="+", default=list(MODES), choices=list(MODES), help="Jacobi modes to time (default: %(default)s)"
+    )
     parser.add_argument(
         "--block-size", type=int, default=None, help="guesses per pass (default: each mode's)"
     )
     parser.add_argument(
-        "--repeats", type=int, default=5, help="timed runs per (prompt, method); best is kept"
+        "--repeats", type=int, default=5, help="timed runs per (prompt, method); best is kept (default: %(default)s)"
     )
     parser.add_argument(
-        "--threads", type=int, default=1, help="torch threads for every method (1: steadier on a shared CPU)"
+        "--threads", type=int, default=1, help="torch threads for every method (1: steadier on a shared CPU) (default: %(default)s)"
     )
     parser.add_argument(
         "--no-reference", action="store_true", help=f"skip the {REFERENCE!r} row (our loop, no guesses)"
     )
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="benchmarks/results", help="folder for the report and plot (default: %(default)s)")
     parser.add_argument(
         "--quick", action="store_true", help="random tiny model, 2 prompts, 12 tokens (smoke test)"
     )

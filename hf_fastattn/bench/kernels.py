@@ -124,12 +124,18 @@ def plot(results: dict, lengths: list[int], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn bench kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536])
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[1024, 4096, 16384, 65536], help="sequence lengths N (default: %(default)s)"
+    )
+    parser.add_argument("--heads", type=int, default=16, help="attention heads H (default: %(default)s)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension D (default: %(default)s)")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"], help="input dtype (default: %(default)s)"
+    )
     parser.add_argument("--methods", nargs="+", default=None, help="subset of the methods (default: all available)")
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument(
+        "--out", default="benchmarks/results", help="folder for kernels.md, kernels.json, kernels.png (default: %(default)s)"
+    )
     parser.add_argument("--quick", action="store_true", help="CPU, Triton interpreter, tiny sizes (smoke test)")
     args = parser.parse_args(argv)
 

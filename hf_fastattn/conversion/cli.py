@@ -36,7 +36,11 @@ def build_parser() -> ArgumentParser:
     from .core import CONVERSION_METHODS, get_method
 
     get_method("t2r")  # registers the built-in methods
-    p = ArgumentParser(prog="hf-fastattn convert", description=__doc__.splitlines()[0])
+    p = ArgumentParser(
+        prog="hf-fastattn convert",
+        description="Convert SRC to fast attention, uptrain it on a text, print the validation perplexity before and "
+        "after, and save model and tokenizer to --out. Every argument is checked before the model is loaded.",
+    )
     p.add_argument("src", help="local model directory or hub id (not modified)")
     p.add_argument("--method", required=True, help=f"one of {sorted(CONVERSION_METHODS)}")
     data = p.add_mutually_exclusive_group(required=True)
@@ -99,7 +103,7 @@ def build_parser() -> ArgumentParser:
         help="hybrid: starting logit of the window's share (0: 1/2)",
     )
     p.add_argument(
-        "--num-key-value-heads", type=int_at_least(1), default=None, help="gqa (required): K/V heads after pooling"
+        "--num-key-value-heads", type=int_at_least(1), default=None, help="K/V heads after pooling (required by --method gqa; no default)"
     )
     p.add_argument(
         "--val-fraction",

@@ -82,6 +82,75 @@ def test_ddgviz_command(tiny_dir, tmp_path):
     assert (tmp_path / "ddgviz.png").is_file() and (tmp_path / "ddgviz.html").is_file()
 
 
+def _forbid_model_loading(monkeypatch):
+    """Make loading a model or tokenizer fail the test: the arguments must be checked first."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model or tokenizer was loaded before the arguments were checked")
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        monkeypatch.setattr(auto, "from_pretrained", refuse)
+
+
+def _one_line_error(capsys, message):
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("command", ["generate", "ddgviz"])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--prompt", ""], "argument --prompt: is empty"),
+        (["--prompt", "hi", "--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+        (["--prompt", "hi", "--max-new-tokens", "-3"], "argument --max-new-tokens: must be at least 1, got -3"),
+        (["--prompt", "hi", "--block-size", "0"], "argument --block-size: must be at least 1, got 0"),
+    ],
+    ids=["empty-prompt", "zero-tokens", "negative-tokens", "zero-block"],
+)
+def test_bad_arguments_are_one_line_before_loading(tiny_dir, tmp_path, capsys, monkeypatch, command, extra, message):
+    _forbid_model_loading(monkeypatch)
+    out = ["--out", str(tmp_path / "viz")] if command == "ddgviz" else []
+    assert cli_main([command, str(tiny_dir), *extra, *out]) == 2
+    _one_line_error(capsys, f"hf-fastattn {command}: error: {message}")
+    assert not (tmp_path / "viz").exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "ddgviz"])
+def test_missing_local_model_is_reported_without_the_hub(tmp_path, capsys, monkeypatch, command):
+    """A path that can only be local is reported at once; neither transformers nor the Hub is asked."""
+    _forbid_model_loading(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for name in ["./does/not/exist", "../nope", str(tmp_path / "missing"), "~/no-such-model-here", "a/b/c",
+                 "outputs/run1", "model.gguf"]:
+        assert cli_main([command, name, "--prompt", "hi"]) == 2, name
+        _one_line_error(capsys, f"MODEL {name!r}: no such local folder")
+    (tmp_path / "weights.bin").write_bytes(b"")
+    assert cli_main([command, "weights.bin", "--prompt", "hi"]) == 2
+    _one_line_error(capsys, "MODEL 'weights.bin' is a file")
+
+
+def test_unknown_hub_id_is_one_line(capsys, monkeypatch, tmp_path):
+    """A name that may be a Hub id goes to transformers (offline here); its failure is one line, exit code 2."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert cli_main(["generate", "no-such-org/no-such-model-xyz", "--prompt", "hi"]) == 2
+    _one_line_error(capsys, "cannot load MODEL 'no-such-org/no-such-model-xyz' as a Hub id")
+
+
+def test_ddgviz_out_must_be_a_folder(tiny_dir, tmp_path, capsys, monkeypatch):
+    _forbid_model_loading(monkeypatch)
+    target = tmp_path / "picture.png"
+    target.write_bytes(b"not yours")
+    assert cli_main(["ddgviz", str(tiny_dir), "--prompt", "hi", "--out", str(target)]) == 2
+    _one_line_error(capsys, f"--out {str(target)!r} is a file")
+    assert cli_main(["ddgviz", str(tiny_dir), "--prompt", "hi", "--out", str(target / "sub")]) == 2
+    _one_line_error(capsys, "cannot be created")
+    assert target.read_bytes() == b"not yours"
+
+
 def test_bench_jacobi_quick(tmp_path):
     assert cli_main(["bench", "jacobi", "--quick", "--out", str(tmp_path)]) == 0
     assert "identical" in (tmp_path / "quick_jacobi.md").read_text()
