@@ -37,14 +37,20 @@ def assert_matches_reference(fast_fn, ref_fn, q, k, v, *, atol=2e-5, rtol=2e-4):
         )
 
 
-def assert_bf16_close(fast_fn, ref_fn, q32, k32, v32):
-    """bf16 inputs: the error against the fp32 reference may be about twice the reference's own bf16 error."""
+def assert_bf16_close(fast_fn, ref_fn, q32, k32, v32, *, dtype=torch.bfloat16, floor=1e-2):
+    """16-bit inputs (bf16, or `dtype`): the error against the fp32 reference may be about twice the reference's own
+    error on the same 16-bit inputs (as flash-attention's tests measure it), plus a small floor."""
     ref32 = ref_fn(q32, k32, v32).float()
-    q, k, v = (x.to(torch.bfloat16) for x in (q32, k32, v32))
+    q, k, v = (x.to(dtype) for x in (q32, k32, v32))
     ref16 = ref_fn(q, k, v)
     out16 = fast_fn(q, k, v)
-    assert out16.dtype == torch.bfloat16
+    assert out16.dtype == dtype
     assert torch.isfinite(out16).all()
     ref_err = (ref16.float() - ref32).abs().max().item()
     err = (out16.float() - ref32).abs().max().item()
-    assert err <= 2 * ref_err + 1e-2, (err, ref_err)
+    assert err <= 2 * ref_err + floor, (err, ref_err)
+
+
+def assert_fp16_close(fast_fn, ref_fn, q32, k32, v32, *, floor=2e-3):
+    """fp16 inputs: as `assert_bf16_close`, with a floor for fp16's 11-bit mantissa."""
+    assert_bf16_close(fast_fn, ref_fn, q32, k32, v32, dtype=torch.float16, floor=floor)

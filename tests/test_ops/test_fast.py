@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from hf_fastattn.ops import FastmaxFeatureMap, fast_attention
+from hf_fastattn.ops import linear as linear_module
 from hf_fastattn.ops.reference import fast_normalize, naive_fast_attention
 
-from .helpers import assert_bf16_close, assert_matches_reference, inputs, left_padding
+from .helpers import assert_bf16_close, assert_fp16_close, assert_matches_reference, inputs, left_padding
 
 
 @pytest.mark.parametrize("n", [1, 63, 500])
@@ -27,6 +28,33 @@ def test_fast_matches_reference(n, causal, order, temperature):
         k,
         v,
     )
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("order", [1, 2])
+def test_fast_head_dim_64(order, causal, monkeypatch):
+    """A real head size. Order 2 then has F = 1 + 64 + 64 * 65 / 2 = 2145 > 256 features: the causal form takes
+    chunks of 256 one at a time (a loop whose single state stays in cache); 300 tokens make two chunks, the second
+    padded. Order 1 (F = 65) stays on the batched path of 64-token chunks."""
+    segments = []
+    real = linear_module._causal_segment
+
+    def spy(qf, *args):
+        segments.append(qf.shape[3])
+        return real(qf, *args)
+
+    monkeypatch.setattr(linear_module, "_causal_segment", spy)
+    q, k, v = inputs(1, 4, 2, 300, 64)
+    mask = left_padding(1, 300, 20)
+    assert_matches_reference(
+        lambda q, k, v: fast_attention(q, k, v, causal=causal, order=order, temperature=1.5, padding_mask=mask),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=causal, order=order, temperature=1.5, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+    if causal:
+        assert segments == ([256, 256] if order == 2 else [320])
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
@@ -110,12 +138,32 @@ def test_order1_opposite_vectors_no_nan(causal):
 @pytest.mark.parametrize("order", [1, 2])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
 def test_fp16_and_fully_padded_rows_are_finite(order, causal):
-    q, k, v = inputs(2, 2, 2, 64, 16, dtype=torch.float16, grad=False, scale=30.0)
+    q, k, v = inputs(2, 2, 2, 64, 16, grad=False, scale=30.0)
     mask = left_padding(2, 64, 64 if not causal else 10)  # bidirectional: every key of row 1 is padding
-    out = fast_attention(q, k, v, causal=causal, order=order, padding_mask=mask)
+    out = fast_attention(q.half(), k.half(), v.half(), causal=causal, order=order, padding_mask=mask)
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
     empty = out[1, :, :10] if causal else out[1]
     assert empty.abs().max() == 0
+    # and the values: within twice the fp16 error of the reference itself
+    assert_fp16_close(
+        lambda q, k, v: fast_attention(q, k, v, causal=causal, order=order, padding_mask=mask),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=causal, order=order, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_fp16_head_dim_64(order):
+    q, k, v = inputs(1, 2, 2, 300, 64, grad=False)
+    assert_fp16_close(
+        lambda q, k, v: fast_attention(q, k, v, causal=True, order=order),
+        lambda q, k, v: naive_fast_attention(q, k, v, causal=True, order=order),
+        q,
+        k,
+        v,
+    )
 
 
 @pytest.mark.parametrize(

@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from hf_fastattn.ops import chunk_linear_attention, linear_attention, recurrent_linear_step
+from hf_fastattn.ops import linear as linear_module
+from hf_fastattn.ops.feature_maps import T2RFeatureMap
 from hf_fastattn.ops.reference import naive_feature_attention, naive_linear_attention, repeat_kv
 
-from .helpers import assert_bf16_close, assert_matches_reference, inputs, left_padding
+from .helpers import assert_bf16_close, assert_fp16_close, assert_matches_reference, inputs, left_padding
 
 LENGTHS = [1, 63, 500]
 
@@ -126,12 +128,27 @@ def test_bf16_error_within_twice_reference_error(causal):
     )
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_fp16_error_within_twice_reference_error(feature_map, causal):
+    q, k, v = inputs(2, 4, 2, 200, 16, grad=False)
+    mask = left_padding(2, 200, 37)
+    assert_fp16_close(
+        lambda q, k, v: linear_attention(q, k, v, causal=causal, feature_map=feature_map, padding_mask=mask),
+        lambda q, k, v: naive_linear_attention(q, k, v, causal=causal, feature_map=feature_map, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+
+
 def test_fp16_and_empty_rows_are_finite():
     q, k, v = inputs(2, 2, 2, 64, 16, dtype=torch.float16, grad=False)
-    assert torch.isfinite(linear_attention(q, k, v, causal=True)).all()
+    out = linear_attention(q, k, v, causal=True)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
     # relu of all-negative keys: every weight is 0 -> the output is 0, not NaN
     out = linear_attention(q, -k.abs() - 1, v, causal=True, feature_map="relu")
-    assert torch.isfinite(out).all()
+    assert torch.isfinite(out).all() and out.abs().max() == 0
     # a query whose only keys are padding
     mask = torch.ones(2, 64, dtype=torch.bool)
     mask[1, :10] = False
@@ -166,3 +183,52 @@ def test_bad_input_errors():
         linear_attention(q, k, v, causal=True, backend="cuda")
     with pytest.raises(ValueError, match="one token"):
         recurrent_linear_step(q, k, v, (torch.zeros(1, 2, 8, 8), torch.zeros(1, 2, 8)))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_many_segments_equal_reference(monkeypatch, grad):
+    """Long inputs go through the chunked form in segments (bounded memory); with a small budget the segments are
+    4 chunks of 16 here: 150 tokens make 3 segments, the last one padded, each starting from the state the previous
+    one left, with a learned per-head map (GQA), padding and an initial state."""
+    budget = 50_000
+    monkeypatch.setattr(linear_module, "_SEGMENT_BUDGET", budget)
+    monkeypatch.setattr(linear_module, "_SEGMENT_BUDGET_GRAD", budget)
+    segments = []
+    real = linear_module._causal_segment
+
+    def spy(qf, *args):
+        segments.append(qf.shape[3])
+        return real(qf, *args)
+
+    monkeypatch.setattr(linear_module, "_causal_segment", spy)
+    torch.manual_seed(0)
+    fmap = T2RFeatureMap(4, 16, 16)
+    q, k, v = inputs(2, 4, 2, 150, 16, grad=grad)
+    mask = left_padding(2, 150, 70)  # row 1's padding spans the first segment and part of the second
+    s0, z0 = torch.rand(2, 4, 16, 16), torch.rand(2, 4, 16)
+
+    def ours(q, k, v):
+        k, v = repeat_kv(k, 4), repeat_kv(v, 4)  # the per-head map has one set of weights per query head
+        return linear_module.causal_linear_attention(
+            q, k, v, feature_map=fmap, key_mask=mask, initial_state=(s0, z0), output_final_state=True, chunk_size=16
+        )
+
+    out, (s, z) = ours(q, k, v)
+    assert segments == [64, 64, 32]
+    qf, kf = fmap(q), fmap(repeat_kv(k, 4)) * mask[:, None, :, None]
+    ref, (rs, rz) = naive_feature_attention(qf, kf, repeat_kv(v, 4), causal=True, initial_state=(s0, z0))
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(s, rs, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z, rz, atol=1e-4, rtol=1e-4)
+    if grad:
+        assert_matches_reference(
+            lambda q, k, v: ours(q, k, v)[0],
+            lambda q, k, v: naive_feature_attention(
+                fmap(q), fmap(repeat_kv(k, 4)) * mask[:, None, :, None], repeat_kv(v, 4), causal=True,
+                initial_state=(s0, z0),
+            )[0],
+            q,
+            k,
+            v,
+        )
+        assert fmap.weight.grad is not None and fmap.weight.grad.abs().max() > 0
