@@ -507,9 +507,15 @@ def lm_dataset(text: str, tokenizer, seq_len: int, max_blocks: int | None = None
 def perplexity(model: nn.Module, tokenizer, text: str, seq_len: int = 256, batch_size: int = 8) -> float:
     """Exact perplexity of a causal LM on `text`: every token after the first of each non-overlapping
     `seq_len` window is scored (the tail shorter than a window included); exp(total NLL / tokens)."""
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return perplexity_of_ids(model, ids, seq_len, batch_size)
+
+
+@torch.no_grad()
+def perplexity_of_ids(model: nn.Module, ids: torch.Tensor, seq_len: int = 256, batch_size: int = 8) -> float:
+    """`perplexity` on token ids `[T]` already made."""
     was_training = model.training
     model.eval()
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     device = next(model.parameters()).device
     windows = [ids[i : i + seq_len] for i in range(0, len(ids), seq_len)]
     windows = [w for w in windows if len(w) > 1]
