@@ -286,6 +286,10 @@ def run(args) -> int:
         raise ValueError(
             f"SRC {args.src!r} is a {base_model_type(config)!r} model; hf-fastattn convert supports {sorted(FAMILIES)}"
         )
+    if family.name in ("gpt2", "bert"):  # learned position embeddings: no position beyond the table
+        positions = getattr(config, "n_positions", None) or config.max_position_embeddings
+        if args.seq_len > positions:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the {positions} positions of SRC ({family.name})")
     if args.method == "gqa":  # the one option that depends on the model's shape
         hkv = head_counts(config, family)[1]
         if hkv % args.num_key_value_heads:

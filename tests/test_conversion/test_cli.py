@@ -270,3 +270,13 @@ def test_convert_cli_says_when_nothing_was_saved(tmp_path, src, train_file, caps
     assert cli_main(_quick_argv(src, train_file, tmp_path / "o")) == 1
     captured = capsys.readouterr()
     assert "nothing was saved" in captured.err and "saved to" not in captured.out
+
+
+def test_convert_cli_seq_len_beyond_learned_positions(tmp_path, tokenizer, train_file, capsys, monkeypatch):
+    """GPT-2 has a table of 256 positions (tiny config): a longer --seq-len would fail after loading and evaluating."""
+    src = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    _forbid_model_loading(monkeypatch)
+    assert cli_main(_quick_argv(src, train_file, tmp_path / "o", "--seq-len", "300")) == 2
+    assert "--seq-len 300 exceeds the 256 positions of SRC (gpt2)" in capsys.readouterr().err
