@@ -754,3 +754,64 @@ def test_converted_models_decode_recurrently(method, options):
     assert out.sequences.tolist() == plain.sequences.tolist()
     torch.testing.assert_close(step_logits(out), step_logits(plain), atol=1e-4, rtol=1e-4)
     assert_steps_match_reference(model, out, ids.shape[1], mask)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. a DynamicCache passed explicitly (issue 14 item 12): kept as given, and exact
+
+
+@pytest.mark.parametrize("case", ["llama-linear", "qwen3-fast2", "gpt2-fast1", "qwen2-linear-relu"])
+def test_explicit_dynamic_cache_is_kept_and_exact(case):
+    """generate(cache=DynamicCache(...)) on a "linear" / "fast" model keeps that cache (it is the user's choice; only
+    the default cache becomes a RecurrentCache): the keys and values grow, each step's query reads the prefix through
+    one state sum (`registry._suffix_queries`), and tokens and logits equal use_cache=False, the RecurrentCache's, and
+    the written-out reference, on a left-padded batch."""
+    model = make(case)
+    ids, mask = left_padded(prompts([9, 4]))
+    cache = DynamicCache(config=model.config)
+    out = gen(model, ids, mask, max_new_tokens=10, cache=cache)
+    assert out.past_key_values is cache and type(cache) is DynamicCache
+    assert cache.get_seq_length() == ids.shape[1] + 9  # it grew: every token but the last one generated
+    plain = gen(model, ids, mask, max_new_tokens=10, use_cache=False)
+    recurrent = gen(model, ids, mask, max_new_tokens=10)
+    assert type(recurrent.past_key_values) is hf_fastattn.RecurrentCache
+    assert out.sequences.tolist() == plain.sequences.tolist() == recurrent.sequences.tolist()
+    torch.testing.assert_close(step_logits(out), step_logits(plain), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step_logits(out), step_logits(recurrent), atol=1e-4, rtol=1e-4)
+    assert_steps_match_reference(model, out, ids.shape[1], mask)
+
+
+@pytest.mark.parametrize("case", ["llama-fast2", "gpt2-linear"])
+def test_explicit_dynamic_cache_forward_with_several_new_tokens(case):
+    """A forward with a DynamicCache holding a prefix and several new tokens at once (a Jacobi guess block): the new
+    tokens' logits equal those of one cache-free forward over the whole sequence."""
+    model = make(case)
+    ids, mask = left_padded(prompts([14, 9]))
+    pos = positions(mask)
+    whole = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :8], attention_mask=mask[:, :8], position_ids=pos[:, :8], cache=cache)
+    assert type(cache) is DynamicCache and cache.get_seq_length() == 8
+    rest = model(input_ids=ids[:, 8:], attention_mask=mask, position_ids=pos[:, 8:], cache=cache).logits
+    torch.testing.assert_close(rest, whole[:, 8:], atol=1e-4, rtol=1e-4)
+    assert cache.get_seq_length() == ids.shape[1]
+
+
+def test_fast_head_dim_64_decodes_recurrently():
+    """FAST order 2 at a real head size (D = 64: 2145 features, the causal form's one-chunk-per-segment path of
+    256-token chunks): the RecurrentCache's generation equals use_cache=False and the written-out reference, and the
+    state has the bytes that F says."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", attn_implementation="fast", initializer_range=0.2, hidden_size=128,
+                       num_attention_heads=2, num_key_value_heads=1)
+    hf_fastattn.configure(model, order=2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = PAD
+    ids, mask = left_padded(prompts([270, 250]))  # prefill: two chunks of 256, the second padded
+    out = gen(model, ids, mask, max_new_tokens=6)
+    assert type(out.past_key_values) is hf_fastattn.RecurrentCache
+    assert out.past_key_values.nbytes() == expected_nbytes(model, 2)
+    plain = gen(model, ids, mask, max_new_tokens=6, use_cache=False)
+    assert out.sequences.tolist() == plain.sequences.tolist()
+    torch.testing.assert_close(step_logits(out), step_logits(plain), atol=1e-4, rtol=1e-4)
+    assert_steps_match_reference(model, out, ids.shape[1], mask)
