@@ -128,19 +128,20 @@ def test_mqa_equals_hand_pooled_qwen3(tmp_path, groups):
     """Qwen3 normalizes each key head (k_norm) before RoPE: run-time "mqa" pools the projected keys before the norm,
     so it is the model with mean-pooled K/V projections (a standard Qwen3 with `groups` K/V heads, built here by hand)
     and `convert(model, "mqa")`; pooling the normalized keys would differ by about 3 in the logits."""
-    model = tiny_model("qwen3")  # 4 query heads, 2 K/V heads, head_dim 16
+    model = tiny_model("qwen3", num_key_value_heads=4)  # 4 query heads, 4 K/V heads, head_dim 16
     ids = _ids("qwen3")
     pooled = tiny_model("qwen3", num_key_value_heads=groups)
     state = model.state_dict()
     for name, tensor in state.items():
         if name.endswith(("k_proj.weight", "v_proj.weight")):
-            state[name] = _pool_rows(tensor, 2, groups)
+            state[name] = _pool_rows(tensor, 4, groups)
     pooled.load_state_dict(state)
     expected = _out(pooled, "qwen3", ids)
     original = _out(model, "qwen3", ids)
-    converted = (
-        hf_fastattn.convert(model, "mqa") if groups == 1 else hf_fastattn.convert(model, "gqa", num_key_value_heads=groups)
-    )
+    if groups == 1:
+        converted = hf_fastattn.convert(model, "mqa")
+    else:
+        converted = hf_fastattn.convert(model, "gqa", num_key_value_heads=groups)
     torch.testing.assert_close(_out(converted, "qwen3", ids), expected, atol=1e-5, rtol=1e-4)
     hf_fastattn.configure(model, kv_groups=groups)
     model.set_attn_implementation("mqa")

@@ -131,19 +131,21 @@ def test_models_without_attention_interface_are_refused(name):
     import transformers
 
     if name == "bloom":
-        model = transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2))
+        config = transformers.BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=2)
+        model = transformers.BloomForCausalLM(config)
     else:
         model = transformers.MptForCausalLM(
             transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
         )
     for impl in hf_fastattn.IMPLEMENTATIONS:
-        with pytest.raises(ValueError, match="does not dispatch its attention through transformers' AttentionInterface"):
+        with pytest.raises(ValueError, match="does not dispatch its attention through transformers' AttentionInterf"):
             model.set_attn_implementation(impl)
     assert model.config._attn_implementation != "linear"
 
 
 @pytest.mark.parametrize(
-    "name,suggestion", [("Linear", "linear"), ("fastt", "fast"), ("MQA", "mqa"), ("sparce", "sparse"), ("sdpaa", "sdpa")]
+    "name,suggestion",
+    [("Linear", "linear"), ("fastt", "fast"), ("MQA", "mqa"), ("sparce", "sparse"), ("sdpaa", "sdpa")],
 )
 def test_mistyped_name_lists_ours_and_a_close_match(tmp_path, name, suggestion):
     tiny_model("llama").save_pretrained(tmp_path)

@@ -10,6 +10,10 @@ untouched) and "svd" (`families.fit_kv`: the shared K and V heads are fit to the
 circuits of the group's heads by truncated SVD, and Q and O are refit to them; exact when nothing is pooled).
 On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts at 1.4x the teacher's perplexity
 where "mean" starts at 2.7x, and uptrains to a lower perplexity on the same tokens.
+
+The run-time "mqa" implementation (`configure(model, kv_groups=G)`, `set_attn_implementation("mqa")`) on the
+original model computes the same model as mean pooling here, in every family; on Qwen3 it pools the projected keys
+before the per-head key norm (`k_norm`), as the pooled checkpoint does (see `registry.mqa_attention_forward`).
 """
 
 from __future__ import annotations
