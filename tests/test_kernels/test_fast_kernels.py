@@ -10,7 +10,15 @@ from hf_fastattn.kernels import fast_attention_triton  # noqa: E402
 from hf_fastattn.ops.fast import fast_attention  # noqa: E402
 from hf_fastattn.ops.reference import naive_fast_attention  # noqa: E402
 
-from .helpers import DEVICE, INTERPRETED, LENGTHS, assert_bf16_close, assert_close_all, assert_fp16_close, randn  # noqa: E402
+from .helpers import (  # noqa: E402
+    DEVICE,
+    INTERPRETED,
+    LENGTHS,
+    assert_bf16_close,
+    assert_close_all,
+    assert_fp16_close,
+    randn,
+)
 
 pytestmark = pytest.mark.triton
 

@@ -13,7 +13,12 @@ from tiny_models import tiny_model
 import hf_fastattn
 from hf_fastattn.ops import fast_attention, linear_attention, sparse_attention
 from hf_fastattn.ops.dropout import key_dropout
-from hf_fastattn.ops.reference import naive_fast_attention, naive_linear_attention, naive_sparse_attention, repeat_kv
+from hf_fastattn.ops.reference import (
+    naive_fast_attention,
+    naive_linear_attention,
+    naive_sparse_attention,
+    repeat_kv,
+)
 
 P = 0.3
 
