@@ -24,6 +24,14 @@ def _no_env_override(monkeypatch):
     monkeypatch.delenv("HF_FASTATTN_BACKEND", raising=False)
 
 
+def test_session_runs_compiled_kernels_on_a_gpu_and_the_interpreter_without():
+    """The root conftest sets TRITON_INTERPRET=1 only without a CUDA GPU, so a GPU machine tests compiled kernels."""
+    if not torch.cuda.is_available():
+        assert dispatch.interpreter_enabled() and DEVICE.type == "cpu"
+    else:  # compiled, unless TRITON_INTERPRET=1 was set by hand before the session
+        assert DEVICE.type == ("cpu" if dispatch.interpreter_enabled() else "cuda")
+
+
 def test_torch_and_auto_on_cpu_give_torch():
     assert resolve_backend("torch", CPU) == "torch"
     assert resolve_backend("auto", CPU) == "torch"
