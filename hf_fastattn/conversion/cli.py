@@ -20,7 +20,7 @@ import sys
 import tempfile
 
 from ..cli import ArgumentParser, fail, float_in, int_at_least
-from ..loading import check_model_path, check_output_dir, model_load_errors
+from ..loading import check_output_dir, model_load_errors, resolve_model
 
 DEFAULT_FINETUNE = {
     "t2r": "full",
@@ -238,8 +238,8 @@ def run(args) -> int:
     # 1. the arguments, the paths and the text, before anything is loaded
     options = method_options(args)
     method_config(args.method, **options)
-    src = check_model_path(args.src, "SRC")
-    out, note = check_out(args, src)
+    src, gguf = resolve_model(args.src, "SRC", fetch=False)  # a short name is fetched after the text is read
+    out, note = check_out(args, os.path.join(src, gguf) if gguf else src)
     finetune = args.finetune or DEFAULT_FINETUNE[args.method]
     transfer = (
         args.transfer_steps
@@ -271,9 +271,10 @@ def run(args) -> int:
     # 2. the tokenizer (cheap): is there a training block and something to validate on?
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    src, gguf = resolve_model(args.src, "SRC")
     with model_load_errors(args.src, "SRC"):
-        config = AutoConfig.from_pretrained(src)
-        tokenizer = AutoTokenizer.from_pretrained(src)
+        config = AutoConfig.from_pretrained(src, gguf_file=gguf)
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
     try:
         train = lm_dataset(train_text, tokenizer, args.seq_len)
     except ValueError as e:
@@ -302,8 +303,14 @@ def run(args) -> int:
         raise ValueError(f"{source}: the validation text (--val-fraction, --max-val-chars) has fewer than 2 tokens")
 
     # 3. the model: convert first (it refuses unsupported models and options that need the model's shape)
+    auto_class = AutoModelForCausalLM if causal else AutoModel
     with model_load_errors(args.src, "SRC"):
-        model = (AutoModelForCausalLM if causal else AutoModel).from_pretrained(src)
+        if gguf:  # dequantized into a plain model (a GGUF-quantized one refuses save_pretrained)
+            from ..pretrained import load_gguf
+
+            model = load_gguf(os.path.join(src, gguf), auto_class)[0]
+        else:
+            model = auto_class.from_pretrained(src)
     family = family_of(model)
     converted = convert(model, args.method, **options)
     if not family.causal and args.max_steps and finetune != "none":

