@@ -48,7 +48,7 @@ import hf_fastattn  # noqa: F401  (registers the attention implementations and t
 
 from .bench.conversion import convert_and_uptrain
 from .bench.jacobi import make_prompts, run_one, time_methods
-from .bench.utils import cache_nbytes, format_table, machine_line, torch_threads
+from .bench.utils import cache_nbytes, crossover, describe_crossover, format_table, machine_line, torch_threads
 from .tinylm import get_tiny_llama, lm_dataset, load_corpus, perplexity, split_corpus
 
 METHODS = ("t2r", "hedgehog", "mqa")
@@ -232,24 +232,6 @@ def measure_decoding(models: dict, val_ids: torch.Tensor, sizes: Sizes) -> list[
     return [{"model": name, "context": context, **best[name, context]} for name in models for context in contexts]
 
 
-def crossover(decoding: list[dict], model: str, baseline: str, key: str) -> dict:
-    """Where `model`'s `key` ("s_per_token" or "cache_bytes") drops to `baseline`'s or below, along the measured
-    contexts: {"status": "crosses", "from": context (interpolated in log context)}, {"status": "always"} (already at
-    the smallest context) or {"status": "never"} (not within the measured range; "up_to" says how far it went)."""
-    ours = {d["context"]: d[key] for d in decoding if d["model"] == model}
-    theirs = {d["context"]: d[key] for d in decoding if d["model"] == baseline}
-    contexts = sorted(set(ours) & set(theirs))
-    gaps = [ours[c] - theirs[c] for c in contexts]  # > 0: the baseline is still ahead
-    for i, gap in enumerate(gaps):
-        if gap <= 0:
-            if i == 0:
-                return {"status": "always", "from": contexts[0]}
-            lo, hi = math.log(contexts[i - 1]), math.log(contexts[i])
-            at = math.exp(lo + (hi - lo) * gaps[i - 1] / (gaps[i - 1] - gap))
-            return {"status": "crosses", "from": int(round(at))}
-    return {"status": "never", "up_to": contexts[-1] if contexts else 0}
-
-
 def crossovers(decoding: list[dict]) -> dict:
     """{model: {"time": crossover, "cache": crossover}} against the teacher, for every decoded model but it."""
     names = dict.fromkeys(d["model"] for d in decoding)
@@ -261,14 +243,6 @@ def crossovers(decoding: list[dict]) -> dict:
         for name in names
         if name != "teacher"
     }
-
-
-def describe_crossover(c: dict) -> str:
-    if c["status"] == "crosses":
-        return f"from about {c['from']:,} tokens"
-    if c["status"] == "always":
-        return f"already at {c['from']:,} tokens"
-    return f"not up to {c['up_to']:,} tokens"
 
 
 @torch.no_grad()

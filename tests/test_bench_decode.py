@@ -48,3 +48,31 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert results["hybrid"]["64"]["cache_bytes"] == results["linear"]["64"]["cache_bytes"] + window
     targets = {t["target"].split(":")[0] for t in data["targets"]}
     assert {"linear latency flat", "linear cache bytes constant in context"} <= targets
+
+
+def test_bench_decode_on_a_pretrained_model_folder(tmp_path, capsys):
+    """--model runs the same measurement on a saved checkpoint (here a tiny Llama; the README's table is the real
+    SmolLM2): every implementation on a copy of its weights, the prefill limit applied to every recurrent cache,
+    the crossovers reported."""
+    from hf_fastattn.conversion.tiny import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path / "model"
+    tokenizer = tiny_tokenizer("to be or not to be, that is the question " * 20, vocab_size=128)
+    model = tiny_llama(len(tokenizer), heads=4)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["bench", "decode", "--model", str(folder), "--contexts", "32", "96", "--steps", "2", "--warmup", "1",
+            "--prefill-limit", "48", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"{folder} (llama, 2 layers" in printed and "pretrained weights" in printed
+    data = json.loads((out / "decode.json").read_text())
+    assert data["model"] == str(folder)
+    assert set(data["crossovers"]) == {f"{r} vs {k}" for r in ("linear", "fast", "hybrid") for k in ("sdpa", "sdpa-static")}
+    for impl in ("linear", "fast", "hybrid"):
+        assert data["results"][impl]["32"]["real_prefill_tokens"] == 32
+        assert data["results"][impl]["96"]["real_prefill_tokens"] == 48  # the limit, count set to 96
+        assert data["results"][impl]["32"]["cache_bytes"] == data["results"][impl]["96"]["cache_bytes"]
+    sdpa = data["results"]["sdpa"]
+    assert sdpa["96"]["cache_bytes"] == 3 * sdpa["32"]["cache_bytes"]  # 4 K/V heads of 16, 2 layers: grows with N

@@ -1,6 +1,7 @@
 """`hf-fastattn bench decode`: per-token decode latency and cache bytes against the context length.
 
     hf-fastattn bench decode [--contexts 1024 4096 16384 32768] [--steps 20] [--threads 1] [--out DIR] [--quick]
+    hf-fastattn bench decode --model smollm2-135m --out benchmarks/results/real   # a real pretrained architecture
 
 A Llama-shaped model (8 layers, hidden 512, 8 heads of 64, intermediate 1376, vocab 32000, random weights, fp32)
 with "linear", "fast" (order 2) and the sliding-window "hybrid" attention decoding on a `RecurrentCache`, against "sdpa" decoding on
@@ -31,6 +32,12 @@ same N-token cache:
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
 multi-threaded kernels stall on descheduled threads.
 
+With `--model` (a short name, .gguf file, folder or Hub id) the same runs on that pretrained model instead, each
+implementation set on a copy with `set_attn_implementation`; the recurrent caches then prefill at most
+`--prefill-limit` real tokens (default 2048 with --model) and set the count to N beyond, as described for fast.
+The table marks the crossover: the context from which each recurrent implementation's step is faster than each
+K/V cache's (interpolated between the measured contexts).
+
 Cache bytes: `RecurrentCache.nbytes()`; for the DynamicCache the bytes of its K and V tensors. Prints a markdown
 table and whether the targets of issue 3 are met (reported, never asserted), and writes decode.md, decode.json and
 decode.png under --out (quick_decode.* with --quick).
@@ -49,7 +56,7 @@ import time
 import torch
 
 from ..integration.cache import RecurrentCache, cache_argument
-from .utils import cache_nbytes, format_table, machine_line, torch_threads
+from .utils import cache_nbytes, crossover, describe_crossover, format_table, machine_line, torch_threads
 
 IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast", "hybrid")
 KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
@@ -63,17 +70,21 @@ FULL_SHAPE = dict(layers=8, hidden=512, heads=8, intermediate=1376, vocab=32000)
 QUICK_SHAPE = dict(layers=2, hidden=64, heads=4, intermediate=128, vocab=256)
 
 
-def build_model(implementation: str, shape: dict, max_positions: int):
+def build_model(implementation: str, shape: dict, max_positions: int, pretrained=None):
     """A randomly initialized Llama with `implementation` attention ("hybrid": "linear" with the sliding-window
-    option); the same weights for every implementation."""
+    option); the same weights for every implementation. With `pretrained`, a copy of that model instead."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if implementation == "hybrid":
         from ..integration.registry import configure
 
-        model = build_model("linear", shape, max_positions)
+        model = build_model("linear", shape, max_positions, pretrained)
         configure(model, window=HYBRID_WINDOW)
         return model
+    if pretrained is not None:
+        model = copy.deepcopy(pretrained)
+        model.set_attn_implementation(implementation)
+        return model.eval()
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -240,6 +251,16 @@ def main(argv: list[str] | None = None) -> int:
         "the token count set to N (a recurrent step costs the same) (default: %(default)s)",
     )
     parser.add_argument(
+        "--model", default=None,
+        help="a pretrained causal LM (short name such as smollm2-135m, .gguf file, folder or Hub id) instead of the "
+        "random-weight Llama (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--prefill-limit", type=int, default=None,
+        help="at most this many real prefill tokens for every recurrent implementation; longer contexts reuse that "
+        "state with the count set to N (default: %(default)s, i.e. no limit; 2048 with --model)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -252,6 +273,12 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="tiny model (2 layers, hidden 64), contexts 64 and 256, 3 steps"
     )
     args = parser.parse_args(argv)
+    if args.prefill_limit is not None and args.prefill_limit < 1:
+        parser.error(f"--prefill-limit must be at least 1, got {args.prefill_limit}")
+    if args.model and args.quick:
+        parser.error("--quick runs the tiny random model; it cannot be combined with --model")
+    if args.model and args.prefill_limit is None:
+        args.prefill_limit = 2048
     shape = dict(QUICK_SHAPE if args.quick else FULL_SHAPE)
     if args.quick:
         args.contexts, args.steps, args.warmup, args.prefill_piece, args.fast_prefill_limit = [64, 256], 3, 1, 128, 64
@@ -265,15 +292,23 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
     started = time.perf_counter()
 
     max_positions = contexts[-1] + args.warmup + args.steps + 1024
+    pretrained = None
+    if args.model:
+        from ..loading import load_causal_lm
+
+        pretrained = load_causal_lm(args.model, flag="--model")[0].eval()
     models = {}
     for impl in args.implementations:
         attention = "sdpa" if impl in KV_CACHES else impl
         # sdpa and sdpa-static share one model (the same weights anyway: every model is built from seed 0)
         models[impl] = next((m for k, m in models.items() if k in KV_CACHES), None) if attention == "sdpa" else None
-        models[impl] = models[impl] or build_model(attention, shape, max_positions)
+        if models[impl] is None:
+            models[impl] = build_model(attention, shape, max_positions, pretrained)
     generator = torch.Generator().manual_seed(0)
+    limits = {impl: min(filter(None, (args.prefill_limit, fast_limit if impl == "fast" else None)), default=None)
+              for impl in RECURRENT}
     prefill = {
-        impl: RecurrentContext(models[impl], args.prefill_piece, fast_limit if impl == "fast" else None, generator)
+        impl: RecurrentContext(models[impl], args.prefill_piece, limits[impl], generator)
         for impl in args.implementations
         if impl in RECURRENT
     }
@@ -333,12 +368,30 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         ratio = results["linear"][contexts[-1]]["ms"] / results["linear"][contexts[0]]["ms"]
         lines.insert(0, f"- linear latency({context_label(contexts[-1])}) / latency({context_label(contexts[0])}) = "
                         f"{ratio:.2f}")
-    model_line = (
-        f"Llama, {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads of "
-        f"{shape['hidden'] // shape['heads']}, intermediate {shape['intermediate']}, vocab {shape['vocab']}, random "
-        f"weights, fp32, batch 1; fast = order 2; median of {args.steps} steps after {args.warmup} warm-up, "
+    if pretrained is not None:
+        config = pretrained.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        model_line = (
+            f"{args.model} ({config.model_type}, {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads} heads / {config.num_key_value_heads} K/V heads of {head_dim}, vocab "
+            f"{config.vocab_size}, pretrained weights), fp32, batch 1"
+        )
+    else:
+        model_line = (
+            f"Llama, {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads of "
+            f"{shape['hidden'] // shape['heads']}, intermediate {shape['intermediate']}, vocab {shape['vocab']}, random "
+            f"weights, fp32, batch 1"
+        )
+    model_line += (
+        f"; fast = order 2; median of {args.steps} steps after {args.warmup} warm-up, "
         f"interleaved over implementations and contexts; {machine_line()}"
     )
+    records = [{"model": impl, "context": n, "ms": results[impl][n]["ms"]} for impl in results for n in contexts]
+    crossings = {
+        f"{impl} vs {base}": crossover(records, impl, base, "ms") for impl in results if impl in RECURRENT
+        for base in bases
+    }
+    crossing_lines = [f"- {pair}: faster per token {describe_crossover(c)}" for pair, c in crossings.items()]
     notes = [
         "How each context was reached:",
         "- sdpa: transformers' DynamicCache (generate's default) filled with random K/V of N tokens per layer, "
@@ -346,27 +399,27 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         "- sdpa-static: a StaticCache of N + 1 slots filled the same way, cropped back after each step (no copy; the "
         "mask covers the N + 1 slots).",
     ]
-    for impl in ("linear", "hybrid"):
-        if impl in results:
+    for impl in RECURRENT:
+        if impl not in results:
+            continue
+        real_tokens = {n: results[impl][n]["real_prefill_tokens"] for n in contexts}
+        if all(real_tokens[n] == n for n in contexts):
             notes.append(f"- {impl}: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
-    if "hybrid" in results:
-        notes.append(f"- hybrid: linear with the sliding-window option (window {HYBRID_WINDOW}); its cache holds the "
-                     "state and the last window keys and values.")
-    if "fast" in results:
-        fast_real = {n: results["fast"][n]["real_prefill_tokens"] for n in contexts}
-        if all(fast_real[n] == n for n in contexts):
-            notes.append(f"- fast: N random-id tokens prefilled for real (pieces of {args.prefill_piece}).")
         else:
             notes.append(
-                f"- fast: real prefill of min(N, {fast_limit}) tokens; for longer contexts the state of that prefix "
+                f"- {impl}: real prefill of min(N, {limits[impl]}) tokens; for longer contexts the state of that prefix "
                 "is kept and the token count set to N (positions and masks of context N; a recurrent step costs the "
                 "same whatever the state holds)."
             )
+    if "hybrid" in results:
+        notes.append(f"- hybrid: linear with the sliding-window option (window {HYBRID_WINDOW}); its cache holds the "
+                     "state and the last window keys and values.")
     notes.append("- linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache (made untimed).")
     elapsed = time.perf_counter() - started
     command = "hf-fastattn bench decode " + " ".join(argv or [])
     report = "\n".join(
-        [f"`{command.strip()}`", "", model_line, "", table, "", "Targets (issue 3):", *lines, "", *notes,
+        [f"`{command.strip()}`", "", model_line, "", table, "", "Crossover (interpolated between measured contexts):",
+         *crossing_lines, "", "Targets (issue 3):", *lines, "", *notes,
          "", f"total run time {elapsed:.0f} s"]
     )
     print()
@@ -381,7 +434,8 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
             {
                 "command": command.strip(),
                 "args": vars(args),
-                "model": shape,
+                "model": args.model or shape,
+                "crossovers": crossings,
                 "machine": machine_line(),
                 "results": {impl: {str(n): r for n, r in per.items()} for impl, per in results.items()},
                 "targets": [{"target": t, "met": m, "measured": v} for t, m, v in checks],

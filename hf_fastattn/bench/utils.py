@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -75,3 +76,29 @@ def torch_threads(threads: int | None):
 
 def machine_line() -> str:
     return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+
+
+def crossover(decoding: list[dict], model: str, baseline: str, key: str) -> dict:
+    """Where `model`'s `key` (a cost such as "s_per_token" or "cache_bytes") drops to `baseline`'s or below, along
+    the measured contexts of `decoding` (records with "model", "context" and `key`): {"status": "crosses", "from": context (interpolated in log context)}, {"status": "always"} (already at
+    the smallest context) or {"status": "never"} (not within the measured range; "up_to" says how far it went)."""
+    ours = {d["context"]: d[key] for d in decoding if d["model"] == model}
+    theirs = {d["context"]: d[key] for d in decoding if d["model"] == baseline}
+    contexts = sorted(set(ours) & set(theirs))
+    gaps = [ours[c] - theirs[c] for c in contexts]  # > 0: the baseline is still ahead
+    for i, gap in enumerate(gaps):
+        if gap <= 0:
+            if i == 0:
+                return {"status": "always", "from": contexts[0]}
+            lo, hi = math.log(contexts[i - 1]), math.log(contexts[i])
+            at = math.exp(lo + (hi - lo) * gaps[i - 1] / (gaps[i - 1] - gap))
+            return {"status": "crosses", "from": int(round(at))}
+    return {"status": "never", "up_to": contexts[-1] if contexts else 0}
+
+
+def describe_crossover(c: dict) -> str:
+    if c["status"] == "crosses":
+        return f"from about {c['from']:,} tokens"
+    if c["status"] == "always":
+        return f"already at {c['from']:,} tokens"
+    return f"not up to {c['up_to']:,} tokens"
