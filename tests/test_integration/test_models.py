@@ -238,7 +238,9 @@ def test_causality_in_model(family, impl):
 
 
 @pytest.mark.parametrize("impl", ["linear", "fast"])
-def test_generate_with_dynamic_cache_equals_no_cache(impl):
+def test_generate_with_its_default_cache_equals_no_cache(impl):
+    """The cache generate picks by itself (a RecurrentCache for linear/fast, a DynamicCache otherwise; the explicit
+    DynamicCache on linear/fast is tested in test_recurrent.py)."""
     model = tiny_model("llama", attn_implementation=impl)
     ids = _ids("llama", b=1, n=6)
     with_cache = model.generate(ids, max_new_tokens=10, do_sample=False)
