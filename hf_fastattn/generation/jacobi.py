@@ -66,7 +66,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections import defaultdict
+import time
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +74,24 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from ..integration.cache import cache_argument, pop_cache
+from .fastpath import fast_verification
+from .guessers import Draft, JacobiGuesser, LookaheadGuesser, NGramPool, SuffixIndex, build_draft
 from .rollback import keep_path, needs_snapshot, rollback, snapshot, supports_tree
-from .verify import accept_greedy, processor_function
+from .speculation import AcceptanceStats, ForwardCost, Tree, plan
+from .verify import accept_greedy, accept_sampled, processor_function
+
+__all__ = [
+    "MODES",
+    "Draft",
+    "JacobiDecoderOutput",
+    "JacobiGuesser",
+    "LookaheadGuesser",
+    "NGramPool",
+    "SuffixIndex",
+    "build_draft",
+    "jacobi_decoding",
+    "jacobi_generate",
+]
 
 MODES = ("jacobi", "gs_jacobi", "hybrid", "lookahead")
 # transformers 5.24 renamed the output's `past_key_values` field to `cache`
@@ -100,23 +116,6 @@ class JacobiDecoderOutput(GenerateDecoderOnlyOutput):
     accepted_per_pass: list[int] | None = None
 
 
-@dataclass
-class Draft:
-    """The guesses of one pass. `tokens[b, i]` is node i of row b: a chain (node i follows node i - 1, node 0 follows
-    the last committed token) unless `ancestors` is given, which makes it a tree.
-
-    Tree fields, per row: `depth` `[B, q]` (1 for a child of the last committed token), `ancestors` `[B, q, q]`
-    (`[b, i, j]` iff node j is node i or one of its ancestors), `children` ({(node, token): child}, node -1 the last
-    committed token) and `parents` (each node's parent, -1 the last committed token).
-    """
-
-    tokens: torch.LongTensor
-    depth: torch.LongTensor | None = None
-    ancestors: torch.BoolTensor | None = None
-    children: list[dict] | None = None
-    parents: list[list[int]] | None = None
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The decoding loop
 # --------------------------------------------------------------------------------------------------------------------
@@ -139,6 +138,7 @@ def jacobi_decoding(
     adaptive: bool = True,
     jacobi_streamer=None,
     jacobi_trace: list | None = None,
+    fast_path: bool = True,
     **model_kwargs,
 ):
     """Greedy decoding by Jacobi iteration; pass it as `model.generate(..., custom_generate=jacobi_decoding)`.
@@ -183,6 +183,7 @@ def jacobi_decoding(
             adaptive=adaptive,
             jacobi_streamer=jacobi_streamer or streamer,
             jacobi_trace=jacobi_trace,
+            fast_path=fast_path,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
             **model_kwargs,
@@ -233,80 +234,98 @@ def jacobi_decoding(
     pad_token_id = generation_config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
-    guesser = _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates, adaptive, trees)
+    guesser = _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
     guesser.start(ids[:, :length])
+    stats = AcceptanceStats()  # what guesses of each source and depth have been accepted so far
+    cost = ForwardCost.for_model(model)  # seconds of a forward over n tokens, on this machine
+    sample = bool(generation_config.do_sample)
     passes, accepted_per_pass = 0, []
 
-    while unfinished.max() > 0:
-        # 1. guesses for the next positions; the forward scores up to depth + 1 positions, which must fit
-        draft = guesser.propose(ids[:, :length], max_depth=max(max_length - length - 1, 0))
-        q = draft.tokens.shape[1]
-
-        # a recurrent cache must hold every committed token but the last before it can be snapshotted
-        saved = None
-        if needs_snapshot(cache) and cached < length - 1:
-            commit_mask = None if mask is None else mask[:, : length - 1]
-            forward(ids[:, cached : length - 1], positions[:, cached : length - 1], commit_mask, 1)
-            cached = length - 1
-            passes += 1
-            accepted_per_pass.append(0)
-        if needs_snapshot(cache) and q > 0:
-            saved = snapshot(cache)
-
-        # 2. one forward over the uncached committed tokens and the guesses
-        fed = torch.cat([ids[:, cached:length], draft.tokens], dim=-1) if q > 0 else ids[:, cached:length]
-        if draft.ancestors is None:  # a chain: the guesses take the next slots
-            fed_positions = positions[:, cached : length + q]
-        else:  # a tree: a guess sits one position after its parent and sees only its ancestors
-            fed_positions = torch.cat(
-                [positions[:, cached:length], positions[:, length - 1 : length] + draft.depth], -1
+    with fast_verification(model, enabled=fast_path):
+        while unfinished.max() > 0:
+            # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
+            # positions, which must fit)
+            max_depth = max(max_length - length - 1, 0)
+            proposals = guesser.candidates(ids[:, :length], max_depth)
+            draft = _plan_draft(
+                proposals, stats, cost, length - cached, guesser.max_nodes, not trees, adaptive, ids[:, :length]
             )
-        if trees and q > 0:
-            fed_mask = _guess_mask(mask, cached, length, q, draft.ancestors, batch, model.dtype, ids.device)
-        else:  # transformers builds the causal mask (one token, or an attention we do not know)
-            fed_mask = None if mask is None else mask[:, : length + q]
-        # logits after the guesses and the last committed token, and after up to `learns_from` earlier fed tokens
-        num_logits = q + 1 + min(fed.shape[1] - q - 1, guesser.learns_from)
-        logits = forward(fed, fed_positions, fed_mask, num_logits)
-        passes += 1
+            q = draft.tokens.shape[1]
 
-        # 3. commit the tokens greedy decoding agrees with (at least one)
-        old_len = length
-        n, path, unfinished = accept_greedy(
-            ids,
-            length,
-            draft.tokens,
-            draft.children,
-            logits[:, -(q + 1) :],
-            process,
-            stopping_criteria,
-            unfinished,
-            pad_token_id,
-            has_eos,
-            streamer,
-        )
-        length += n
-        accepted_per_pass.append(n)
+            # a recurrent cache must hold every committed token but the last before it can be snapshotted
+            saved = None
+            if needs_snapshot(cache) and cached < length - 1:
+                commit_mask = None if mask is None else mask[:, : length - 1]
+                forward(ids[:, cached : length - 1], positions[:, cached : length - 1], commit_mask, 1)
+                cached = length - 1
+                passes += 1
+                accepted_per_pass.append(0)
+            if needs_snapshot(cache) and q > 0:
+                saved = snapshot(cache)
 
-        # 4. forget the rejected guesses: the cache keeps committed tokens only (all but the newest one)
-        if saved is not None:
-            if n == q + 1:  # everything accepted: the state after the forward is the right one
-                cached = old_len + q
-            else:  # back to before the guesses; the accepted ones are re-fed next pass
-                rollback(cache, q + 1, saved)
-                cached = old_len - 1
-        else:
-            first_branch = draft.children is None or all(p == list(range(n - 1)) for p in path)
-            if first_branch:  # the accepted guesses are nodes 0, 1, ...: they precede the rejected ones
-                rollback(cache, q - (n - 1))
+            # 2. one forward over the uncached committed tokens and the guesses
+            fed = torch.cat([ids[:, cached:length], draft.tokens], dim=-1) if q > 0 else ids[:, cached:length]
+            if draft.ancestors is None:  # a chain: the guesses take the next slots
+                fed_positions = positions[:, cached : length + q]
+            else:  # a tree: a guess sits one position after its parent and sees only its ancestors
+                fed_positions = torch.cat(
+                    [positions[:, cached:length], positions[:, length - 1 : length] + draft.depth], -1
+                )
+            if trees and q > 0:
+                fed_mask = _guess_mask(mask, cached, length, q, draft.ancestors, batch, model.dtype, ids.device)
+            else:  # transformers builds the causal mask (one token, or an attention we do not know)
+                fed_mask = None if mask is None else mask[:, : length + q]
+            # logits after the guesses and the last committed token, and after up to `learns_from` earlier tokens
+            num_logits = q + 1 + min(fed.shape[1] - q - 1, guesser.learns_from)
+            started = time.perf_counter()
+            logits = forward(fed, fed_positions, fed_mask, num_logits)
+            if fed.shape[1] <= 128 and not logits.is_cuda:  # (a GPU forward is asynchronous: not timed)
+                cost.record(fed.numel(), time.perf_counter() - started)
+            passes += 1
+
+            # 3. commit the tokens the forward proves (greedy), or samples (exactly plain sampling), at least one
+            old_len, running_before = length, unfinished.tolist()
+            if sample:
+                n, path, unfinished = accept_sampled(
+                    ids, length, draft.tokens, draft.parents, logits[:, -(q + 1) :], process,
+                    stopping_criteria, unfinished, pad_token_id, has_eos, streamer,
+                )  # fmt: skip
             else:
-                keep_path(cache, old_len, path)
-            cached = length - 1
+                n, path, unfinished = accept_greedy(
+                    ids, length, draft.tokens, draft.children, logits[:, -(q + 1) :], process,
+                    stopping_criteria, unfinished, pad_token_id, has_eos, streamer,
+                )  # fmt: skip
+            length += n
+            accepted_per_pass.append(n)
+            _learn_acceptance(stats, draft, ids, old_len, path, running_before)
 
-        # 5. the model's own predictions at every position are the next guesses (the Jacobi update)
-        guesser.observe(ids[:, :length], draft, logits, n, path)
-        if jacobi_trace is not None:
-            jacobi_trace.append(_trace_record(old_len, draft, logits[:, -(q + 1) :], path, n))
+            # 4. forget the rejected guesses: the cache keeps committed tokens only (all but the newest one)
+            if saved is not None:
+                if n == q + 1:  # everything accepted: the state after the forward is the right one
+                    cached = old_len + q
+                else:  # back to before the guesses; the accepted ones are re-fed next pass
+                    rollback(cache, q + 1, saved)
+                    cached = old_len - 1
+            else:
+                first_branch = draft.children is None or all(p == list(range(n - 1)) for p in path)
+                if first_branch:  # the accepted guesses are nodes 0, 1, ...: they precede the rejected ones
+                    rollback(cache, q - (n - 1))
+                else:
+                    keep_path(cache, old_len, path)
+                cached = length - 1
+
+            # 5. the model's own predictions at every position are the next guesses (the Jacobi update)
+            guesser.observe(ids[:, :length], draft, logits, n, path)
+            if jacobi_trace is not None:
+                jacobi_trace.append(_trace_record(old_len, draft, logits[:, -(q + 1) :], path, n))
+
+            # the cost curve, measured once per model and thread count on the real cache (a few forwards)
+            if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
+                if unfinished.max() > 0 and max_length - length >= 32:
+                    cost.calibrate(
+                        lambda k: _timed_forward(forward, cache, ids, positions, mask, length, k, trees, model.dtype),
+                        batch=batch,
+                    )
 
     if streamer is not None:
         streamer.end()
@@ -447,24 +466,26 @@ def _check_inputs(input_ids, block_size) -> None:
 def _check_config(generation_config, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is not a Jacobi decoding mode; choose one of {MODES}")
-    if generation_config.do_sample:
-        raise ValueError(
-            "Jacobi decoding is greedy-only: do_sample=True is not supported (use do_sample=False)"
-        )
     if generation_config.num_beams > 1:
-        raise ValueError(f"Jacobi decoding is greedy-only: num_beams={generation_config.num_beams} must be 1")
+        raise ValueError(
+            f"Jacobi decoding does greedy decoding or sampling, not beam search: num_beams="
+            f"{generation_config.num_beams} must be 1 (use do_sample=False for greedy, do_sample=True to sample)"
+        )
     if generation_config.num_return_sequences > 1:
-        raise ValueError("Jacobi decoding is greedy-only: num_return_sequences must be 1")
+        raise ValueError(
+            f"Jacobi decoding returns one sequence per prompt: num_return_sequences="
+            f"{generation_config.num_return_sequences} must be 1 (repeat the prompt in the batch instead)"
+        )
     if getattr(generation_config, "assistant_model", None) is not None:
         raise ValueError("Jacobi decoding does not combine with assisted generation")
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Guessers: where the guesses of step 1 come from
+# Planning the guesses of a pass (cost-aware), and learning from what was accepted
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates, adaptive, trees):
+def _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates):
     if block_size is not None and block_size < 1:
         raise ValueError(f"block_size={block_size} must be a positive integer")
     if ngram_size < 2:
@@ -472,284 +493,68 @@ def _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates, 
     if num_candidates < 1:
         raise ValueError(f"num_candidates={num_candidates} must be a positive integer")
     if mode == "lookahead":
-        return LookaheadGuesser(block_size or 12, ngram_size - 1, num_candidates if trees else 1)
-    return JacobiGuesser(mode, block_size, max_iterations, adaptive)
+        return LookaheadGuesser(block_size or 12, ngram_size - 1, num_candidates)
+    return JacobiGuesser(mode, block_size, max_iterations)
 
 
-class AdaptiveWindow:
-    """The number of guesses per pass (`adaptive=False`: always the mode's own).
-
-    Doubled after a pass that accepted all its guesses (at most `limit`), cut to twice the accepted ones after a
-    pass that accepted some, half the guesses made after a pass that accepted none. When even single
-    guesses keep failing (two passes in a row) it rests: the next `rest` passes make no guess (plain greedy steps),
-    then it tries one guess again; `rest` doubles (up to `max_rest`) every time that try fails and drops back to 1
-    as soon as a guess is accepted.
-    """
-
-    def __init__(self, limit: int, adaptive: bool, max_rest: int = 64):
-        self.limit, self.adaptive, self.max_rest = limit, adaptive, max_rest
-        self.size, self.misses, self.rest, self.resting = limit, 0, 1, 0
-
-    def __call__(self, k: int) -> int:
-        if not self.adaptive:
-            return k
-        if self.resting > 0:
-            self.resting -= 1
-            return 0
-        return min(k, self.size)
-
-    def update(self, guesses: int, accepted_guesses: int) -> None:
-        if guesses == 0:
-            return
-        if accepted_guesses > 0:
-            self.misses, self.rest = 0, 1
-            if accepted_guesses >= guesses:
-                self.size = min(2 * self.size, self.limit)
-            else:
-                self.size = min(self.size, 2 * accepted_guesses)
-        elif min(self.size, guesses) > 1:
-            self.size = min(self.size, guesses) // 2
-        else:  # a single guess failed; the first one after a rest has no trajectory to come from: allow one miss
-            self.misses += 1
-            if self.misses >= 2:
-                self.misses, self.resting, self.rest = 0, self.rest, min(2 * self.rest, self.max_rest)
-
-
-class JacobiGuesser:
-    """Guesses for "jacobi", "gs_jacobi" and "hybrid": last pass's predictions, shifted past the accepted tokens.
-
-    `trajectory[:, i]` is the current guess for position `L + i` (L = committed length): the prediction the model
-    made for that position in the previous pass. Positions never predicted yet are filled with the last token
-    (Santilli et al. use padding; any token is as good as a first guess).
-    """
-
-    learns_from = 0  # predictions wanted after committed tokens other than the last one
-
-    def __init__(self, mode, block_size, max_iterations, adaptive):
-        self.mode, self.max_iterations = mode, max_iterations
-        self.block_size = block_size if block_size is not None else (None if mode == "jacobi" else 16)
-        self.window = AdaptiveWindow(self.block_size or 1 << 30, adaptive)
-        self.trajectory = None  # [B, t]
-        self.prompt_len, self.block_id, self.iterations = 0, None, 0
-
-    def start(self, ids):
-        self.trajectory, self.prompt_len = ids[:, :0], ids.shape[1]
-
-    def num_guesses(self, length: int, max_depth: int) -> int:
-        """Number of guesses k for the next pass (its forward then scores positions L .. L + k)."""
-        if self.mode == "gs_jacobi":
-            # the block holding position L; its last pass also yields the first token of the next block
-            block = (length - self.prompt_len) // self.block_size
-            k = self.prompt_len + (block + 1) * self.block_size - length
-        else:
-            block = length  # a sliding window: every position is a new "block" for max_iterations
-            k = self.block_size or max_depth
-        if block != self.block_id:
-            self.block_id, self.iterations = block, 0
-        self.iterations += 1
-        if self.max_iterations is not None and self.iterations > self.max_iterations:
-            k = 0
-        return max(0, min(self.window(k), max_depth))
-
-    def propose(self, ids, max_depth: int) -> Draft:
-        k = self.num_guesses(ids.shape[1], max_depth)
-        guesses = self.trajectory[:, :k]
-        if guesses.shape[1] < k:
-            guesses = torch.cat([guesses, ids[:, -1:].expand(-1, k - guesses.shape[1])], dim=-1)
-        return Draft(guesses)
-
-    def observe(self, ids, draft, logits, n, path):
-        q = draft.tokens.shape[1]
-        self.trajectory = (
-            logits[:, n:].argmax(-1) if n <= q else ids[:, :0]
-        )  # the predictions past the accepted
-        self.window.update(q, n - 1)
-
-
-class SuffixIndex:
-    """Where each m-gram (m = 1..`max_match`) of a growing token list ends.
-
-    `continuations` answers "what followed the last times the text ended like it does now": for the longest suffix
-    of the text seen before, then shorter ones, the tokens after each earlier occurrence, newest first.
-    """
-
-    def __init__(self, max_match: int):
-        self.max_match = max_match
-        self.tokens: list[int] = []
-        self.ends: dict[tuple[int, ...], list[int]] = defaultdict(list)
-
-    def extend(self, tokens: list[int]) -> None:
-        for token in tokens:
-            self.tokens.append(token)
-            end = len(self.tokens)
-            for m in range(1, min(self.max_match, end) + 1):
-                self.ends[tuple(self.tokens[end - m : end])].append(end)
-
-    def continuations(self, depths: list[int]) -> list[list[int]]:
-        """Distinct continuations, the most trusted first, the i-th at most `depths[i]` tokens long."""
-        text, found = self.tokens, []
-        for m in range(min(self.max_match, len(text)), 0, -1):
-            for end in reversed(self.ends.get(tuple(text[-m:]), ())):
-                continuation = text[end : end + depths[len(found)]]
-                if continuation and continuation not in found:
-                    found.append(continuation)
-                    if len(found) == len(depths):
-                        return found
-        return found
-
-
-class NGramPool:
-    """One row's n-gram pool: the committed text, and the model's own predictions.
-
-    The text (prompt and output so far, exactly greedy) gives whole continuations (`SuffixIndex`). `predicted` maps
-    contexts of 1..`max_match` tokens to the token the model predicted after them, at every position of every
-    forward: the prompt's positions in the first one, and every guess, rejected ones included (a guessed context is
-    still one the model continued: the n-grams of Fu et al.'s Jacobi trajectories). Chaining those lookups gives one
-    more candidate, which is what guesses a token the text has never been followed by.
-    """
-
-    def __init__(self, max_match: int):
-        self.max_match = max_match
-        self.text = SuffixIndex(max_match)
-        self.predicted: dict[tuple[int, ...], int] = {}
-
-    def learn(self, context: list[int], prediction: int) -> None:
-        for m in range(1, min(self.max_match, len(context)) + 1):
-            self.predicted[tuple(context[-m:])] = prediction
-
-    def predicted_chain(self, depth: int) -> list[int]:
-        """Up to `depth` tokens, each the model's latest prediction after the longest known context before it."""
-        context, chain = self.text.tokens[-self.max_match :], []
-        while len(chain) < depth:
-            for m in range(min(self.max_match, len(context)), 0, -1):
-                token = self.predicted.get(tuple(context[-m:]))
-                if token is not None:
-                    break
-            else:
-                break
-            chain.append(token)
-            context = context[1:] + [token]
-        return chain
-
-    def candidates(self, depths: list[int]) -> list[list[int]]:
-        """The model's predicted chain (the deepest, `depths[0]`), then continuations from the text."""
-        chain = self.predicted_chain(depths[0])
-        found = [chain] if chain else []
-        for continuation in self.text.continuations(depths[1:]) if len(depths) > 1 else []:
-            if continuation not in found:
-                found.append(continuation)
-        return found
-
-
-class LookaheadGuesser:
-    """Lookahead decoding: candidate continuations from each row's `NGramPool`, merged into one token tree.
-
-    Candidate i is at most `depth // (i + 1)` tokens long (the best-trusted ones are the likeliest to be accepted
-    far: 12, 6, 4, 3 for the defaults), which keeps the tree near twice `depth` nodes. When the pool knows nothing
-    about the newest token, the guess is the Jacobi update: the predictions made after the first rejected guess and
-    its first descendants in the last pass.
-    """
-
-    learns_from = 256  # the model's predictions after (up to) the last 256 prompt tokens seed the pool
-
-    def __init__(self, depth: int, max_match: int, num_candidates: int):
-        self.depth, self.max_match, self.num_candidates = depth, max_match, num_candidates
-        self.pools: list[NGramPool] = []
-        self.trajectory: list[list[int]] = []
-
-    def start(self, ids):
-        self.pools = [NGramPool(self.max_match) for _ in range(ids.shape[0])]
-        for pool, row in zip(self.pools, ids.tolist(), strict=True):
-            pool.text.extend(row)
-        self.trajectory = [[] for _ in self.pools]
-
-    def propose(self, ids, max_depth: int) -> Draft:
-        depth = min(self.depth, max_depth)
-        if depth == 0:
-            return Draft(ids[:, :0])
-        depths = [max(1, depth // (i + 1)) for i in range(self.num_candidates)]
-        candidates = []
-        for pool, trajectory in zip(self.pools, self.trajectory, strict=True):
-            found = pool.candidates(depths)
-            candidates.append(found or ([trajectory[:depth]] if trajectory else []))
-        return build_draft(candidates, filler=ids[:, -1].tolist(), device=ids.device)
-
-    def observe(self, ids, draft, logits, n, path):
-        q, predictions = draft.tokens.shape[1], logits.argmax(-1)
-        parents = draft.parents or [list(range(-1, q - 1))] * len(self.pools)  # a chain: node i follows i - 1
-        rows = zip(
-            self.pools, ids.tolist(), draft.tokens.tolist(), parents, predictions.tolist(), path, strict=True
-        )
-        for b, (pool, row, guesses, parent_of, predicted, kept) in enumerate(rows):
-            # predictions after the committed tokens fed (the last one is the root), then after each guess
-            after_committed, after_guesses = predicted[: len(predicted) - q], predicted[len(predicted) - q :]
-            old = len(pool.text.tokens)
-            for i, prediction in enumerate(after_committed):
-                end = old - len(after_committed) + i + 1
-                pool.learn(row[max(0, end - self.max_match) : end], prediction)
-            context = row[max(0, old - self.max_match) : old]
-            for node, prediction in enumerate(after_guesses):
-                pool.learn(context + _lineage(node, guesses, parent_of, self.max_match), prediction)
-            pool.text.extend(row[old:])
-            # the Jacobi update: predictions below the deepest accepted node, along first children
-            first_child: dict[int, int] = {}
-            for node, parent in enumerate(parent_of):
-                first_child.setdefault(parent, node)
-            self.trajectory[b], node = [], first_child.get(kept[-1] if kept else -1)
-            while node is not None:
-                self.trajectory[b].append(after_guesses[node])
-                node = first_child.get(node)
-
-
-def _lineage(node: int, tokens: list[int], parents: list[int], limit: int) -> list[int]:
-    """The tokens of `node` and of its ancestors, at most `limit`, oldest first."""
-    lineage = [tokens[node]]
-    while parents[node] >= 0 and len(lineage) < limit:
-        node = parents[node]
-        lineage.append(tokens[node])
-    return lineage[::-1]
-
-
-def build_draft(candidates: list[list[list[int]]], filler: list[int], device=None) -> Draft:
-    """Merge each row's candidate continuations into a token tree (shared prefixes once) and pad the rows to one
-    size; a single candidate per row gives a chain. Node order: the first candidate's tokens are nodes 0, 1, ..."""
-    if all(len(rows) <= 1 for rows in candidates):
-        width = max((len(rows[0]) for rows in candidates if rows), default=0)
-        chains = [(rows[0] if rows else []) for rows in candidates]
-        tokens = [chain + [fill] * (width - len(chain)) for chain, fill in zip(chains, filler, strict=True)]
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=device).view(len(candidates), width))
-    trees = []  # per row: (tokens, depths, ancestor lists, children, parents)
-    for rows in candidates:
-        tokens, depths, lineage, children, parents = [], [], [], {}, []
-        for candidate in rows:
-            node = -1
-            for token in candidate:
-                child = children.get((node, token))
-                if child is None:
-                    child = len(tokens)
-                    children[(node, token)] = child
-                    tokens.append(token)
-                    parents.append(node)
-                    depths.append(depths[node] + 1 if node >= 0 else 1)
-                    lineage.append((lineage[node] if node >= 0 else []) + [child])
-                node = child
-        trees.append((tokens, depths, lineage, children, parents))
-    width = max(len(tree[0]) for tree in trees)
-    batch = len(trees)
-    ancestors = torch.zeros(batch, width, width, dtype=torch.bool)
-    token_rows, depth_rows = [], []
-    for b, (tokens, depths, lineage, _, _) in enumerate(trees):
-        pad = width - len(tokens)  # padding nodes: children of the root that no token ever leads to
-        token_rows.append(tokens + [filler[b]] * pad)
-        depth_rows.append(depths + [1] * pad)
-        lineage = lineage + [[i] for i in range(len(tokens), width)]
-        node_index = [i for i, line in enumerate(lineage) for _ in line]
-        ancestor_index = [j for line in lineage for j in line]
-        ancestors[b, node_index, ancestor_index] = True
-    return Draft(
-        tokens=torch.tensor(token_rows, dtype=torch.long, device=device),
-        depth=torch.tensor(depth_rows, dtype=torch.long, device=device),
-        ancestors=ancestors.to(device),
-        children=[tree[3] for tree in trees],
-        parents=[tree[4] + [-1] * (width - len(tree[4])) for tree in trees],
+def _plan_draft(proposals, stats, cost, uncached, max_nodes, chain_only, adaptive, ids) -> Draft:
+    """The guesses of this pass: each row's candidates merged into a tree, the part worth its cost kept
+    (`speculation.plan`), as a `Draft` (a chain when every row keeps one path)."""
+    trees = []
+    for candidates in proposals:
+        tree = Tree()
+        for tokens, source in candidates:
+            tree.add(tokens, source, stats)
+        trees.append(tree)
+    if not any(tree.tokens for tree in trees):
+        return Draft(ids[:, :0])
+    if not adaptive:  # the textbook windows: everything the guesser proposed (lookahead: its best-trusted nodes)
+        chosen = plan(trees, cost, uncached, max_nodes, chain_only, force=max_nodes)
+    else:
+        chosen = plan(trees, cost, uncached, max_nodes, chain_only)
+    if not any(chosen):
+        return Draft(ids[:, :0])
+    paths = [tree.paths(nodes) for tree, nodes in zip(trees, chosen, strict=True)]
+    return build_draft(
+        [[tokens for tokens, _ in row] for row in paths],
+        filler=ids[:, -1].tolist(),
+        device=ids.device,
+        sources=[[source for _, source in row] for row in paths],
     )
+
+
+def _learn_acceptance(stats, draft, ids, start, path, running) -> None:
+    """Tell `stats` which guesses were accepted: every node whose parent was accepted (or is the root) was tried; it
+    was accepted iff its token is the one committed at its position."""
+    if draft.sources is None:
+        return
+    q = draft.tokens.shape[1]
+    guesses = draft.tokens.tolist()
+    depths = draft.depth.tolist() if draft.depth is not None else [list(range(1, q + 1))] * len(guesses)
+    committed = ids[:, start : start + 1 + max((len(p) for p in path), default=0)].tolist()
+    for b, sources in enumerate(draft.sources):
+        if not running[b]:
+            continue
+        parents = draft.parents[b] if draft.parents is not None else list(range(-1, q - 1))
+        kept = set(path[b])
+        for node, source in enumerate(sources):
+            parent = parents[node]
+            if source is None or (parent >= 0 and parent not in kept):
+                continue
+            depth = depths[b][node]
+            if depth <= len(committed[b]):
+                stats.update(source, depth, guesses[b][node] == committed[b][depth - 1])
+
+
+def _timed_forward(forward, cache, ids, positions, mask, length, k, trees, dtype) -> None:
+    """A forward over the last committed token and k - 1 dummy guesses (a chain), then taken back out of the cache:
+    the shape of a real pass, for `ForwardCost.calibrate`."""
+    batch = ids.shape[0]
+    fed = ids[:, length - 1 : length].expand(-1, k)
+    fed_positions = positions[:, length - 1 : length] + torch.arange(k, device=ids.device)
+    if trees and k > 1:
+        fed_mask = _guess_mask(mask, length - 1, length, k - 1, None, batch, dtype, ids.device)
+    else:
+        fed_mask = None if mask is None else torch.cat([mask[:, :length], mask.new_ones(batch, k - 1)], -1)
+    forward(fed, fed_positions, fed_mask, 1)
+    rollback(cache, k)

@@ -117,3 +117,97 @@ def accept_greedy(
         for b in rows:
             path[b].append(node[b])
     return n, path, unfinished
+
+
+def accept_sampled(
+    ids: torch.LongTensor,
+    length: int,
+    guesses: torch.LongTensor,  # [B, q]
+    parents: list[list[int]] | None,  # per row, each node's parent (-1: the root); None for a chain
+    logits: torch.Tensor,  # [B, q + 1, V]
+    process,
+    stopping_criteria,
+    unfinished: torch.LongTensor,
+    pad_token_id: torch.Tensor | None,
+    has_eos_stopping_criteria: bool,
+    streamer=None,
+    generator: torch.Generator | None = None,
+) -> tuple[int, list[list[int]], torch.LongTensor]:
+    """Commit sampled tokens that one forward over the root and the guesses yields, at least one; the sequence has
+    exactly the distribution of plain sampling (`generate(do_sample=True)` with the same processors).
+
+    At each step the processed scores of the current node give the distribution p of the next token. The guesses
+    are a *deterministic* draft (a point mass on each child's token), for which the speculative-sampling rule
+    (Leviathan et al., 2023; Chen et al., 2023) reads: accept child c with probability p(c); if rejected, the next
+    token comes from the residual, p with c's mass removed and renormalized. With several children (a tree) the rule
+    is applied to them in turn, each time to the residual of the previous ones (as SpecInfer does). Then
+    P(token = c_i) = p(c_i) for each child and P(token = x) = p(x) for every other x: exactly p. An accepted child's
+    logits are the next step's; a residual token ends the pass.
+
+    Returns:
+        `(n, path, unfinished)` as `accept_greedy`.
+    """
+    batch, q = guesses.shape
+    rows = range(batch)
+    guess_lists = guesses.tolist()
+    kids = []  # per row: {node: [children in order]}
+    for b in rows:
+        row_parents = parents[b] if parents is not None else list(range(-1, q - 1))
+        table: dict[int, list[int]] = {}
+        for node, parent in enumerate(row_parents):
+            table.setdefault(parent, []).append(node)
+        kids.append(table)
+    running = unfinished.tolist()
+    node = [-1] * batch
+    path: list[list[int]] = [[] for _ in rows]
+    n = 0
+    while True:
+        if all(i == node[0] for i in node):
+            scores = logits[:, node[0] + 1]
+        else:
+            scores = logits[torch.arange(batch), torch.tensor(node) + 1]
+        if process is not None:
+            scores = process(ids[:, : length + n], scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        tokens, following = [], []
+        for b in rows:
+            p = probs[b].clone()
+            chosen = None
+            for child in kids[b].get(node[b], ()):
+                token = guess_lists[b][child]
+                mass = float(p[token])
+                total = float(p.sum())
+                if total <= 0:
+                    break
+                if mass > 0 and float(torch.rand((), generator=generator)) * total < mass:
+                    chosen = child
+                    break
+                if mass > 0:
+                    p[token] = 0.0  # the residual: this child's mass removed (renormalized by multinomial)
+            if chosen is not None:
+                tokens.append(guess_lists[b][chosen])
+            else:
+                tokens.append(int(torch.multinomial(p, 1, generator=generator)))
+            following.append(chosen)
+        token = torch.tensor(tokens, device=ids.device)
+        if has_eos_stopping_criteria and not all(running):
+            token = token * unfinished + pad_token_id * (1 - unfinished)
+        ids[:, length + n] = token
+        n += 1
+        if streamer is not None:
+            streamer.put(token.cpu())
+        stopped = stopping_criteria(ids[:, : length + n], None)
+        if any(stopped.tolist()):
+            unfinished = unfinished & ~stopped
+            running = unfinished.tolist()
+        if not any(running):
+            break
+        for b in rows:  # a finished, padded row follows any node: its logits do not matter
+            if following[b] is None and not running[b] and has_eos_stopping_criteria:
+                following[b] = min(node[b] + 1, q - 1)
+        if q == 0 or None in following:
+            break
+        node = following
+        for b in rows:
+            path[b].append(node[b])
+    return n, path, unfinished

@@ -20,7 +20,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
-from hf_fastattn.generation.jacobi import AdaptiveWindow, build_draft
+from hf_fastattn.generation.jacobi import build_draft
+from hf_fastattn.generation.speculation import AcceptanceStats, ForwardCost, Tree, plan
 from hf_fastattn.generation.rollback import keep_path, needs_snapshot, rollback, snapshot
 
 
@@ -216,42 +217,81 @@ def test_keep_path_equals_feeding_only_the_accepted_tokens():
         torch.testing.assert_close(ours.values, theirs.values)
 
 
-def test_adaptive_window_shrinks_rests_and_recovers():
-    window = AdaptiveWindow(limit=16, adaptive=True)
-    assert window(16) == 16
-    window.update(16, 0)
-    assert window(16) == 8
-    window.update(8, 2)  # some accepted: twice the accepted ones
-    assert window(16) == 4
-    for guesses in (4, 2, 1, 1):
-        window.update(guesses, 0)
-    assert [window(16) for _ in range(2)] == [0, 1]  # a rest of one greedy step, then one guess again
-    window.update(1, 0)
-    window.update(1, 0)
-    assert [window(16) for _ in range(3)] == [0, 0, 1]  # the rest doubles
-    window.update(1, 1)  # accepted: grow again
-    assert window(16) == 2
-    assert AdaptiveWindow(limit=16, adaptive=False)(16) == 16
+def _cost(per_token: float) -> ForwardCost:
+    cost = ForwardCost()
+    for n in (1, 2, 4, 8, 16, 32, 64):
+        cost.record(n, 1.0 + per_token * (n - 1))
+    return cost
 
 
-def test_jacobi_modes_rest_on_a_model_whose_guesses_fail():
-    """The random model's Jacobi guesses are nearly always wrong: after a few passes most passes guess nothing."""
+def _tree(candidates, stats):
+    tree = Tree()
+    for tokens, source in candidates:
+        tree.add(tokens, source, stats)
+    return tree
+
+
+def test_plan_guesses_only_what_pays_for_its_cost():
+    """Expected tokens per second decides: sure guesses are all taken when extra tokens are nearly free, none when a
+    guess that is rarely right would make the forward dearer; a tree keeps the likeliest nodes first."""
+    stats = AcceptanceStats(prior={"text": 0.9, "jacobi": 0.05})
+    sure, hopeless = ([5, 6, 7, 8], "text:3"), ([9, 9, 9], "jacobi")
+    assert plan([_tree([sure], stats)], _cost(0.01), 1, 16) == [[0, 1, 2, 3]]
+    assert plan([_tree([hopeless], stats)], _cost(0.2), 1, 16) == [[]]
+    # expensive tokens: a sure guess still pays (0.9 extra tokens for 0.5 extra time), the fourth one (0.66) not
+    assert plan([_tree([sure], stats)], _cost(0.5), 1, 16) == [[0, 1, 2]]
+    tree = _tree([sure, ([5, 4], "jacobi"), hopeless], stats)  # nodes 0-3: 5 6 7 8; 4: the 4 under 5; 5-7: 9 9 9
+    assert plan([tree], _cost(0.0), 1, 5, force=5) == [[0, 1, 2, 3, 5]]  # by reach: the first 9 beats the 4
+    assert plan([tree], _cost(0.0), 1, 16, chain_only=True) == [[0, 1, 2, 3]]
+    # a batch shares one width: the expected tokens are the worst row's
+    assert plan([_tree([sure], stats), _tree([hopeless], stats)], _cost(0.2), 1, 16) == [[], []]
+
+
+def test_acceptance_stats_learn_per_source_and_depth():
+    stats = AcceptanceStats(prior={"text": 0.5}, strength=2.0)
+    for _ in range(8):
+        stats.update("text:3", 1, True)
+        stats.update("text:3", 2, False)
+    assert stats.p("text:3", 1) == pytest.approx(9 / 10)
+    assert stats.p("text:3", 2) == pytest.approx(1 / 10)
+    assert stats.p("text:1", 1) == pytest.approx(0.5)  # another source keeps its prior
+
+
+def test_forward_cost_interpolates_and_forgets_noise_slowly():
+    cost = ForwardCost()
+    cost.record(1, 1.0)
+    cost.record(8, 2.0)
+    assert cost(4) == pytest.approx(1.0 + 3 / 7)
+    cost.record(1, 5.0)  # a noisy measurement barely moves the running minimum
+    assert cost(1) < 1.2
+    cost.record(1, 0.5)  # a faster one is believed at once
+    assert cost(1) == 0.5
+    assert cost(64) > cost(8)  # beyond the largest measured size: it keeps growing
+
+
+def test_jacobi_modes_stop_guessing_on_a_model_whose_guesses_fail():
+    """The random model's Jacobi guesses are nearly always wrong: with the cost model most passes guess nothing
+    (plain greedy steps); adaptive=False keeps the textbook window (every remaining position at first)."""
     model = tiny_llama()
     ids = torch.tensor([[5, 17, 33, 8, 61, 12]])
-    trace = []
     greedy = model.generate(ids, do_sample=False, max_new_tokens=60)
-    out = model.generate(
-        ids,
-        do_sample=False,
-        max_new_tokens=60,
-        custom_generate=jacobi_decoding,
-        mode="jacobi",
-        jacobi_trace=trace,
-    )
-    assert out.tolist() == greedy.tolist()
-    guesses = [record["guesses"].shape[1] for record in trace]
-    assert guesses[0] == 59  # textbook Jacobi at first: every remaining position
-    assert sum(g == 0 for g in guesses) > len(guesses) / 2, guesses
+    for adaptive in (True, False):
+        trace = []
+        out = model.generate(
+            ids,
+            do_sample=False,
+            max_new_tokens=60,
+            custom_generate=jacobi_decoding,
+            mode="jacobi",
+            adaptive=adaptive,
+            jacobi_trace=trace,
+        )
+        assert out.tolist() == greedy.tolist()
+        guesses = [record["guesses"].shape[1] for record in trace]
+        if adaptive:
+            assert sum(g == 0 for g in guesses) > len(guesses) / 2, guesses
+        else:
+            assert guesses[0] == 59 and min(guesses[:-1]) > 0, guesses
 
 
 def test_output_names_the_cache_without_deprecation_warning():
@@ -324,12 +364,12 @@ def test_plain_tensor_output_and_direct_call():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(do_sample=True), "greedy-only"),
-        (dict(num_beams=2), "greedy-only"),
+        (dict(num_beams=2), "not beam search"),
+        (dict(do_sample=True, num_return_sequences=2), "num_return_sequences"),
         (dict(mode="newton"), "not a Jacobi decoding mode"),
         (dict(block_size=0), "block_size"),
     ],
-    ids=["do_sample", "num_beams", "bad_mode", "bad_block"],
+    ids=["num_beams", "num_return_sequences", "bad_mode", "bad_block"],
 )
 def test_bad_input_is_refused(kwargs, match):
     model = tiny_llama()

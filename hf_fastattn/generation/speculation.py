@@ -1,0 +1,239 @@
+"""Cost-aware speculation: how many guesses a pass verifies, chosen for expected tokens per second.
+
+A pass that feeds u uncached committed tokens and q guesses (per row, batch B) costs `t(B * (u + q))` seconds and
+commits `1 + (guesses accepted)` tokens. Guessing pays only if the expected extra tokens outweigh the extra cost:
+on a CPU a 135M model's forward over 8 tokens costs ~1.2x one over 1 token, over 32 tokens ~3x. So each pass:
+
+1. the guesser proposes candidate continuations, each node tagged with where it came from (`source`: a copy from
+   the text after a suffix match of length m, the model's own predicted chain, the Jacobi trajectory) and its depth;
+2. `AcceptanceStats` estimates each node's chance of being accepted given that its parent is: a Beta posterior per
+   (source, depth) from what the passes so far showed; a node's chance of being reached is the product along its
+   path;
+3. `plan` adds nodes in order of that chance (a parent is never less likely than its child, so every prefix of the
+   order is a tree) and keeps the number j of nodes that maximizes `(1 + expected accepted) / t(B * (u + j))`:
+   j = 0, a plain greedy step, when no guess is worth its cost.
+
+`ForwardCost` is `t(n)`: measured for this model on this machine (a few timed forwards on the first call, cached
+per model and thread count) and refined online from every pass's own forward time (a running minimum per size
+bucket, slowly forgotten, so noise on a shared machine does not inflate it).
+
+Nothing here touches the tokens that are committed: verification alone decides them, so planning cannot change the
+output, only the speed.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+
+import torch
+
+# sizes (tokens fed, batch included) at which forward times are kept; others are interpolated
+BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+_PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {threads: ForwardCost}
+
+
+class ForwardCost:
+    """Seconds of one forward as a function of the tokens fed, `t(n)`, piecewise linear over `BUCKETS`.
+
+    Until a size has been measured, the curve is the measured one-token time times a prior shape (flat to 8 tokens,
+    then linear: what a memory-bound small model shows), so planning is cautious but not frozen.
+    """
+
+    PRIOR_PER_TOKEN = 0.04  # prior extra cost of each fed token beyond the first, as a fraction of t(1)
+
+    def __init__(self):
+        self.seconds: dict[int, float] = {}
+
+    @classmethod
+    def for_model(cls, model) -> ForwardCost:
+        """The cost curve of `model` at the current torch thread count (shared across decoding calls)."""
+        per_model = _PERSISTENT.setdefault(model, {})
+        return per_model.setdefault(torch.get_num_threads(), cls())
+
+    @property
+    def calibrated(self) -> bool:
+        return 1 in self.seconds and len(self.seconds) >= 3
+
+    def record(self, tokens: int, seconds: float) -> None:
+        """A measured forward over `tokens` tokens (batch included)."""
+        bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
+        seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
+        old = self.seconds.get(bucket)
+        # a running minimum that forgets slowly: noise only ever adds time
+        self.seconds[bucket] = seconds if old is None else min(seconds, old * 1.02 + 0.02 * seconds)
+
+    def __call__(self, tokens: int) -> float:
+        if not self.seconds:
+            return 1.0 + self.PRIOR_PER_TOKEN * (tokens - 1)
+        known = sorted(self.seconds)
+        base = self.seconds.get(1, self.seconds[known[0]] / (1 + self.PRIOR_PER_TOKEN * (known[0] - 1)))
+        if tokens in self.seconds:
+            return self.seconds[tokens]
+        below = [b for b in known if b < tokens]
+        above = [b for b in known if b > tokens]
+        if below and above:
+            lo, hi = below[-1], above[0]
+            w = (tokens - lo) / (hi - lo)
+            return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
+        if below:  # beyond the largest measured size: at least linear growth from the last two points
+            lo = below[-1]
+            slope = self.PRIOR_PER_TOKEN * base
+            if len(below) >= 2:
+                prev = below[-2]
+                slope = max(slope, (self.seconds[lo] - self.seconds[prev]) / (lo - prev))
+            return self.seconds[lo] + slope * (tokens - lo)
+        return max(base, self.seconds[above[0]] - self.PRIOR_PER_TOKEN * base * (above[0] - tokens))
+
+    def calibrate(self, timed_forward, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 2) -> None:
+        """Measure `t(batch * k)` for k in `sizes` with `timed_forward(k)` (a forward over k tokens per row, undone)."""
+        for _ in range(repeats):
+            for k in sizes:
+                start = time.perf_counter()
+                timed_forward(k)
+                self.record(batch * k, time.perf_counter() - start)
+
+
+class AcceptanceStats:
+    """Chance that a guess is accepted given that its parent is, per (source, depth): a Beta posterior.
+
+    Args:
+        prior (`dict[str, float]`): prior mean per source kind ("text", "predicted", "jacobi"); weight `strength`.
+    """
+
+    DEFAULT_PRIOR = {"text": 0.5, "predicted": 0.4, "jacobi": 0.15}
+
+    def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0):
+        self.prior = dict(self.DEFAULT_PRIOR, **(prior or {}))
+        self.strength = strength
+        self.counts: dict[tuple, list[float]] = {}
+
+    @staticmethod
+    def key(source: str, depth: int) -> tuple:
+        return source, min(depth, 8) if depth <= 8 else 8 + (depth > 16)
+
+    def p(self, source: str, depth: int) -> float:
+        kind = source.split(":")[0]
+        prior = self.prior.get(kind, 0.2)
+        hits, tries = self.counts.get(self.key(source, depth), (0.0, 0.0))
+        return (hits + self.strength * prior) / (tries + self.strength)
+
+    def update(self, source: str, depth: int, accepted: bool) -> None:
+        counts = self.counts.setdefault(self.key(source, depth), [0.0, 0.0])
+        counts[0] += accepted
+        counts[1] += 1.0
+
+
+class Tree:
+    """One row's candidate nodes: `tokens`, `parents` (-1: the root), `sources`, `depths`, and `reach` (the
+    estimated chance that the node is accepted: the product of its path's conditional chances)."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.parents: list[int] = []
+        self.sources: list[str] = []
+        self.depths: list[int] = []
+        self.reach: list[float] = []
+        self.children: dict[tuple[int, int], int] = {}
+
+    def add(self, tokens: list[int], source: str, stats: AcceptanceStats) -> None:
+        node = -1
+        for token in tokens:
+            child = self.children.get((node, token))
+            depth = self.depths[node] + 1 if node >= 0 else 1
+            chance = stats.p(source, depth)
+            if child is None:
+                child = len(self.tokens)
+                self.children[(node, token)] = child
+                self.tokens.append(token)
+                self.parents.append(node)
+                self.sources.append(source)
+                self.depths.append(depth)
+                self.reach.append((self.reach[node] if node >= 0 else 1.0) * chance)
+            elif chance * (self.reach[node] if node >= 0 else 1.0) > self.reach[child]:
+                # two sources agree on this node: the more trusted one speaks for it (descendants keep theirs)
+                self.sources[child] = source
+                self.reach[child] = chance * (self.reach[node] if node >= 0 else 1.0)
+            node = child
+
+    def order(self) -> list[int]:
+        """Nodes by decreasing reach, every parent before its children."""
+        ranked = sorted(range(len(self.tokens)), key=lambda i: (-self.reach[i], self.depths[i], i))
+        seen, out = set(), []
+        for i in ranked:  # (reach never grows along a path; the loop only guards against float ties)
+            chain, node = [], i
+            while node >= 0 and node not in seen:
+                chain.append(node)
+                node = self.parents[node]
+            for n in reversed(chain):
+                seen.add(n)
+                out.append(n)
+        return out
+
+    def paths(self, nodes: list[int]) -> list[tuple[list[int], str]]:
+        """The selected nodes as root-to-leaf token lists (with the leaf's source), for `build_draft`."""
+        chosen = set(nodes)
+        has_child = {self.parents[n] for n in nodes}
+        out = []
+        for n in nodes:
+            if n in has_child:
+                continue
+            path, node = [], n
+            while node >= 0:
+                path.append(node)
+                node = self.parents[node]
+            out.append(([self.tokens[i] for i in reversed(path)], self.sources[n]))
+            assert all(i in chosen for i in path)
+        return out
+
+
+def plan(
+    trees: list[Tree],
+    cost: ForwardCost,
+    uncached: int,
+    max_nodes: int,
+    chain_only: bool = False,
+    force: int | None = None,
+) -> list[list[int]]:
+    """The nodes of each row to verify this pass (in `Tree.order`), chosen for expected tokens per second.
+
+    Args:
+        trees: per row, its candidate tree.
+        cost: `t(n)` for n tokens fed (batch included).
+        uncached (`int`): committed tokens fed per row besides the guesses (usually 1).
+        max_nodes (`int`): at most this many guesses per row.
+        chain_only (`bool`): a single path per row (the cache or the attention cannot take a tree).
+        force (`int`, *optional*): take exactly this many nodes where available (no cost model: `adaptive=False`).
+
+    Returns:
+        per row, the selected node indices; every row gets the same count or fewer (then padded).
+    """
+    batch = len(trees)
+    orders = []
+    for tree in trees:
+        order = tree.order()
+        if chain_only:  # one path: from the root, always the likeliest child
+            path, node = [], -1
+            while True:
+                kids = [i for i in order if tree.parents[i] == node]
+                if not kids:
+                    break
+                node = kids[0]
+                path.append(node)
+            order = path
+        orders.append(order[:max_nodes])
+    width = max((len(o) for o in orders), default=0)
+    if force is not None:
+        j = min(force, width)
+        return [o[:j] for o in orders]
+    best_j, best_rate = 0, 1.0 / cost(batch * uncached)
+    gains = [[0.0] for _ in orders]
+    for gain, order, tree in zip(gains, orders, trees, strict=True):
+        for n in order:
+            gain.append(gain[-1] + tree.reach[n])
+    for j in range(1, width + 1):
+        expected = 1.0 + min(gain[min(j, len(gain) - 1)] for gain in gains)
+        rate = expected / cost(batch * (uncached + j))
+        if rate > best_rate * (1 + 1e-9):
+            best_j, best_rate = j, rate
+    return [o[:best_j] for o in orders]
