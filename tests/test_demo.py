@@ -31,10 +31,10 @@ def test_writes_tables_plots_and_a_self_contained_report(quick_run):
         assert title in tables
     for name in ("teacher", *demo.METHODS, *demo.CONTROLS, "greedy", *demo.JACOBI_MODES):
         assert re.search(rf"^\|\s+{name} \|", tables, re.M), name
-    for png in ("perplexity.png", "decoding.png", "jacobi.png"):
+    for png in demo.PLOTS:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     page = (out / "report.html").read_text()
-    assert page.count("src='data:image/png;base64,") == 3
+    assert page.count("src='data:image/png;base64,") == len(demo.PLOTS) == 5
     assert "src='http" not in page and "<table>" in page
     # every section explains itself, in the markdown and in the page
     for title, note in demo.section_notes(results).items():
@@ -87,6 +87,28 @@ def test_decoding_reaches_the_crossover(quick_run):
         below = [c for c in ours if c < cache["from"]]
         above = [c for c in ours if c > cache["from"]]
         assert all(ours[c] > teacher[c] for c in below) and all(ours[c] < teacher[c] for c in above)
+
+
+def test_pretrained_sections(quick_run):
+    """Sections 4-6 (on the quick teacher here; the full demo's default is smollm2-135m): every attention swapped in
+    is scored, sdpa is the reference, a covering sparse pattern equals it; the architecture's decoding has sdpa,
+    linear and the hybrid, the recurrent caches constant and smaller than the K/V cache at the longest context."""
+    _, results, _ = quick_run
+    real = results["pretrained"]
+    assert demo.QUICK.pretrained is None and real["model"].startswith("the teacher")
+    swap = {r["variant"]: r for r in real["swap"]}
+    assert {"sdpa", "sparse-strided", "sparse-fixed", "mqa", "linear (untrained)", "fast (untrained)"} <= set(swap)
+    assert swap["sdpa"]["x_sdpa"] == 1.0 and abs(swap["sparse-strided"]["x_sdpa"] - 1) < 1e-4  # stride 128 > 64
+    assert all(math.isfinite(r["ppl"]) for r in real["swap"])
+    by_model = {}
+    for record in real["decoding"]:
+        by_model.setdefault(record["model"], []).append(record)
+    assert set(by_model) == {"sdpa", "linear", "hybrid"}
+    for name in ("linear", "hybrid"):
+        assert {r["cache"] for r in by_model[name]} == {"RecurrentCache"}
+        assert len({r["cache_bytes"] for r in by_model[name]}) == 1
+        assert by_model[name][-1]["cache_bytes"] < by_model["sdpa"][-1]["cache_bytes"]
+    assert set(real["crossovers"]) == {"linear", "hybrid"}
 
 
 def test_crossover_interpolates_between_measured_contexts():
@@ -154,7 +176,7 @@ def test_runs_on_a_local_model_folder(quick_run, tmp_path):
     with torch.enable_grad():
         assert demo.main(["--quick", "--model", str(folder), "--threads", "1", "--out", str(tmp_path)]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["teacher"] == str(folder)
+    assert results["teacher"] == str(folder) and results["pretrained"]["model"] == str(folder)
     assert all(math.isfinite(r["val_ppl"]) for r in results["models"].values())
 
 
