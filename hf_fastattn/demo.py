@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 import hf_fastattn  # noqa: F401  (registers the attention implementations and the generate hook)
 
-from .bench.conversion import convert_and_uptrain
+from .conversion.recipes import convert_and_uptrain
 from .bench.utils import format_table, machine_line, torch_threads
 from .demo_measure import (
     JACOBI_MODES,  # noqa: F401  (part of the demo's API, used by its tests)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .bench.utils import describe_crossover
 
-# untrained controls, each shown beside the converted model it explains (`bench.conversion.RECIPES`)
+# untrained controls, each shown beside the converted model it explains (`conversion.recipes.RECIPES`)
 CONTROLS = {"window-only": "hedgehog"}
 PLOTS = ("perplexity.png", "decoding.png", "swap.png", "real_decoding.png", "jacobi.png")
 

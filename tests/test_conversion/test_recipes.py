@@ -122,7 +122,11 @@ def test_uptrain_layer_transfer_and_distillation(tmp_path, text, tokenizer):
 def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
     """`convert_and_uptrain` spends exactly the budget of `steps * batch_size` blocks over both stages."""
     import hf_fastattn.conversion.distill as distill
-    from hf_fastattn.bench import conversion
+    from hf_fastattn.bench import conversion as bench
+    from hf_fastattn.conversion import recipes as conversion
+
+    # one registry: the benchmark (and the demo) use conversion's recipes, not copies
+    assert bench.RECIPES is conversion.RECIPES and bench.convert_and_uptrain is conversion.convert_and_uptrain
 
     teacher = tiny_model("llama")
     data = lm_dataset(text[:20_000], tokenizer, 16, max_blocks=64)
