@@ -321,7 +321,7 @@ def jacobi_decoding(
 
             # the cost curve, measured once per model and thread count on the real cache (a few forwards)
             if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
-                if unfinished.max() > 0 and max_length - length >= 32:
+                if unfinished.max() > 0:
                     cost.calibrate(
                         lambda k: _timed_forward(forward, cache, ids, positions, mask, length, k, trees, model.dtype),
                         batch=batch,

@@ -44,16 +44,13 @@ class ForwardCost:
 
     def __init__(self):
         self.seconds: dict[int, float] = {}
+        self.calibrated = False
 
     @classmethod
     def for_model(cls, model) -> ForwardCost:
         """The cost curve of `model` at the current torch thread count (shared across decoding calls)."""
         per_model = _PERSISTENT.setdefault(model, {})
         return per_model.setdefault(torch.get_num_threads(), cls())
-
-    @property
-    def calibrated(self) -> bool:
-        return 1 in self.seconds and len(self.seconds) >= 3
 
     def record(self, tokens: int, seconds: float) -> None:
         """A measured forward over `tokens` tokens (batch included)."""
@@ -63,27 +60,38 @@ class ForwardCost:
         # a running minimum that forgets slowly: noise only ever adds time
         self.seconds[bucket] = seconds if old is None else min(seconds, old * 1.02 + 0.02 * seconds)
 
+    def curve(self) -> dict[int, float]:
+        """The measured points, made non-decreasing from the right: a forward over more tokens is never cheaper, so
+        a size measured slower than a larger one was measured in a noisy moment and gets the larger one's time."""
+        known = sorted(self.seconds)
+        out, floor = {}, float("inf")
+        for b in reversed(known):
+            floor = min(floor, self.seconds[b])
+            out[b] = floor
+        return out
+
     def __call__(self, tokens: int) -> float:
         if not self.seconds:
             return 1.0 + self.PRIOR_PER_TOKEN * (tokens - 1)
-        known = sorted(self.seconds)
-        base = self.seconds.get(1, self.seconds[known[0]] / (1 + self.PRIOR_PER_TOKEN * (known[0] - 1)))
-        if tokens in self.seconds:
-            return self.seconds[tokens]
+        points = self.curve()
+        known = sorted(points)
+        base = points.get(1, points[known[0]] / (1 + self.PRIOR_PER_TOKEN * (known[0] - 1)))
+        if tokens in points:
+            return points[tokens]
         below = [b for b in known if b < tokens]
         above = [b for b in known if b > tokens]
         if below and above:
             lo, hi = below[-1], above[0]
             w = (tokens - lo) / (hi - lo)
-            return (1 - w) * self.seconds[lo] + w * self.seconds[hi]
+            return (1 - w) * points[lo] + w * points[hi]
         if below:  # beyond the largest measured size: at least linear growth from the last two points
             lo = below[-1]
             slope = self.PRIOR_PER_TOKEN * base
             if len(below) >= 2:
                 prev = below[-2]
-                slope = max(slope, (self.seconds[lo] - self.seconds[prev]) / (lo - prev))
-            return self.seconds[lo] + slope * (tokens - lo)
-        return max(base, self.seconds[above[0]] - self.PRIOR_PER_TOKEN * base * (above[0] - tokens))
+                slope = max(slope, (points[lo] - points[prev]) / (lo - prev))
+            return points[lo] + slope * (tokens - lo)
+        return max(base, points[above[0]] - self.PRIOR_PER_TOKEN * base * (above[0] - tokens))
 
     def calibrate(self, timed_forward, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 2) -> None:
         """Measure `t(batch * k)` for k in `sizes` with `timed_forward(k)` (a forward over k tokens per row, undone)."""
@@ -92,6 +100,7 @@ class ForwardCost:
                 start = time.perf_counter()
                 timed_forward(k)
                 self.record(batch * k, time.perf_counter() - start)
+        self.calibrated = True
 
 
 class AcceptanceStats:

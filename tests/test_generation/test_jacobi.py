@@ -267,6 +267,8 @@ def test_forward_cost_interpolates_and_forgets_noise_slowly():
     cost.record(1, 0.5)  # a faster one is believed at once
     assert cost(1) == 0.5
     assert cost(64) > cost(8)  # beyond the largest measured size: it keeps growing
+    cost.record(6, 9.0)  # an outlier at a size measured once: a larger size was cheaper, so that counts
+    assert cost(6) == pytest.approx(2.0)
 
 
 def test_jacobi_modes_stop_guessing_on_a_model_whose_guesses_fail():
