@@ -179,7 +179,7 @@ def accept_sampled(
                 total = float(p.sum())
                 if total <= 0:
                     break
-                if mass > 0 and float(torch.rand((), generator=generator)) * total < mass:
+                if mass > 0 and _uniform(generator) * total < mass:
                     chosen = child
                     break
                 if mass > 0:
@@ -211,3 +211,8 @@ def accept_sampled(
         for b in rows:
             path[b].append(node[b])
     return n, path, unfinished
+
+
+def _uniform(generator: torch.Generator | None) -> float:
+    """One draw of U(0, 1): the acceptance test of a draft token (a function, so a test can bias it)."""
+    return float(torch.rand((), generator=generator))
