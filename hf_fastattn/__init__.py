@@ -15,7 +15,8 @@ from .conversion import convert  # also registers converted model types with the
 from .generation import jacobi_decoding, jacobi_generate
 from .integration.cache import RecurrentCache
 from .integration.patching import enable_recurrent_decoding, install_attn_implementation_checks, install_generate_hook
-from .integration.registry import IMPLEMENTATIONS, SUPPORTED_MODEL_TYPES, FastAttnOptions, configure, register
+from .integration.compatibility import incompatibility
+from .integration.registry import IMPLEMENTATIONS, FastAttnOptions, configure, register
 from .loading import load_causal_lm
 from .ops import fast_attention, linear_attention, sparse_attention
 
@@ -27,7 +28,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IMPLEMENTATIONS",
-    "SUPPORTED_MODEL_TYPES",
     "FastAttnOptions",
     "RecurrentCache",
     "__version__",
@@ -35,6 +35,7 @@ __all__ = [
     "convert",
     "enable_recurrent_decoding",
     "fast_attention",
+    "incompatibility",
     "jacobi_decoding",
     "jacobi_generate",
     "linear_attention",

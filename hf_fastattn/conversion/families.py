@@ -12,8 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..integration.registry import SUPPORTED_MODEL_TYPES
-
 CONVERTED_PREFIX = "hf_fastattn_"
 
 
@@ -46,7 +44,6 @@ FAMILIES: dict[str, Family] = {
         "bert", "BertSelfAttention", False, False, r".*attention\.(self\.(query|key|value)|output\.dense)"
     ),
 }
-assert set(FAMILIES) == set(SUPPORTED_MODEL_TYPES)
 
 
 def base_model_type(config) -> str:

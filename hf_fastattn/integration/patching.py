@@ -19,7 +19,8 @@ when it is set (`registry.validate_implementation`), not at the first forward of
 - `_check_and_adjust_attn_implementation` (run by every model's `__init__`, so by `from_pretrained` and
   `from_config` before any weight loads, and by `set_attn_implementation`): validates hf_fastattn's names.
 - `set_attn_implementation`: validates before delegating. Models that do not dispatch through `AttentionInterface`
-  (Bloom, MPT) would otherwise accept the name with a logged warning and keep their own softmax attention.
+  (Bloom, MPT) would otherwise accept the name with a logged warning and keep their own softmax attention. What is
+  checked is the compatibility rule of `hf_fastattn.integration.compatibility`.
 - `get_correct_attn_implementation`: transformers' error for an unknown name lists only its own names; ours are
   added, with the closest valid names ("Linear" -> "linear").
 - `post_init` (the end of every model's `__init__`): "mqa" on Qwen3 needs its key-norm hook
@@ -36,7 +37,12 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .cache import RecurrentCache
-from .registry import IMPLEMENTATIONS, enable_mqa_key_pooling, unknown_implementation_hint, validate_implementation
+from .registry import (
+    IMPLEMENTATIONS,
+    enable_mqa_key_pooling,
+    unknown_implementation_hint,
+    validate_implementation,
+)
 
 RECURRENT_IMPLEMENTATIONS = ("linear", "fast")
 _HOOKED = "_fastattn_recurrent_hooks"
@@ -60,10 +66,10 @@ def _attention_modules(model: nn.Module):
 
 
 def _arm(module, args, kwargs):
-    cache = kwargs.get("cache")
-    if cache is None:
-        cache = kwargs.get("past_key_values")
-    if isinstance(cache, RecurrentCache):
+    # families name the argument differently (cache, past_key_values, layer_past; GPT-NeoX, CTRL, GPT-BigCode) or pass
+    # it by position: look for the cache itself
+    cache = next((v for v in (*kwargs.values(), *args) if isinstance(v, RecurrentCache)), None)
+    if cache is not None:
         impl = getattr(module.config, "_attn_implementation", None)
         if impl not in RECURRENT_IMPLEMENTATIONS:
             # the module would run `impl` on the new tokens' keys alone (a RecurrentCache keeps no K/V): refuse
@@ -139,7 +145,7 @@ _original_post_init = PreTrainedModel.post_init
 def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
     applicable = _original_check_and_adjust(self, attn_implementation, *args, **kwargs)
     if applicable in IMPLEMENTATIONS:
-        validate_implementation(self.config, applicable)
+        validate_implementation(self.config, applicable, type(self))
     return applicable
 
 
@@ -158,12 +164,8 @@ def _get_correct_attn_implementation(self, requested_attention, *args, **kwargs)
 def _set_attn_implementation(self, attn_implementation, *args, **kwargs):
     requested = attn_implementation.get("") if isinstance(attn_implementation, dict) else attn_implementation
     if requested in IMPLEMENTATIONS:
-        if not type(self)._can_set_attn_implementation():
-            raise ValueError(
-                f"hf_fastattn: {type(self).__name__} does not dispatch its attention through transformers' "
-                f"AttentionInterface, so attn_implementation={requested!r} would be ignored"
-            )
-        validate_implementation(self.config, requested)
+        # before transformers' own, which accepts the name with only a logged warning where it would be ignored
+        validate_implementation(self.config, requested, type(self))
     _original_set_attn_implementation(self, attn_implementation, *args, **kwargs)
     if getattr(self.config, "_attn_implementation", None) == "mqa":
         enable_mqa_key_pooling(self)

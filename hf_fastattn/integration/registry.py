@@ -13,8 +13,9 @@ Options live in `model.config.fastattn` (a dict, saved in config.json) and are v
 
 Validation happens when an implementation is set, not at the first forward: `validate_implementation` (called by
 the hooks of `hf_fastattn.integration.patching` on `from_pretrained` / `from_config`, `set_attn_implementation`,
-and by `configure`) refuses model types outside `SUPPORTED_MODEL_TYPES`, invalid options and a `kv_groups` that does
-not divide the model's K/V heads, before a large model has loaded its weights.
+and by `configure`) refuses models the implementation cannot serve (`hf_fastattn.integration.compatibility`: a rule
+read from transformers' flags and the model's code, not a list of names), invalid options and a `kv_groups` that
+does not divide the model's K/V heads, before a large model has loaded its weights.
 """
 
 from __future__ import annotations
@@ -42,10 +43,9 @@ from ..ops.linear import (
 )
 from ..ops.reference import fast_normalize, fastmax_weight, repeat_kv
 from ..ops.sparse import SparsePattern, sparse_attention
+from .compatibility import check_compatible
 
 IMPLEMENTATIONS = ("linear", "fast", "sparse", "mqa")
-# model_type values whose attention modules follow the contract above and are tested here
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gpt2", "bert")
 CONFIG_KEY = "fastattn"
 
 
@@ -118,7 +118,7 @@ def configure(target, **options) -> FastAttnOptions:
 
     Raises:
         ValueError: an unknown option or an invalid value, a `kv_groups` that does not divide the model's K/V heads,
-            or (when the model already runs an hf_fastattn implementation) an unsupported model type. Nothing is
+            or (when the model already runs an hf_fastattn implementation) a model it cannot serve. Nothing is
             stored then.
     """
     config = target if isinstance(target, PreTrainedConfig) else target.config
@@ -128,7 +128,7 @@ def configure(target, **options) -> FastAttnOptions:
         check_kv_groups(config, parsed.kv_groups)
     implementation = getattr(config, "_attn_implementation", None)
     if implementation in IMPLEMENTATIONS:
-        check_model_type(config, implementation)
+        check_compatible(None if isinstance(target, PreTrainedConfig) else type(target), config, implementation)
     setattr(config, CONFIG_KEY, {k: v for k, v in asdict(parsed).items() if k in merged})
     return parsed
 
@@ -147,19 +147,6 @@ def _parse_options(items: tuple) -> FastAttnOptions:
     return FastAttnOptions.from_dict(dict(items))
 
 
-def check_model_type(config, implementation: str) -> None:
-    """Raise a ValueError unless `config` is of a model type whose attention hf_fastattn serves."""
-    model_type = getattr(config, "model_type", None)
-    # converted checkpoints carry model_type "hf_fastattn_<family>" (see hf_fastattn.conversion.modeling)
-    if isinstance(model_type, str):
-        model_type = model_type.removeprefix("hf_fastattn_")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(
-            f"hf_fastattn: attn_implementation={implementation!r} is not supported for model_type={model_type!r}; "
-            f"supported model types are {list(SUPPORTED_MODEL_TYPES)}"
-        )
-
-
 def kv_heads(config) -> int | None:
     """The number of key/value heads the attention function receives (None when the config does not say)."""
     return getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
@@ -175,29 +162,38 @@ def check_kv_groups(config, groups: int) -> None:
         )
 
 
-def validate_implementation(config, implementation: str) -> FastAttnOptions:
+def validate_implementation(config, implementation: str, model_class: type | None = None) -> FastAttnOptions:
     """Check, when `implementation` is set on a model with `config`, what its first forward would otherwise find.
 
     Args:
         config: the model's config (options in `config.fastattn`).
         implementation: one of `IMPLEMENTATIONS`.
+        model_class: the model's class, whose code and flags the compatibility rule reads (None: the config alone).
 
     Returns:
         The validated options.
 
     Raises:
-        ValueError: a model type outside `SUPPORTED_MODEL_TYPES`, an invalid option, or ("mqa") a `kv_groups` that does
-            not divide the model's key/value heads; the message names the valid values.
+        ValueError: a model the implementation cannot serve (`compatibility.incompatibility` says why), an invalid
+            option, or ("mqa") a `kv_groups` that does not divide the model's key/value heads; the message names the
+            valid values.
     """
-    check_model_type(config, implementation)
+    check_compatible(model_class, config, implementation)
     options = get_options(config)
     if implementation == "mqa":
         check_kv_groups(config, options.kv_groups)
     return options
 
 
+_CHECKED = "_fastattn_checked_for"
+
+
 def check_supported(module: torch.nn.Module, implementation: str) -> None:
-    check_model_type(module.config, implementation)
+    """Raise a ValueError unless `implementation` can serve `module`'s model (for configs whose implementation was
+    assigned by hand, past the checks made when it is set); checked once per module and implementation."""
+    if module.__dict__.get(_CHECKED) != implementation:
+        check_compatible(type(module), module.config, implementation)
+        module.__dict__[_CHECKED] = implementation
 
 
 def unknown_implementation_hint(name: str, valid: list[str]) -> str:

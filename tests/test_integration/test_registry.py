@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from tiny_models import tiny_model
-from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+from transformers import AutoModelForCausalLM, DiffLlamaConfig, DiffLlamaForCausalLM
 
 import hf_fastattn
 from hf_fastattn import FastAttnOptions
@@ -95,22 +95,23 @@ def test_bad_option_in_saved_config_raises_at_load(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="linear")
 
 
-def _neox():
-    config = GPTNeoXConfig(
+def _diffllama():
+    # DiffLlama dispatches through AttentionInterface but calls the function twice per forward: refused by the rule
+    config = DiffLlamaConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
     )
-    return config, GPTNeoXForCausalLM(config).eval()
+    return config, DiffLlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("impl", hf_fastattn.IMPLEMENTATIONS)
 def test_unsupported_architecture_raises_when_set(tmp_path, impl):
-    config, model = _neox()
-    match = r"not supported for model_type='gpt_neox'; supported model types are \['llama'"
+    config, model = _diffllama()
+    match = r"cannot serve DiffLlamaForCausalLM \(model_type='diffllama'\): .*more than once per forward"
     with pytest.raises(ValueError, match=match):
         model.set_attn_implementation(impl)
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError, match=match):
-        GPTNeoXForCausalLM._from_config(config, attn_implementation=impl)
+        DiffLlamaForCausalLM._from_config(config, attn_implementation=impl)
     model.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=match):
         AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl)
@@ -118,9 +119,9 @@ def test_unsupported_architecture_raises_when_set(tmp_path, impl):
 
 def test_unsupported_architecture_still_refused_at_forward():
     """Assigning config._attn_implementation by hand skips the checks above: the attention function refuses."""
-    _, model = _neox()
+    _, model = _diffllama()
     model.config._attn_implementation = "linear"
-    with pytest.raises(ValueError, match=r"supported model types are \['llama'"):
+    with pytest.raises(ValueError, match=r"cannot serve DiffLlamaAttention .*more than once per forward"):
         model(torch.randint(0, 64, (1, 5)))
 
 
@@ -138,7 +139,7 @@ def test_models_without_attention_interface_are_refused(name):
             transformers.MptConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=32)
         )
     for impl in hf_fastattn.IMPLEMENTATIONS:
-        with pytest.raises(ValueError, match="does not dispatch its attention through transformers' AttentionInterf"):
+        with pytest.raises(ValueError, match="its attention does not dispatch through transformers' AttentionInterface"):
             model.set_attn_implementation(impl)
     assert model.config._attn_implementation != "linear"
 
