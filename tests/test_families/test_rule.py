@@ -99,3 +99,12 @@ def test_every_refused_family_with_a_tiny_config_is_refused_at_build():
 
 def test_rule_covers_every_causal_family():
     assert set(CAUSAL_FAMILIES) == set(transformers.models.auto.modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def test_readme_table_is_the_tests_own_parametrization():
+    import pathlib
+
+    from .families import markdown_table
+
+    readme = (pathlib.Path(__file__).parents[2] / "README.md").read_text()
+    assert markdown_table() in readme, "README table is stale: run python tests/test_families/families.py"
