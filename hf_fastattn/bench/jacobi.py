@@ -364,7 +364,7 @@ def _time_setting(model, prompts, methods, new_tokens, repeats, sample=False, la
     return res
 
 
-def _rows(res, methods, reference="prompt_lookup", identical=True):
+def _rows(res, methods, reference="prompt_lookup", identical=True, labels=None):
     base = res[methods[0]]["time"]
     rows = []
     for m in methods:
@@ -374,7 +374,7 @@ def _rows(res, methods, reference="prompt_lookup", identical=True):
             f"{sum(res[reference]['time']) / sum(r['time']):.2f}x" if reference in res else "-"
         )
         rows.append([
-            m,
+            (labels or {}).get(m, m),
             sum(r["passes"]) / sum(r["tokens"]),
             sum(r["tokens"]) / sum(r["passes"]),
             f"{sum(base) / sum(r['time']):.2f}x",
@@ -433,7 +433,7 @@ def run_real(args, argv) -> int:
         res = _time_setting(model, single, chosen, args.new_tokens, 1, sample=True, label="sampling")
         results["sample_t0.7"] = res
         sections.append((f"sampling (temperature 0.7, top-k 50, top-p 0.95), {threads} thread(s), batch 1",
-                         format_table(HEADER, _rows(res, chosen, identical=False))))  # fmt: skip
+                         format_table(HEADER, _rows(res, chosen, identical=False, labels={"greedy": "plain sampling", "lookahead": "lookahead sampling"}))))  # fmt: skip
 
     command = "hf-fastattn bench jacobi " + " ".join(argv or [])
     info = (

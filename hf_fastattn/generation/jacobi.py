@@ -37,23 +37,28 @@ The modes differ only in step 1:
                  the same forward, as one token tree (their verification branch). The pool (`NGramPool`) holds the
                  committed text itself (prompt and output so far: the continuations after earlier occurrences of
                  its own suffix, "prompt lookup") and the model's own predictions after every context it has
-                 seen (each prompt position, and every guess, rejected ones included: the n-grams their Jacobi
-                 trajectories yield). There is no separate 2D Jacobi "lookahead branch" spending extra positions;
-                 when the pool knows nothing about the newest token, the guess is the Jacobi update.
+                 seen (every guess, rejected ones included: the n-grams their Jacobi trajectories yield), plus the
+                 Jacobi update (the predictions below the last accepted node). There is no separate 2D Jacobi
+                 "lookahead branch" spending extra positions. (Predictions after prompt positions are not learned
+                 by default: each costs an LM-head row, 49152 x 576 on SmolLM2, more than it saves.)
 
 No mode needs the output length in advance; every mode checks EOS and stopping criteria token by token, so all of
 them stop exactly where greedy decoding stops.
 
-Adaptivity (`adaptive=True`, the default; Jacobi modes only). On a small trained model plain Jacobi fixes about one
-token per forward (a guess conditioned on a wrong earlier guess is rarely right), while every guessed position makes
-the forward dearer (on a CPU the second position alone costs ~10%). So the number of guesses per pass shrinks after
-passes that accepted few or none and grows after passes that accepted all (`AdaptiveWindow`); when single guesses
-keep failing it *rests*: the next passes make no guess at all, then it tries again after exponentially longer rests.
-On such a model "jacobi", "gs_jacobi" and "hybrid" are therefore mostly greedy steps with an occasional probe: what
-speed they have over `generate` comes from this loop being leaner than transformers' per-token loop (one forward,
-one argmax, processors called directly, no per-step input preparation), not from Jacobi iteration. `adaptive=False`
-keeps the textbook windows. Lookahead's tree is not adapted: it is bounded by `num_candidates` candidates of at most
-`block_size` tokens, and built only from what the pool knows.
+Cost-aware speculation (`adaptive=True`, the default; `speculation.py`). Step 1 proposes candidates; what a pass
+verifies is chosen to maximize expected tokens per second: each candidate node's chance of acceptance comes from what
+was accepted so far per source ("text:m" copies after an m-token suffix match, "predicted", "jacobi") and depth, and
+the forward's cost from `ForwardCost`, t(tokens fed), measured for this model on this machine (a few timed forwards
+on the first call, refined by every pass). A pass whose expected gain is below its cost makes no guess: a plain
+greedy step. On a small trained model plain Jacobi guesses are rarely right, so "jacobi", "gs_jacobi" and "hybrid"
+are then mostly greedy steps; lookahead copies from the prompt verify as deep as the acceptance so far makes worth
+it. `adaptive=False` keeps the textbook windows (Jacobi modes) and every proposed node up to twice `block_size`
+(lookahead). The forwards run under `fastpath.fast_verification` (a forward over a few tokens then costs about what
+one token costs on a CPU: see there).
+
+Sampling (`do_sample=True`, any mode, with the usual logits processors): the guesses are a deterministic draft, and
+`verify.accept_sampled` applies the speculative-sampling rule for such a draft (accept a guess with its probability,
+else draw from the residual), so the output has exactly the distribution of plain sampling.
 
 Trees need a cache whose accepted entries can be gathered (every layer a plain `DynamicLayer`) and plain causal
 attention that takes an additive 4D mask ("sdpa", "eager"); otherwise lookahead verifies its best candidate only, as
@@ -141,7 +146,7 @@ def jacobi_decoding(
     fast_path: bool = True,
     **model_kwargs,
 ):
-    """Greedy decoding by Jacobi iteration; pass it as `model.generate(..., custom_generate=jacobi_decoding)`.
+    """Greedy decoding (or sampling) by Jacobi iteration; pass it as `model.generate(..., custom_generate=jacobi_decoding)`.
 
     `generate` prepares the inputs (attention mask, position ids, cache, logits processors, stopping criteria) and
     then calls this function; keyword arguments below that `generate` does not know are routed here.
@@ -156,9 +161,11 @@ def jacobi_decoding(
         max_iterations (`int`, *optional*): at most this many Jacobi passes on one block/window position; after that
             the block is finished with plain greedy steps (exactness is unaffected).
         ngram_size (`int`): lookahead's n-grams: contexts of up to `ngram_size - 1` tokens.
-        num_candidates (`int`): lookahead candidates verified per pass, as one token tree (1: a chain).
-        adaptive (`bool`): Jacobi modes: shrink the guess window when guesses are rejected (down to no guess at all
-            for a while), grow it when they are accepted (see the module docstring).
+        num_candidates (`int`): lookahead: continuations copied from the text proposed per pass (besides the
+            predicted chain and the Jacobi trajectory); their token tree is what the cost model chooses nodes from.
+        adaptive (`bool`): verify only the guesses worth their cost (expected tokens per second, from the acceptance
+            observed so far and the measured forward cost; see the module docstring); False: every proposed guess.
+        fast_path (`bool`): run the forwards under `fastpath.fast_verification` (CPU fast paths for few tokens).
         jacobi_streamer: a streamer (`TextStreamer`...) fed the prompt and then every new token in order; the same
             as `generate(streamer=...)`, which transformers 5.x does not hand to a custom_generate callable (we pick
             it up from the calling `generate` frame; this argument is the explicit way).
@@ -166,7 +173,8 @@ def jacobi_decoding(
             predictions, confidences, accepted count): the data DDGviz draws.
 
     Returns:
-        `torch.LongTensor` `[B, P + new]` equal to `generate(do_sample=False)`, or a `JacobiDecoderOutput` with
+        `torch.LongTensor` `[B, P + new]` equal to `generate(do_sample=False)` (with `do_sample=True`: distributed as
+        `generate(do_sample=True)`'s), or a `JacobiDecoderOutput` with
         `num_forward_passes` and `accepted_per_pass` when `return_dict_in_generate=True`.
     """
     _check_model(model)
@@ -236,7 +244,7 @@ def jacobi_decoding(
     unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
     guesser = _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
     guesser.start(ids[:, :length])
-    stats = AcceptanceStats()  # what guesses of each source and depth have been accepted so far
+    stats = AcceptanceStats.for_model(model)  # what guesses of each source and depth have been accepted so far
     cost = ForwardCost.for_model(model)  # seconds of a forward over n tokens, on this machine
     sample = bool(generation_config.do_sample)
     passes, accepted_per_pass = 0, []
@@ -327,6 +335,7 @@ def jacobi_decoding(
                         batch=batch,
                     )
 
+    stats.merge_into_model(model)
     if streamer is not None:
         streamer.end()
     ids = ids[:, :length].contiguous()

@@ -106,24 +106,46 @@ class ForwardCost:
 class AcceptanceStats:
     """Chance that a guess is accepted given that its parent is, per (source, depth): a Beta posterior.
 
+    Depths are pooled as 1, 2-3 and 4+: once a copy is accepted it tends to go on (a deeper guess is likelier than
+    the first one), and pooling learns that within a few passes. A decoding call starts from what earlier calls on
+    the same model saw (`for_model`, capped at `carried` tries per key, so a new prompt soon speaks for itself) and
+    hands its counts back at the end (`merge_into_model`).
+
     Args:
         prior (`dict[str, float]`): prior mean per source kind ("text", "predicted", "jacobi"); weight `strength`.
     """
 
-    DEFAULT_PRIOR = {"text": 0.5, "predicted": 0.4, "jacobi": 0.15}
+    DEFAULT_PRIOR = {"text": 0.5, "predicted": 0.4, "jacobi": 0.15, "fill": 0.05}
+    DEEPER = 1.5  # the prior of a deeper guess: this times the first one's (at most 0.9)
 
     def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0):
         self.prior = dict(self.DEFAULT_PRIOR, **(prior or {}))
         self.strength = strength
         self.counts: dict[tuple, list[float]] = {}
 
+    @classmethod
+    def for_model(cls, model, carried: float = 8.0) -> AcceptanceStats:
+        stats = cls()
+        for key, (hits, tries) in _PERSISTENT_STATS.get(model, {}).items():
+            scale = min(1.0, carried / tries) if tries else 0.0
+            stats.counts[key] = [hits * scale, tries * scale]
+        return stats
+
+    def merge_into_model(self, model, carried: float = 8.0) -> None:
+        """Add this call's counts to `model`'s (what the next call starts from)."""
+        old = _PERSISTENT_STATS.setdefault(model, {})
+        for key, (hits, tries) in self.counts.items():
+            old[key] = [hits, tries]  # (this call started from the carried counts: they are already in)
+
     @staticmethod
     def key(source: str, depth: int) -> tuple:
-        return source, min(depth, 8) if depth <= 8 else 8 + (depth > 16)
+        return source, 1 if depth == 1 else (2 if depth <= 3 else 3)
 
     def p(self, source: str, depth: int) -> float:
         kind = source.split(":")[0]
         prior = self.prior.get(kind, 0.2)
+        if depth > 1:
+            prior = min(0.9, prior * self.DEEPER)
         hits, tries = self.counts.get(self.key(source, depth), (0.0, 0.0))
         return (hits + self.strength * prior) / (tries + self.strength)
 
@@ -131,6 +153,9 @@ class AcceptanceStats:
         counts = self.counts.setdefault(self.key(source, depth), [0.0, 0.0])
         counts[0] += accepted
         counts[1] += 1.0
+
+
+_PERSISTENT_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: [hits, tries]}
 
 
 class Tree:

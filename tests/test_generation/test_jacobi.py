@@ -241,7 +241,8 @@ def test_plan_guesses_only_what_pays_for_its_cost():
     # expensive tokens: a sure guess still pays (0.9 extra tokens for 0.5 extra time), the fourth one (0.66) not
     assert plan([_tree([sure], stats)], _cost(0.5), 1, 16) == [[0, 1, 2]]
     tree = _tree([sure, ([5, 4], "jacobi"), hopeless], stats)  # nodes 0-3: 5 6 7 8; 4: the 4 under 5; 5-7: 9 9 9
-    assert plan([tree], _cost(0.0), 1, 5, force=5) == [[0, 1, 2, 3, 5]]  # by reach: the first 9 beats the 4
+    # by reach: the 4 under the sure 5 (0.9 x 0.075, a deeper guess has 1.5x the prior) beats the first 9 (0.05)
+    assert plan([tree], _cost(0.0), 1, 5, force=5) == [[0, 1, 2, 3, 4]]
     assert plan([tree], _cost(0.0), 1, 16, chain_only=True) == [[0, 1, 2, 3]]
     # a batch shares one width: the expected tokens are the worst row's
     assert plan([_tree([sure], stats), _tree([hopeless], stats)], _cost(0.2), 1, 16) == [[], []]
@@ -253,8 +254,19 @@ def test_acceptance_stats_learn_per_source_and_depth():
         stats.update("text:3", 1, True)
         stats.update("text:3", 2, False)
     assert stats.p("text:3", 1) == pytest.approx(9 / 10)
-    assert stats.p("text:3", 2) == pytest.approx(1 / 10)
+    assert stats.p("text:3", 2) == pytest.approx(2 * 0.75 / 10)  # deeper guesses: a higher prior (1.5x)
+    assert stats.p("text:3", 3) == stats.p("text:3", 2)  # depths 2-3 are pooled
     assert stats.p("text:1", 1) == pytest.approx(0.5)  # another source keeps its prior
+
+    class Model:  # (any object: the counts are kept per model)
+        pass
+
+    model = Model()
+    stats.merge_into_model(model)
+    carried = AcceptanceStats.for_model(model, carried=4.0)  # the next call starts from them, capped at 4 tries
+    assert carried.counts[("text:3", 1)] == [4.0, 4.0]
+    assert carried.p("text:3", 1) == pytest.approx((4 + 1) / 6)
+    assert AcceptanceStats.for_model(Model()).counts == {}
 
 
 def test_forward_cost_interpolates_and_forgets_noise_slowly():
