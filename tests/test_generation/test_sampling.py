@@ -136,3 +136,20 @@ def test_sampling_without_guesses_and_in_every_mode_stays_in_support():
         )
         greedy = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0)
         assert out.tolist() == greedy.tolist()  # top_k=1: sampling is greedy, whatever the draft
+
+
+def test_sampling_on_a_recurrent_cache_with_top_k_1_is_greedy():
+    """Sampling through the snapshot / restore path of a recurrent cache (transformers' assisted decoding refuses
+    such caches), in a left-padded batch."""
+    from gen_helpers import left_padded, tiny_bigram_qwen3_next
+
+    model = tiny_bigram_qwen3_next()
+    ids, mask = left_padded([[5, 17, 33, 8, 61, 12], [9, 4]])
+    greedy = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=30, pad_token_id=0)
+    torch.manual_seed(0)
+    out = model.generate(
+        ids, attention_mask=mask, do_sample=True, top_k=1, max_new_tokens=30, pad_token_id=0, block_size=6,
+        custom_generate=jacobi_decoding, mode="lookahead", adaptive=False, return_dict_in_generate=True,
+    )  # fmt: skip
+    assert out.sequences.tolist() == greedy.tolist()
+    assert max(out.accepted_per_pass) > 1  # guesses were accepted through the sampling rule
