@@ -45,6 +45,7 @@ class ForwardCost:
     def __init__(self):
         self.seconds: dict[int, float] = {}
         self.calibrated = False
+        self._curve: dict[int, float] | None = None  # `curve()`, until the next `record`
 
     @classmethod
     def for_model(cls, model) -> ForwardCost:
@@ -56,6 +57,7 @@ class ForwardCost:
         """A measured forward over `tokens` tokens (batch included)."""
         bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
         seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
+        self._curve = None
         old = self.seconds.get(bucket)
         # a running minimum that forgets slowly: noise only ever adds time
         self.seconds[bucket] = seconds if old is None else min(seconds, old * 1.02 + 0.02 * seconds)
@@ -63,11 +65,14 @@ class ForwardCost:
     def curve(self) -> dict[int, float]:
         """The measured points, made non-decreasing from the right: a forward over more tokens is never cheaper, so
         a size measured slower than a larger one was measured in a noisy moment and gets the larger one's time."""
+        if self._curve is not None:
+            return self._curve
         known = sorted(self.seconds)
         out, floor = {}, float("inf")
         for b in reversed(known):
             floor = min(floor, self.seconds[b])
             out[b] = floor
+        self._curve = out
         return out
 
     def __call__(self, tokens: int) -> float:
