@@ -357,7 +357,7 @@ def _time_setting(model, prompts, methods, new_tokens, repeats, sample=False, la
             out, passes = outs[m]
             res[m]["time"].append(best[m])
             res[m]["passes"].append(passes)
-            res[m]["tokens"].append(out[:, ids.shape[1] :].numel())
+            res[m]["tokens"].append(out.shape[1] - ids.shape[1])  # per row: a batch forward advances every row
             res[m]["same"].append(torch.equal(out, outs[methods[0]][0]))
         line = "  ".join(f"{m} {best[methods[0]] / best[m]:.2f}x" for m in methods[1:])
         print(f"{label} prompt {i + 1}/{len(prompts)}: {line}", flush=True)

@@ -245,7 +245,7 @@ def jacobi_decoding(
     guesser = _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
     guesser.start(ids[:, :length])
     stats = AcceptanceStats.for_model(model)  # what guesses of each source and depth have been accepted so far
-    cost = ForwardCost.for_model(model)  # seconds of a forward over n tokens, on this machine
+    cost = ForwardCost.for_model(model, batch)  # seconds of a forward over n tokens per row, on this machine
     sample = bool(generation_config.do_sample)
     passes, accepted_per_pass = 0, []
 
@@ -288,7 +288,7 @@ def jacobi_decoding(
             started = time.perf_counter()
             logits = forward(fed, fed_positions, fed_mask, num_logits)
             if fed.shape[1] <= 128 and not logits.is_cuda:  # (a GPU forward is asynchronous: not timed)
-                cost.record(fed.numel(), time.perf_counter() - started)
+                cost.record(fed.shape[1], time.perf_counter() - started)
             passes += 1
 
             # 3. commit the tokens the forward proves (greedy), or samples (exactly plain sampling), at least one
@@ -331,8 +331,7 @@ def jacobi_decoding(
             if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
                 if unfinished.max() > 0:
                     cost.calibrate(
-                        lambda k: _timed_forward(forward, cache, ids, positions, mask, length, k, trees, model.dtype),
-                        batch=batch,
+                        lambda k: _timed_forward(forward, cache, ids, positions, mask, length, k, trees, model.dtype)
                     )
 
     stats.merge_into_model(model)

@@ -1,6 +1,7 @@
 """Cost-aware speculation: how many guesses a pass verifies, chosen for expected tokens per second.
 
-A pass that feeds u uncached committed tokens and q guesses (per row, batch B) costs `t(B * (u + q))` seconds and
+A pass that feeds u uncached committed tokens and q guesses per row costs `t(u + q)` seconds (a curve per batch
+size B: a batch of B rows is not B times one row's cost, nor the cost of B * (u + q) tokens in one row) and
 commits `1 + (guesses accepted)` tokens. Guessing pays only if the expected extra tokens outweigh the extra cost:
 on a CPU a 135M model's forward over 8 tokens costs ~1.2x one over 1 token, over 32 tokens ~3x. So each pass:
 
@@ -10,11 +11,11 @@ on a CPU a 135M model's forward over 8 tokens costs ~1.2x one over 1 token, over
    (source, depth) from what the passes so far showed; a node's chance of being reached is the product along its
    path;
 3. `plan` adds nodes in order of that chance (a parent is never less likely than its child, so every prefix of the
-   order is a tree) and keeps the number j of nodes that maximizes `(1 + expected accepted) / t(B * (u + j))`:
+   order is a tree) and keeps the number j of nodes that maximizes `(1 + expected accepted) / t(u + j)`:
    j = 0, a plain greedy step, when no guess is worth its cost.
 
 `ForwardCost` is `t(n)`: measured for this model on this machine (a few timed forwards on the first call, cached
-per model and thread count) and refined online from every pass's own forward time (a running minimum per size
+per model, thread count and batch size) and refined online from every pass's own forward time (a running minimum per size
 bucket, slowly forgotten, so noise on a shared machine does not inflate it).
 
 Nothing here touches the tokens that are committed: verification alone decides them, so planning cannot change the
@@ -30,11 +31,11 @@ import torch
 
 # sizes (tokens fed, batch included) at which forward times are kept; others are interpolated
 BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-_PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {threads: ForwardCost}
+_PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(threads, batch): ForwardCost}
 
 
 class ForwardCost:
-    """Seconds of one forward as a function of the tokens fed, `t(n)`, piecewise linear over `BUCKETS`.
+    """Seconds of one forward as a function of the tokens fed per row, `t(n)`, piecewise linear over `BUCKETS`.
 
     Until a size has been measured, the curve is the measured one-token time times a prior shape (flat to 8 tokens,
     then linear: what a memory-bound small model shows), so planning is cautious but not frozen.
@@ -48,13 +49,13 @@ class ForwardCost:
         self._curve: dict[int, float] | None = None  # `curve()`, until the next `record`
 
     @classmethod
-    def for_model(cls, model) -> ForwardCost:
-        """The cost curve of `model` at the current torch thread count (shared across decoding calls)."""
+    def for_model(cls, model, batch: int = 1) -> ForwardCost:
+        """The cost curve of `model` at the current torch thread count and `batch` rows (shared across calls)."""
         per_model = _PERSISTENT.setdefault(model, {})
-        return per_model.setdefault(torch.get_num_threads(), cls())
+        return per_model.setdefault((torch.get_num_threads(), batch), cls())
 
     def record(self, tokens: int, seconds: float) -> None:
-        """A measured forward over `tokens` tokens (batch included)."""
+        """A measured forward over `tokens` tokens per row."""
         bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
         seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
         self._curve = None
@@ -98,13 +99,13 @@ class ForwardCost:
             return points[lo] + slope * (tokens - lo)
         return max(base, points[above[0]] - self.PRIOR_PER_TOKEN * base * (above[0] - tokens))
 
-    def calibrate(self, timed_forward, batch: int = 1, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 2) -> None:
-        """Measure `t(batch * k)` for k in `sizes` with `timed_forward(k)` (a forward over k tokens per row, undone)."""
+    def calibrate(self, timed_forward, sizes=(1, 2, 4, 8, 16, 32), repeats: int = 2) -> None:
+        """Measure `t(k)` for k in `sizes` with `timed_forward(k)` (a forward over k tokens per row, undone)."""
         for _ in range(repeats):
             for k in sizes:
                 start = time.perf_counter()
                 timed_forward(k)
-                self.record(batch * k, time.perf_counter() - start)
+                self.record(k, time.perf_counter() - start)
         self.calibrated = True
 
 
@@ -238,7 +239,7 @@ def plan(
 
     Args:
         trees: per row, its candidate tree.
-        cost: `t(n)` for n tokens fed (batch included).
+        cost: `t(n)` for n tokens fed per row, at this batch size.
         uncached (`int`): committed tokens fed per row besides the guesses (usually 1).
         max_nodes (`int`): at most this many guesses per row.
         chain_only (`bool`): a single path per row (the cache or the attention cannot take a tree).
@@ -247,7 +248,6 @@ def plan(
     Returns:
         per row, the selected node indices; every row gets the same count or fewer (then padded).
     """
-    batch = len(trees)
     orders = []
     for tree in trees:
         order = tree.order()
@@ -265,14 +265,14 @@ def plan(
     if force is not None:
         j = min(force, width)
         return [o[:j] for o in orders]
-    best_j, best_rate = 0, 1.0 / cost(batch * uncached)
+    best_j, best_rate = 0, 1.0 / cost(uncached)
     gains = [[0.0] for _ in orders]
     for gain, order, tree in zip(gains, orders, trees, strict=True):
         for n in order:
             gain.append(gain[-1] + tree.reach[n])
     for j in range(1, width + 1):
         expected = 1.0 + min(gain[min(j, len(gain) - 1)] for gain in gains)
-        rate = expected / cost(batch * (uncached + j))
+        rate = expected / cost(uncached + j)
         if rate > best_rate * (1 + 1e-9):
             best_j, best_rate = j, rate
     return [o[:best_j] for o in orders]
