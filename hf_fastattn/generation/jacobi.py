@@ -331,7 +331,7 @@ def jacobi_decoding(
             if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
                 if unfinished.max() > 0:
                     cost.calibrate(
-                        lambda k: _timed_forward(forward, cache, ids, positions, mask, length, k, trees, model.dtype)
+                        lambda k, at=length: _timed_forward(forward, cache, ids, positions, mask, at, k, trees, model.dtype)
                     )
 
     stats.merge_into_model(model)

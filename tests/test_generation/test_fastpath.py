@@ -7,7 +7,12 @@ import torch
 from gen_helpers import tiny_llama
 from transformers.cache_utils import DynamicCache
 
-from hf_fastattn.generation.fastpath import ATTENTION_NAME, fast_verification, gqa_sdpa_attention, small_rows_linear
+from hf_fastattn.generation.fastpath import (
+    ATTENTION_NAME,
+    fast_verification,
+    gqa_sdpa_attention,
+    small_rows_linear,
+)
 from hf_fastattn.integration.cache import cache_argument
 
 

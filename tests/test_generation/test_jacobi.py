@@ -21,8 +21,8 @@ from transformers.cache_utils import DynamicCache
 
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
 from hf_fastattn.generation.jacobi import build_draft
-from hf_fastattn.generation.speculation import AcceptanceStats, ForwardCost, Tree, plan
 from hf_fastattn.generation.rollback import keep_path, needs_snapshot, rollback, snapshot
+from hf_fastattn.generation.speculation import AcceptanceStats, ForwardCost, Tree, plan
 
 
 @pytest.fixture(autouse=True)
