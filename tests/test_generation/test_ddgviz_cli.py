@@ -157,6 +157,30 @@ def test_bench_jacobi_quick(tmp_path):
     assert (tmp_path / "quick_jacobi.png").is_file()
 
 
+def test_bench_jacobi_model_quick(tmp_path):
+    """`bench jacobi --model MODEL --quick` on a saved tiny chat model: every method side by side, the tables
+    written, greedy methods' outputs identical to greedy's."""
+    from hf_fastattn.conversion.tiny import corpus, tiny_llama, tiny_tokenizer
+
+    model_dir = tmp_path / "chat"
+    tokenizer = tiny_tokenizer(corpus(5_000), vocab_size=200)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}"
+    )
+    tiny_llama(vocab_size=len(tokenizer), hidden_size=32).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    assert cli_main(["bench", "jacobi", "--model", str(model_dir), "--quick", "--out", str(out)]) == 0
+    report = next(out.glob("*.md")).read_text()
+    import re
+
+    for row in ("greedy", "prompt_lookup", "lookahead", "jacobi", "gs_jacobi", "hybrid", "plain sampling"):
+        assert re.search(rf"\|\s+{row} \|", report), row
+    greedy_rows = [line for line in report.splitlines() if re.match(r"\|\s+(greedy|prompt_lookup|lookahead|jacobi|gs_jacobi|hybrid) \|", line)]
+    assert greedy_rows and all(line.rstrip().endswith("2/2 |") for line in greedy_rows)  # identical to greedy
+
+
 @pytest.mark.parametrize("script", ["jacobi_generate.py", "ddgviz_demo.py"])
 def test_example_runs(script, tmp_path):
     args = [sys.executable, str(ROOT / "examples" / script), "--tiny", "--max-new-tokens", "10"]
