@@ -1,7 +1,7 @@
 """`hf-fastattn demo`: what the library does, offline, in one command.
 
-    hf-fastattn demo                    # about 15 minutes on 2 CPU cores the first time (the teacher's training
-                                        # and the pretrained model's download are cached on disk)
+    hf-fastattn demo                    # about 18 minutes on 2 CPU cores the first time (the teacher's training,
+                                        # about 2.5, and the pretrained model's fetch, about 1, are cached on disk)
     hf-fastattn demo --quick            # about a minute: a much smaller teacher for every section, no download
     hf-fastattn demo --model NAME       # your causal LM (short name, .gguf, folder, Hub id) in every section
 
@@ -90,6 +90,7 @@ class Sizes:
     swap_tokens: int  # section 4: held-out tokens scored per attention
     real_contexts: tuple[int, ...]  # section 5: prompt lengths
     real_decode_steps: int
+    real_decode_repeats: int  # section 5: runs per (model, context); the fastest is kept
 
 
 FULL = Sizes(
@@ -110,6 +111,7 @@ FULL = Sizes(
     swap_tokens=2048,
     real_contexts=(256, 1024, 4096),
     real_decode_steps=24,
+    real_decode_repeats=2,
 )
 QUICK = Sizes(
     teacher=dict(
@@ -136,6 +138,7 @@ QUICK = Sizes(
     swap_tokens=256,
     real_contexts=(32, 256, 1024),
     real_decode_steps=8,
+    real_decode_repeats=1,
 )
 
 
@@ -276,7 +279,8 @@ def run(model_name: str | None, sizes: Sizes, out: Path, real_threads: int | Non
             pretrained_ids = torch.tensor(pretrained_tokenizer(val_text, add_special_tokens=False)["input_ids"])
         swap = measure_swap(pretrained, pretrained_ids, sizes.swap_seq_len, sizes.swap_tokens)
         real_decoding = measure_decoding(
-            architecture_models(pretrained), pretrained_ids, sizes.real_contexts, sizes.real_decode_steps, 1
+            architecture_models(pretrained), pretrained_ids, sizes.real_contexts, sizes.real_decode_steps,
+            sizes.real_decode_repeats,
         )
         jacobi = measure_jacobi(
             pretrained, pretrained_ids, sizes.jacobi_prompts, sizes.jacobi_prompt_tokens, sizes.jacobi_new_tokens,
