@@ -2,7 +2,7 @@
 
     hf-fastattn demo                    # about 18 minutes on 2 CPU cores the first time (the teacher's training,
                                         # about 2.5, and the pretrained model's fetch, about 1, are cached on disk)
-    hf-fastattn demo --quick            # about a minute: a much smaller teacher for every section, no download
+    hf-fastattn demo --quick            # about 1.5 minutes: a much smaller teacher in every role, no download
     hf-fastattn demo --model NAME       # your causal LM (short name, .gguf, folder, Hub id) in every section
 
 Two models: a small softmax Llama trained here on the packaged tinyshakespeare (the *teacher*,
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="hf-fastattn demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer steps: about a minute")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and fewer steps: about 1.5 minutes, no download")
     parser.add_argument(
         "--model",
         help="a causal LM (short name, .gguf file, local folder or Hub id) converted and measured in every section "
