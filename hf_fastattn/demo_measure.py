@@ -3,7 +3,6 @@ overtakes a baseline, Jacobi decoding against greedy, and a pretrained model wit
 
 from __future__ import annotations
 
-import copy
 import statistics
 import time
 
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from .bench.jacobi import make_prompts, run_one, time_methods
-from .bench.utils import cache_nbytes, crossover
+from .bench.utils import cache_nbytes, crossover, with_attention
 
 JACOBI_MODES = ("jacobi", "lookahead")
 HYBRID_WINDOW = 64  # the LoLCATs window of the hedgehog / t2r hybrids (softmax over the last 64 tokens)
@@ -107,13 +106,11 @@ def architecture_models(model) -> dict:
     """{name: model}: `model` as it is ("sdpa": softmax attention and the K/V cache generate gives it) and copies with
     "linear" attention and with the hybrid (linear + a softmax window of the last 64 tokens), untrained: the cost of
     decoding on this architecture does not depend on the weights."""
-    from .integration.registry import configure
-
-    linear = copy.deepcopy(model)
-    linear.set_attn_implementation("linear")
-    hybrid = copy.deepcopy(linear)
-    configure(hybrid, window=HYBRID_WINDOW)
-    return {"sdpa": model, "linear": linear, "hybrid": hybrid}
+    return {
+        "sdpa": model,
+        "linear": with_attention(model, "linear"),
+        "hybrid": with_attention(model, "linear", window=HYBRID_WINDOW),
+    }
 
 
 @torch.no_grad()
@@ -122,15 +119,11 @@ def measure_swap(model, val_ids: torch.Tensor, seq_len: int, tokens: int) -> lis
     `hf-fastattn bench quality` swapped in, untrained: [{"variant", "attention", "ppl", "x_sdpa"}]."""
     from .bench.quality import variants
     from .conversion.distill import perplexity_of_ids
-    from .integration.registry import configure
 
     ids = val_ids[:tokens]
     rows = []
     for name, (implementation, options) in tqdm(variants(model.config).items(), desc="attention swapped in"):
-        swapped = copy.deepcopy(model)
-        if options:
-            configure(swapped, **options)
-        swapped.set_attn_implementation(implementation)
+        swapped = with_attention(model, implementation, **options)
         rows.append({"variant": name, "attention": implementation, "ppl": perplexity_of_ids(swapped, ids, seq_len)})
         del swapped
     for row in rows:

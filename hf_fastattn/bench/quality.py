@@ -14,14 +14,13 @@ user would. Writes quality.md, quality.json and quality.png under --out.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import time
 
 import torch
 
-from .utils import format_table, machine_line, torch_threads
+from .utils import format_table, machine_line, torch_threads, with_attention
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -101,7 +100,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     from ..conversion.distill import perplexity_of_ids
-    from ..integration.registry import configure
     from ..loading import load_causal_lm
 
     start = time.perf_counter()
@@ -110,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         ids = held_out_ids(tokenizer, args.text, args.tokens)
         rows = []
         for name, (implementation, options) in variants(base.config).items():
-            model = copy.deepcopy(base)
-            if options:
-                configure(model, **options)
-            model.set_attn_implementation(implementation)
+            model = with_attention(base, implementation, **options)
             for length in args.lengths:
                 began = time.perf_counter()
                 ppl = perplexity_of_ids(model, ids, length, args.batch_size)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -102,3 +103,15 @@ def describe_crossover(c: dict) -> str:
     if c["status"] == "always":
         return f"already at {c['from']:,} tokens"
     return f"not up to {c['up_to']:,} tokens"
+
+
+def with_attention(model, implementation: str, **options):
+    """A copy of `model` with `implementation` set as a user sets it (`configure(**options)`, then
+    `set_attn_implementation`); `model` itself is left as it is."""
+    from ..integration.registry import configure
+
+    swapped = copy.deepcopy(model)
+    if options:
+        configure(swapped, **options)
+    swapped.set_attn_implementation(implementation)
+    return swapped
