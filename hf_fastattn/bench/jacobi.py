@@ -438,7 +438,7 @@ def run_real(args, argv) -> int:
     command = "hf-fastattn bench jacobi " + " ".join(argv or [])
     info = (
         f"{args.model}, fp32; {len(tasks)} chat prompts ({', '.join(k for k, _ in tasks)}), {args.new_tokens} new "
-        f"tokens, best of {args.repeats} interleaved runs (batch 4 and sampling: 1); {machine_line()}"
+        f"tokens, best of {args.repeats} interleaved runs (batch 4 and sampling: 1); torch threads per section as titled; {machine_line(threads=False)}"
     )
     note = (
         "forwards/token: model forwards per new token (greedy: 1); vs greedy / vs prompt lookup: total time of greedy "

@@ -75,8 +75,10 @@ def torch_threads(threads: int | None):
         torch.set_num_threads(before)
 
 
-def machine_line() -> str:
-    return f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs"
+def machine_line(threads: bool = True) -> str:
+    """torch version, current torch threads (unless `threads` is False: reports whose sections set their own) and CPUs."""
+    used = f"{torch.get_num_threads()} threads, " if threads else ""
+    return f"torch {torch.__version__}, {used}{os.cpu_count()} CPUs"
 
 
 def crossover(decoding: list[dict], model: str, baseline: str, key: str) -> dict:
