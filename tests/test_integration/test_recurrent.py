@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_fastattn
-from hf_fastattn.integration import registry
+from hf_fastattn.integration import hybrid_attention, registry
 from hf_fastattn.integration.registry import padding_mask
 
 VOCAB, PAD = 96, 0
@@ -605,7 +605,7 @@ def test_sliding_window_hybrid_prefill_in_pieces_equals_token_by_token(monkeypat
     """A long prompt goes through the hybrid cache in pieces (16 here); fed at once, in pieces, or one token at a time,
     the logits and the stored state agree, and equal the full forward without a cache."""
     model = hybrid_model("t2r")
-    monkeypatch.setattr(registry, "_HYBRID_PREFILL_PIECE", 16)
+    monkeypatch.setattr(hybrid_attention, "_HYBRID_PREFILL_PIECE", 16)
     rows = prompts([70, 51])
     ids, mask = left_padded(rows)
     pos = positions(mask)
