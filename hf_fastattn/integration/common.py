@@ -50,3 +50,15 @@ def _key_padding(attention_mask: torch.Tensor | None, kv_length: int, implementa
     if attention_mask.shape[-1] != kv_length:
         raise ValueError(f"padding mask covers {attention_mask.shape[-1]} keys but attention has {kv_length}")
     return attention_mask
+
+
+def check_chunk_size(chunk_size) -> None:
+    """The `chunk_size` option: a positive int, or None (chosen by the operator)."""
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"fastattn option chunk_size must be a positive int or None (auto), got {chunk_size!r}")
+
+
+def check_backend(backend) -> None:
+    """The `backend` option: "auto", "torch" or "triton"."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"fastattn option backend must be 'auto', 'torch' or 'triton', got {backend!r}")

@@ -48,7 +48,8 @@ from transformers.cache_utils import (
     get_layer_types_and_kwargs,
 )
 
-SOFTMAX_IMPLEMENTATIONS = ("sparse", "mqa")
+# the variants registered with softmax=True ("sparse", "mqa"; filled by `variants.register_attention_variant`)
+SOFTMAX_IMPLEMENTATIONS: set[str] = set()
 
 # What the code does not reveal, with the reason. Keep short: prefer a test on flags or code above.
 REFUSED_MODEL_TYPES = {

@@ -7,7 +7,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_fastattn
-from hf_fastattn.integration.registry import padding_mask
+from hf_fastattn.integration.common import padding_mask
 from hf_fastattn.ops.reference import naive_fast_attention, naive_linear_attention
 
 CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
@@ -170,7 +170,7 @@ def test_mqa_qwen3_set_by_hand_is_refused():
     model.config._attn_implementation = "mqa"
     with pytest.raises(ValueError, match=r"normalizes each key head \(k_norm\), so its keys must be pooled before"):
         _out(model, "qwen3", _ids("qwen3"))
-    hf_fastattn.integration.registry.enable_mqa_key_pooling(model)
+    hf_fastattn.integration.mqa_attention.enable_mqa_key_pooling(model)
     assert torch.isfinite(_out(model, "qwen3", _ids("qwen3"))).all()
 
 

@@ -23,8 +23,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_fastattn
-from hf_fastattn.integration import hybrid_attention, registry
-from hf_fastattn.integration.registry import padding_mask
+from hf_fastattn.integration import hybrid_attention, linear_attention
+from hf_fastattn.integration.common import padding_mask
 
 VOCAB, PAD = 96, 0
 
@@ -221,13 +221,13 @@ def test_generate_makes_a_recurrent_cache_of_constant_size(case, monkeypatch):
     model = make(case)
     ids = torch.tensor(prompts([7])[0:1])
     steps = []
-    real_step = registry.recurrent_linear_step
+    real_step = linear_attention.recurrent_linear_step
 
     def spy(qf, kf, v, state, **kw):
         steps.append(kf.shape[2])
         return real_step(qf, kf, v, state, **kw)
 
-    monkeypatch.setattr(registry, "recurrent_linear_step", spy)
+    monkeypatch.setattr(linear_attention, "recurrent_linear_step", spy)
     short = gen(model, ids, max_new_tokens=4)
     steps.clear()
     long = gen(model, ids, max_new_tokens=40)
@@ -764,7 +764,7 @@ def test_converted_models_decode_recurrently(method, options):
 def test_explicit_dynamic_cache_is_kept_and_exact(case):
     """generate(cache=DynamicCache(...)) on a "linear" / "fast" model keeps that cache (it is the user's choice; only
     the default cache becomes a RecurrentCache): the keys and values grow, each step's query reads the prefix through
-    one state sum (`registry._suffix_queries`), and tokens and logits equal use_cache=False, the RecurrentCache's, and
+    one state sum (`linear_attention._suffix_queries`), and tokens and logits equal use_cache=False, the RecurrentCache's, and
     the written-out reference, on a left-padded batch."""
     model = make(case)
     ids, mask = left_padded(prompts([9, 4]))

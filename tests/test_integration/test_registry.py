@@ -40,7 +40,8 @@ def test_options_on_config_before_loading(tmp_path):
     [
         (
             dict(orderr=2),
-            r"unknown fastattn option\(s\) \['orderr'\]; valid options are \['feature_map', 'order'",
+            r"unknown fastattn option\(s\) \['orderr'\]; valid options are \['feature_map', 'chunk_size', 'backend', "
+            r"'window', .*'order', 'temperature', 'pattern', 'stride', 'local', 'summary', 'kv_groups'\]",
         ),
         (dict(feature_map="tanh"), "feature_map='tanh' is not one of"),
         (dict(order=4), "order must be 1 or 2"),
