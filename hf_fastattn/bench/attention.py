@@ -16,15 +16,14 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from ..ops import fast_attention, linear_attention, sparse_attention
+from ..integration.variants import benchmark_entries
 from .utils import best_time, format_table, machine_line, peak_memory_mib
 
+# torch SDPA, then each registered variant's operator calls (`register_attention_variant(..., benchmarks=...)`):
+# linear (elu+1), fast-1, fast-2, sparse (strided, stride 128)
 METHODS = {
     "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-    "linear": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="torch"),
-    "fast-1": lambda q, k, v: fast_attention(q, k, v, causal=True, order=1, backend="torch"),
-    "fast-2": lambda q, k, v: fast_attention(q, k, v, causal=True, order=2, backend="torch"),
-    "sparse": lambda q, k, v: sparse_attention(q, k, v, causal=True, pattern="strided", stride=128, backend="torch"),
+    **benchmark_entries(),
 }
 
 

@@ -43,7 +43,7 @@ from transformers import (
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from ..integration.registry import IMPLEMENTATIONS
+from ..integration.variants import is_variant
 from .families import CONVERTED_PREFIX, FAMILIES, base_model_type
 
 HINT = "this checkpoint was converted by hf_fastattn: pip install hf_fastattn and import hf_fastattn"
@@ -105,7 +105,7 @@ def _config_to_dict(self) -> dict:
     # of running softmax attention with the learned maps dropped
     out = super(type(self), self).to_dict()
     impl = self._attn_implementation
-    if isinstance(impl, str) and impl in IMPLEMENTATIONS:
+    if is_variant(impl):  # any registered variant, a third party's too
         out["attn_implementation"] = CONVERTED_PREFIX + impl
     out["model_type"] = saved_model_type(type(self).model_type)
     return out
