@@ -75,7 +75,8 @@ def attention_score_loss(module, query, key, attention_mask, scaling=None, causa
     with torch.no_grad():
         logits = (q @ k.transpose(-1, -2)) * scaling
         target = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(-1) * allowed
-    weights = (fmap(q) @ fmap(k).transpose(-1, -2)) * allowed
+    kmap = getattr(module, "fastattn_feature_map_k", None) or fmap  # a hybrid's separate key map, if any
+    weights = (fmap(q) @ kmap(k).transpose(-1, -2)) * allowed
     eps = 1e-6
     log_weights = (weights / weights.sum(-1, keepdim=True).clamp_min(eps)).clamp_min(eps).log()
     ce = -(target * log_weights).sum(-1)  # [B, H, N]

@@ -7,7 +7,7 @@ Causal linear attention is an RNN (Katharopoulos et al. 2020): per K/V head it o
 so a `RecurrentCache` holds one `RecurrentStateLayer` per decoder layer, each a transformers
 `LinearAttentionLayer` with two recurrent states (S and z), and its bytes do not grow with the context. For the
 LoLCATs sliding-window hybrid ("window" option) each layer also holds `window` slots of keys and values (the
-softmax part), still a fixed size.
+softmax part) and `sinks` slots for the attention sinks (the first real tokens), still a fixed size.
 
 How the pieces meet (the hooks at the end of this module): the model's attention module still calls `cache.update(key, value,
 layer_idx)`; a `RecurrentCache` returns the new tokens' keys and values unchanged instead of a growing K/V cache,
@@ -52,14 +52,16 @@ class RecurrentStateLayer(LinearAttentionLayer):
     Hs is the number of K/V heads (query heads for per-head learned maps with grouped K/V, and for the sliding-window
     hybrid). `seen_tokens` counts every token folded in (padding included: it sets the positions of later tokens, not
     the state). For the sliding-window hybrid ("window" option) the layer also keeps the last `window` keys and values
-    and their padding mask (`window_kv`), which the state does not hold yet.
+    and their padding mask (`window_kv`), which the state does not hold yet, and the attention sinks that left the
+    window (`sink_kv`: `sinks` slots of keys, values and a mask, False for an empty slot; None without sinks).
     """
 
     def __init__(self):
         super().__init__(number_of_states=2)
         self.seen_tokens = 0
         self.window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # set by the attention module's pre-hook for the duration of one forward (see patching.py)
+        self.sink_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # set by the attention module's pre-hook for the duration of one forward (`_arm` below)
         self.armed = False
 
     @property
@@ -97,47 +99,60 @@ class RecurrentStateLayer(LinearAttentionLayer):
             keys, values = keys.detach(), values.detach()
         self.window_kv = (keys, values, mask)
 
+    def set_sinks(self, keys: torch.Tensor | None, values: torch.Tensor | None, mask: torch.Tensor | None) -> None:
+        """Keep the hybrid's sink slots: keys `[B, Hkv, S, D]`, values and mask `[B, S]` (False: empty); None: none."""
+        if keys is None:
+            self.sink_kv = None
+            return
+        if not torch.is_grad_enabled():
+            keys, values = keys.detach(), values.detach()
+        self.sink_kv = (keys, values, mask)
+
+    def _window_parts(self) -> list[str]:
+        return [name for name in ("window_kv", "sink_kv") if getattr(self, name) is not None]
+
     def reset(self) -> None:
         super().reset()
         self.recurrent_states = dict.fromkeys(range(self.number_of_states))
         self.is_recurrent_states_initialized = dict.fromkeys(range(self.number_of_states), False)
         self.seen_tokens = 0
         self.window_kv = None
+        self.sink_kv = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for i in range(self.number_of_states):
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = self.recurrent_states[i].repeat_interleave(repeats, dim=0)
-        if self.window_kv is not None:
-            self.window_kv = tuple(x.repeat_interleave(repeats, dim=0) for x in self.window_kv)
+        for name in self._window_parts():
+            setattr(self, name, tuple(x.repeat_interleave(repeats, dim=0) for x in getattr(self, name)))
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for i in range(self.number_of_states):
             if self.is_recurrent_states_initialized[i]:
                 self.recurrent_states[i] = self.recurrent_states[i][indices, ...]
-        if self.window_kv is not None:
-            self.window_kv = tuple(x[indices, ...] for x in self.window_kv)
+        for name in self._window_parts():
+            setattr(self, name, tuple(x[indices, ...] for x in getattr(self, name)))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        if self.window_kv is not None:
-            self.window_kv = tuple(x.index_select(0, beam_idx.to(x.device)) for x in self.window_kv)
+        for name in self._window_parts():
+            setattr(self, name, tuple(x.index_select(0, beam_idx.to(x.device)) for x in getattr(self, name)))
 
     def offload(self) -> None:
         super().offload()
-        if self.window_kv is not None:
-            self.window_kv = tuple(x.to("cpu", non_blocking=True) for x in self.window_kv)
+        for name in self._window_parts():
+            setattr(self, name, tuple(x.to("cpu", non_blocking=True) for x in getattr(self, name)))
 
     def prefetch(self) -> None:
         super().prefetch()
-        if self.window_kv is not None and self.device is not None:
-            self.window_kv = tuple(x.to(self.device, non_blocking=True) for x in self.window_kv)
+        for name in self._window_parts() if self.device is not None else []:
+            setattr(self, name, tuple(x.to(self.device, non_blocking=True) for x in getattr(self, name)))
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
 
     def nbytes(self) -> int:
-        held = list(self.state or ()) + list(self.window_kv or ())
+        held = list(self.state or ()) + list(self.window_kv or ()) + list(self.sink_kv or ())
         return sum(x.numel() * x.element_size() for x in held)
 
 
@@ -156,6 +171,8 @@ def model_signature(config: PreTrainedConfig) -> dict:
 
     if impl == "linear":
         state_options = {"feature_map": option("feature_map"), "window": option("window")}
+        if state_options["window"] is not None:
+            state_options.update(sinks=option("sinks"), linear_weight=option("linear_weight"))
     elif impl == "fast":
         state_options = {"order": option("order"), "temperature": option("temperature")}
     else:

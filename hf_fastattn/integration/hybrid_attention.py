@@ -1,13 +1,24 @@
 """Transformers glue of the LoLCATs sliding-window hybrid: "linear" with the `window` option (softmax over the last
-`window` keys, linear attention beyond; `hf_fastattn.ops.hybrid`), in the full forward and in recurrent decoding on a
-`RecurrentCache` layer (the linear state plus the last `window` keys and values). Called by
-`linear_attention_forward` when `config.fastattn["window"]` is set."""
+`window` keys and the first `sinks` tokens, linear attention beyond; `hf_fastattn.ops.hybrid`), in the full forward
+(O(N (window + sinks)), chunked) and in recurrent decoding on a `RecurrentCache` layer (the linear state, the last
+`window` keys and values, and `sinks` sink slots). Called by `linear_attention_forward` when `config.fastattn["window"]`
+is set. A converted model may carry a separate key map, `module.fastattn_feature_map_k` (LoLCATs' separate q and k
+maps); `fastattn_feature_map` is then the queries' map."""
 
 from __future__ import annotations
 
 import torch
 
 from .common import _is_causal, _key_padding, check_supported
+
+KEY_MAP_ATTRIBUTE = "fastattn_feature_map_k"
+
+
+def _hybrid_options(module):
+    from .registry import get_options
+
+    options = get_options(module.config)
+    return options.sinks, options.linear_weight, options.chunk_size, getattr(module, KEY_MAP_ATTRIBUTE, None)
 
 
 def _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causal, fmap, window):
@@ -17,19 +28,22 @@ def _hybrid_forward(module, query, key, value, attention_mask, scaling, is_causa
     if not _is_causal(module, is_causal):
         raise ValueError("hf_fastattn 'linear' with option window (sliding-window hybrid) is causal only")
     mask = _key_padding(attention_mask, key.shape[2], "linear")
+    sinks, linear_weight, chunk_size, key_map = _hybrid_options(module)
     out = sliding_window_linear_attention(
         query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
-        window_factor=getattr(module, "fastattn_window_factor", None),
+        window_factor=getattr(module, "fastattn_window_factor", None), sinks=sinks, key_feature_map=key_map,
+        linear_weight=linear_weight, chunk_size=chunk_size,
     )
     return out.transpose(1, 2).contiguous(), None
 
 
 def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, scaling, fmap, window):
     """Decoding the sliding-window hybrid on a `RecurrentCache` layer, which holds the linear state (S, z) of the keys
-    that left the window and the last `window` keys and values themselves. The new tokens attend to those and to each
-    other exactly as in the full forward (`sliding_window_linear_attention` with the state as `initial_state`); then
-    the keys that are now more than `window` tokens back are folded into the state. Memory: the state plus `window`
-    keys and values per layer, whatever the context."""
+    that left the window, the first `sinks` real keys and values (sink slots) and the last `window` keys and values
+    themselves. The new tokens attend to those and to each other exactly as in the full forward
+    (`sliding_window_linear_attention` with the state as `initial_state` and the sinks as `sink_kv`); then the keys
+    that are now more than `window` tokens back take the free sink slots or are folded into the state. Memory: the
+    state plus `sinks + window` keys and values per layer, whatever the context."""
     check_supported(module, "linear")
     if not _is_causal(module, None):
         raise ValueError("hf_fastattn 'linear' with option window (sliding-window hybrid) is causal only")
@@ -39,11 +53,12 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
     if new_mask is None:
         new_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
     factor = getattr(module, "fastattn_window_factor", None)
+    options = _hybrid_options(module)
     # a long prompt goes in pieces: each attends to at most `window` stored keys plus itself, O(n (window + piece))
     piece = max(window, _HYBRID_PREFILL_PIECE)
     outs = [
         _hybrid_step(layer, query[:, :, i : i + piece], key[:, :, i : i + piece], value[:, :, i : i + piece],
-                     new_mask[:, i : i + piece].to(torch.bool), scaling, fmap, window, factor)
+                     new_mask[:, i : i + piece].to(torch.bool), scaling, fmap, window, factor, options)
         for i in range(0, key.shape[2], piece)
     ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
@@ -52,38 +67,55 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
 _HYBRID_PREFILL_PIECE = 256
 
 
-def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor):
-    from ..ops.hybrid import fold_window_state, hybrid_decode_step, sliding_window_linear_attention
+def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, options=(0, "1-gamma", None, None)):
+    from ..ops.hybrid import empty_sinks, hybrid_decode_step, leave_window, sliding_window_linear_attention
 
+    sinks, linear_weight, chunk_size, key_map = options
     if layer.window_kv is None:
-        # `window` empty slots (masked out) to start with: the bytes held never change
+        # `window` empty slots (masked out) to start with, and `sinks` empty sink slots: the bytes held never change
         b, hkv = key.shape[:2]
         layer.set_window(key.new_zeros(b, hkv, window, key.shape[-1]), value.new_zeros(b, hkv, window, value.shape[-1]),
                          torch.zeros(b, window, dtype=torch.bool, device=key.device))
+        layer.set_sinks(*empty_sinks(key, value, sinks) if sinks else (None, None, None))
     old_k, old_v, old_mask = layer.window_kv
     if old_k.shape[0] != key.shape[0] or old_k.shape[1] != key.shape[1]:
         raise ValueError(
             f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
             f"forward has batch {key.shape[0]} and {key.shape[1]}: continue with the same batch size, or start a new cache."
         )
+    sink_kv = layer.sink_kv
+    if (0 if sink_kv is None else sink_kv[0].shape[2]) != sinks:
+        raise ValueError(
+            f"RecurrentCache: the layer holds {0 if sink_kv is None else sink_kv[0].shape[2]} sink slots but the "
+            f"model's fastattn option sinks is {sinks}: start a new cache after changing it."
+        )
+    key_map = fmap if key_map is None else key_map
     if key.shape[2] == 1 and layer.state is not None:  # one decoding step
-        out, kept, state = hybrid_decode_step(query, key, value, mask, layer.window_kv, layer.state, feature_map=fmap,
-                                              window_factor=factor, scaling=scaling)
+        out, kept, state, *held = hybrid_decode_step(
+            query, key, value, mask, layer.window_kv, layer.state, feature_map=fmap, window_factor=factor,
+            scaling=scaling, sink_kv=sink_kv, key_feature_map=key_map, linear_weight=linear_weight,
+        )
         layer.set_state(state)
         layer.set_window(*kept)
+        if held:
+            layer.set_sinks(*held[0])
         return out
     key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
     mask = torch.cat([old_mask, mask], dim=1)
     state = layer.state
     out = sliding_window_linear_attention(
         query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
-        window_factor=factor, initial_state=state,
+        window_factor=factor, initial_state=state, sinks=sinks, sink_kv=sink_kv, key_feature_map=key_map,
+        linear_weight=linear_weight, chunk_size=chunk_size,
     )
     leaving = key.shape[2] - window  # the oldest keys: beyond the window of every later query
-    layer.set_state(fold_window_state(
-        key[:, :, :leaving], value[:, :, :leaving], feature_map=fmap, num_heads=query.shape[1],
-        padding_mask=mask[:, :leaving], state=state,
-    ))
+    state, sink_kv = leave_window(
+        key[:, :, :leaving], value[:, :, :leaving], mask[:, :leaving], feature_map=key_map,
+        num_heads=query.shape[1], state=state, sink_kv=sink_kv,
+    )
+    layer.set_state(state)
+    if sink_kv is not None:
+        layer.set_sinks(*sink_kv)
     key, value, mask = key[:, :, leaving:], value[:, :, leaving:], mask[:, leaving:]
     layer.set_window(key, value, mask)
     return out

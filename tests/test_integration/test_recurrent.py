@@ -594,8 +594,8 @@ def test_sliding_window_hybrid_decodes_recurrently_in_constant_memory(method, fa
     assert out.sequences[1, pad:].tolist() == alone.sequences[0].tolist()
     torch.testing.assert_close(step_logits(out)[1:], step_logits(alone), atol=1e-4, rtol=1e-4)
 
-    window = HYBRID[method]["window"]
-    assert cache.nbytes() == hybrid_nbytes(model, 2, window)
+    held = HYBRID[method]["window"] + model.config.fastattn["sinks"]  # the window's slots and the sinks'
+    assert cache.nbytes() == hybrid_nbytes(model, 2, held)
     longer = gen(model, ids, mask, max_new_tokens=40)
     assert longer.past_key_values.nbytes() == cache.nbytes()
     assert dynamic.past_key_values.get_seq_length() == ids.shape[1] + 11  # the K/V cache, by contrast, grows
