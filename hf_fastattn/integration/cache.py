@@ -21,6 +21,7 @@ masks need the number of tokens seen, so each layer counts its tokens and the ca
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 
@@ -29,7 +30,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedConfig
 from transformers.cache_utils import Cache, DynamicCache, LinearAttentionLayer
 
-from .variants import recurrent_variant_names
+from .variants import is_variant, recurrent_variant_names, variant_options
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -158,25 +159,15 @@ class RecurrentStateLayer(LinearAttentionLayer):
 
 def model_signature(config: PreTrainedConfig) -> dict:
     """What a recurrent cache must agree on with the model it serves: everything that sets the shapes or the meaning
-    of the states (layers, heads, attention implementation, feature map, FAST order and temperature, conversion), and
-    nothing else (`chunk_size` and `backend` may change between calls)."""
-    from .registry import CONFIG_KEY, FastAttnOptions
-
+    of the states (layers, heads, attention implementation, the variant's options marked `"state": True` in its
+    options dataclass: "linear"'s feature map, window, sinks and linear weight, "fast"'s order and temperature;
+    conversion), and nothing else (`chunk_size` and `backend` may change between calls)."""
     text = config.get_text_config(decoder=True)
     impl = getattr(text, "_attn_implementation", None)
-    options = getattr(text, CONFIG_KEY, None) or {}
-
-    def option(name):  # the stored value or the default (a class attribute of the dataclass)
-        return options.get(name, getattr(FastAttnOptions, name))
-
-    if impl == "linear":
-        state_options = {"feature_map": option("feature_map"), "window": option("window")}
-        if state_options["window"] is not None:
-            state_options.update(sinks=option("sinks"), linear_weight=option("linear_weight"))
-    elif impl == "fast":
-        state_options = {"order": option("order"), "temperature": option("temperature")}
-    else:
-        state_options = {}
+    state_options = {}
+    if is_variant(impl):
+        options = variant_options(text, impl)
+        state_options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.metadata.get("state")}
     return {
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": text.num_hidden_layers,

@@ -10,14 +10,13 @@ from __future__ import annotations
 import torch
 
 from .common import _is_causal, _key_padding, check_supported
+from .variants import variant_options
 
 KEY_MAP_ATTRIBUTE = "fastattn_feature_map_k"
 
 
 def _hybrid_options(module):
-    from .registry import get_options
-
-    options = get_options(module.config)
+    options = variant_options(module.config, "linear")
     return options.sinks, options.linear_weight, options.chunk_size, getattr(module, KEY_MAP_ATTRIBUTE, None)
 
 

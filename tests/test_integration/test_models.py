@@ -12,7 +12,7 @@ from hf_fastattn.ops.reference import naive_fast_attention, naive_linear_attenti
 
 CAUSAL = ["llama", "mistral", "qwen2", "qwen3", "gpt2"]
 FAMILIES = [*CAUSAL, "bert"]
-IMPLS = ["linear", "fast", "sparse", "mqa"]
+IMPLS = list(hf_fastattn.variant_names())  # every registered variant
 
 
 def _naive(fn):
@@ -226,7 +226,7 @@ def test_right_padded_bert_rows_equal_single_rows(impl):
 
 
 @pytest.mark.parametrize("family", CAUSAL)
-@pytest.mark.parametrize("impl", ["linear", "fast", "sparse"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_causality_in_model(family, impl):
     model = tiny_model(family, attn_implementation=impl)
     ids = _ids(family, b=1, n=30)
@@ -237,12 +237,14 @@ def test_causality_in_model(family, impl):
     assert not torch.allclose(a[:, 20:], b[:, 20:])
 
 
-@pytest.mark.parametrize("impl", ["linear", "fast"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_generate_with_its_default_cache_equals_no_cache(impl):
-    """The cache generate picks by itself (a RecurrentCache for linear/fast, a DynamicCache otherwise; the explicit
-    DynamicCache on linear/fast is tested in test_recurrent.py)."""
+    """The cache generate picks by itself (a RecurrentCache for the variants registered recurrent, linear/fast, a
+    DynamicCache otherwise; the explicit DynamicCache on linear/fast is tested in test_recurrent.py)."""
     model = tiny_model("llama", attn_implementation=impl)
     ids = _ids("llama", b=1, n=6)
-    with_cache = model.generate(ids, max_new_tokens=10, do_sample=False)
+    with_cache = model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True)
     without = model.generate(ids, max_new_tokens=10, do_sample=False, use_cache=False)
-    assert torch.equal(with_cache, without)
+    assert torch.equal(with_cache.sequences, without)
+    recurrent = impl in hf_fastattn.integration.variants.recurrent_variant_names()
+    assert isinstance(with_cache.past_key_values, hf_fastattn.RecurrentCache) == recurrent

@@ -9,6 +9,8 @@ from transformers import AutoModelForCausalLM, DiffLlamaConfig, DiffLlamaForCaus
 
 import hf_fastattn
 from hf_fastattn import FastAttnOptions
+from hf_fastattn.integration.common import padding_mask
+from hf_fastattn.integration.variants import get_variant
 
 
 def test_configure_changes_outputs_and_round_trips(tmp_path):
@@ -175,7 +177,11 @@ def test_valid_names_still_set(name):
     assert torch.isfinite(model(torch.randint(3, 96, (1, 5))).logits).all()
 
 
-@pytest.mark.parametrize("impl", ["linear", "fast", "sparse"])
+# the variants that register the 2D padding mask (the O(N) ones and "sparse")
+PADDING_MASK_VARIANTS = [n for n in hf_fastattn.variant_names() if get_variant(n).mask_fn is padding_mask]
+
+
+@pytest.mark.parametrize("impl", PADDING_MASK_VARIANTS)
 def test_custom_4d_mask_is_rejected(impl):
     model = tiny_model("llama", attn_implementation=impl)
     mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
