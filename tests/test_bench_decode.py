@@ -43,8 +43,8 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert results["fast"]["256"]["real_prefill_tokens"] == 64
     assert results["linear"]["256"]["real_prefill_tokens"] == 256
     assert results["hybrid"]["256"]["real_prefill_tokens"] == 256
-    # hybrid holds linear's state plus 64 keys and values per layer (fp32) and their mask (bool)
-    window = shape["layers"] * (2 * shape["hidden"] * 64 * 4 + 64)
+    # hybrid holds linear's state plus 64 window and 4 sink keys and values per layer (fp32) and their masks (bool)
+    window = shape["layers"] * (2 * shape["hidden"] * (64 + 4) * 4 + 64 + 4)
     assert results["hybrid"]["64"]["cache_bytes"] == results["linear"]["64"]["cache_bytes"] + window
     targets = {t["target"].split(":")[0] for t in data["targets"]}
     assert {"linear latency flat", "linear cache bytes constant in context"} <= targets
