@@ -2,9 +2,11 @@
 
 A converted model has `model_type = "hf_fastattn_<family>"` (e.g. "hf_fastattn_llama"), its architecture class
 `HfFastattn<Arch>` (e.g. "HfFastattnLlamaForCausalLM"), the method and options in `config.fastattn_conversion`
-and the attention options in `config.fastattn`. Importing `hf_fastattn.conversion` (done by `import hf_fastattn`)
-generates, for each supported family, a config subclass and model subclasses of the family's classes and registers
-them with `AutoConfig`, `AutoModel`, `AutoModelForCausalLM` / `AutoModelForMaskedLM`. Their `__init__` sets the
+and the attention options in `config.fastattn`. For each family converted or read, a config subclass and model
+subclasses of the family's classes are generated and registered with `AutoConfig`, `AutoModel`,
+`AutoModelForCausalLM`, `AutoModelForMaskedLM` (and the sequence / token classification Auto classes): at conversion,
+or when `AutoConfig` first meets the type "hf_fastattn_<family>" (`register_auto_classes`, run by
+`import hf_fastattn`, makes transformers' config table answer for those types on demand). Their `__init__` sets the
 attention implementation and re-creates the feature maps before the weights load, so `from_pretrained` restores
 the converted model exactly.
 
@@ -30,21 +32,21 @@ Standard checkpoints (a GQA-pooled Llama) are not marked: they keep their model 
 
 from __future__ import annotations
 
-import importlib
-
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
     PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from ..integration.variants import is_variant
-from .families import CONVERTED_PREFIX, FAMILIES, base_model_type
+from .families import CONVERTED_PREFIX, base_model_type
 
 HINT = "this checkpoint was converted by hf_fastattn: pip install hf_fastattn and import hf_fastattn"
 
@@ -54,31 +56,15 @@ def saved_model_type(model_type: str) -> str:
     prints when it does not know the type (hf_fastattn not imported)."""
     return f"{model_type} ({HINT})"
 
-# family -> (transformers module, config class, [(model class, Auto class)])
-_FAMILY_CLASSES = {
-    "llama": (
-        "llama",
-        "LlamaConfig",
-        [("LlamaModel", AutoModel), ("LlamaForCausalLM", AutoModelForCausalLM)],
-    ),
-    "mistral": (
-        "mistral",
-        "MistralConfig",
-        [("MistralModel", AutoModel), ("MistralForCausalLM", AutoModelForCausalLM)],
-    ),
-    "qwen2": (
-        "qwen2",
-        "Qwen2Config",
-        [("Qwen2Model", AutoModel), ("Qwen2ForCausalLM", AutoModelForCausalLM)],
-    ),
-    "qwen3": (
-        "qwen3",
-        "Qwen3Config",
-        [("Qwen3Model", AutoModel), ("Qwen3ForCausalLM", AutoModelForCausalLM)],
-    ),
-    "gpt2": ("gpt2", "GPT2Config", [("GPT2Model", AutoModel), ("GPT2LMHeadModel", AutoModelForCausalLM)]),
-    "bert": ("bert", "BertConfig", [("BertModel", AutoModel), ("BertForMaskedLM", AutoModelForMaskedLM)]),
-}
+
+# the Auto classes a converted model class is registered with (those that map the family's config to the class)
+AUTO_CLASSES = (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 
 class ConvertedModel:
@@ -86,7 +72,7 @@ class ConvertedModel:
 
 
 _CONFIG_CLASSES: dict[type, type] = {}
-_MODEL_CLASSES: dict[type, type] = {}
+_MODEL_CLASSES: dict[tuple[type, type], type] = {}
 
 
 _ATTN_PROPERTY = PretrainedConfig._attn_implementation
@@ -156,7 +142,25 @@ def converted_config_class(base: type[PretrainedConfig]) -> type[PretrainedConfi
                 "get_config_dict": _get_config_dict_of(base),
             },
         )
+        _register(base, _CONFIG_CLASSES[base])
     return _CONFIG_CLASSES[base]
+
+
+def _register(base: type[PretrainedConfig], config_class: type[PretrainedConfig]) -> None:
+    """Register a converted config class (plain and hinted model type) and, for each Auto class that maps `base` to
+    a model class, the converted subclass of that model class."""
+    globals()[config_class.__name__] = config_class
+    AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+    # config.json stores the type with the hint for users without hf_fastattn (`saved_model_type`); AutoConfig's
+    # own register insists on the class's model_type, the mapping does not
+    CONFIG_MAPPING.register(saved_model_type(config_class.model_type), config_class, exist_ok=True)
+    for auto in AUTO_CLASSES:
+        try:
+            model_class = auto._model_mapping[base]
+        except (KeyError, AttributeError):
+            continue
+        if isinstance(model_class, type):
+            auto.register(config_class, converted_model_class(model_class, base), exist_ok=True)
 
 
 def _converted_init(self, config, *args, **kwargs):
@@ -175,51 +179,82 @@ def _converted_init(self, config, *args, **kwargs):
 
 
 def _converted_base(cls: type) -> type:
-    for klass in cls.__mro__:
-        if klass in _MODEL_CLASSES:
-            return klass
-    raise TypeError(f"{cls.__name__} is not a converted-model class")
+    base = getattr(cls, "_fastattn_base", None)
+    if base is None:
+        raise TypeError(f"{cls.__name__} is not a converted-model class")
+    return base
 
 
-def converted_model_class(base: type[PreTrainedModel]) -> type[PreTrainedModel]:
-    """The subclass of a transformers model class used for converted models of that class (generated once)."""
-    if base not in _MODEL_CLASSES:
-        config_class = converted_config_class(base.config_class)
-        _MODEL_CLASSES[base] = type(
-            f"HfFastattn{base.__name__}",
+def converted_model_class(
+    base: type[PreTrainedModel], config_base: type[PretrainedConfig] | None = None
+) -> type[PreTrainedModel]:
+    """The subclass of a transformers model class used for converted models of that class with configs of
+    `config_base` (default: the class's own `config_class`; families that reuse another family's model class, as
+    EXAONE reuses Llama's, have their own config class), generated once."""
+    config_base = config_base or base.config_class
+    key = (base, config_base)
+    if key not in _MODEL_CLASSES:
+        config_class = converted_config_class(config_base)  # registering it may have generated this class
+    if key not in _MODEL_CLASSES:
+        name = f"HfFastattn{base.__name__}"
+        if config_base is not base.config_class:
+            name = f"HfFastattn{config_base.__name__.removesuffix('Config')}{base.__name__}"
+        _MODEL_CLASSES[key] = type(
+            name,
             (ConvertedModel, base),
-            {"config_class": config_class, "__init__": _converted_init, "__module__": __name__},
+            {
+                "config_class": config_class,
+                "__init__": _converted_init,
+                "__module__": __name__,
+                "_fastattn_base": base,
+            },
         )
-        globals()[_MODEL_CLASSES[base].__name__] = _MODEL_CLASSES[base]
-    return _MODEL_CLASSES[base]
+        globals()[name] = _MODEL_CLASSES[key]
+    return _MODEL_CLASSES[key]
 
 
 def mark_converted(model: nn.Module) -> None:
     """Turn a converted model (feature maps attached, attention set) into its HfFastattn* class, in place."""
     config = model.config
-    model.__class__ = converted_model_class(type(model))
+    model.__class__ = converted_model_class(type(model), type(config))
     config.__class__ = converted_config_class(type(config))
     config.fastattn_requires = HINT  # for readers of config.json
     config.architectures = [type(model).__name__]
 
 
+class _ConvertedConfigs(dict):
+    """`CONFIG_MAPPING`'s table of registered types, answering for converted types on demand: "hf_fastattn_<type>"
+    (with or without `HINT`) generates and registers the converted classes of the base type the first time a
+    checkpoint of it is read. So every family the conversion supports loads, without generating classes for all
+    of transformers' model types at import."""
+
+    def _generate(self, key) -> bool:
+        if not isinstance(key, str) or not key.startswith(CONVERTED_PREFIX):
+            return False
+        model_type = key.removeprefix(CONVERTED_PREFIX).removesuffix(f" ({HINT})")
+        if model_type not in CONFIG_MAPPING or model_type.startswith(CONVERTED_PREFIX):
+            return False
+        converted_config_class(CONFIG_MAPPING[model_type])
+        return dict.__contains__(self, key)
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or self._generate(key)
+
+    def __missing__(self, key):
+        if self._generate(key):
+            return dict.__getitem__(self, key)
+        raise KeyError(key)
+
+
 def register_auto_classes() -> None:
-    """Generate the converted classes of every supported family and register them with the Auto classes."""
-    for module_name, config_name, models in _FAMILY_CLASSES.values():
-        module = importlib.import_module(f"transformers.models.{module_name}")
-        config_class = converted_config_class(getattr(module, config_name))
-        globals()[config_class.__name__] = config_class
-        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
-        # config.json stores the type with the hint for users without hf_fastattn (`saved_model_type`); AutoConfig's
-        # own register insists on the class's model_type, the mapping does not
-        CONFIG_MAPPING.register(saved_model_type(config_class.model_type), config_class, exist_ok=True)
-        for model_name, auto in models:
-            auto.register(config_class, converted_model_class(getattr(module, model_name)), exist_ok=True)
-    assert set(_FAMILY_CLASSES) == set(FAMILIES)
+    """Make `AutoConfig` / `AutoModel*` resolve converted model types ("hf_fastattn_<type>") of every transformers
+    model type: the classes of a type are generated the first time it is converted or read (idempotent)."""
+    if not isinstance(CONFIG_MAPPING._extra_content, _ConvertedConfigs):
+        CONFIG_MAPPING._extra_content = _ConvertedConfigs(CONFIG_MAPPING._extra_content)
 
 
 def is_converted_config(config) -> bool:
     return (
         str(getattr(config, "model_type", "")).startswith(CONVERTED_PREFIX)
-        and base_model_type(config) in FAMILIES
+        and base_model_type(config) in CONFIG_MAPPING
     )

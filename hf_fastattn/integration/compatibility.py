@@ -117,6 +117,8 @@ def _source_facts(module_name: str) -> dict:
         "sinks": "s_aux=" in calls,
         "caches": caches,
         "repeated": repeated,
+        # the classes whose code calls the attention interface (conversion attaches its feature maps to their modules)
+        "dispatching_classes": sorted(re.match(r"class (\w+)", b).group(1) for b in dispatching),
         # masks built by transformers' mask interface (masking_utils), where hf_fastattn registers its padding mask
         "mask_interface": "masking_utils" in source,
         "looped": looped,

@@ -308,12 +308,12 @@ def test_bad_method_and_options():
 
 
 def test_unsupported_model():
-    from transformers import OPTConfig, OPTForCausalLM
+    """Families the compatibility rule refuses cannot be converted, with the rule's reason (OPT, once refused here,
+    converts like every accepted family: tests/test_families/test_conversion_families.py)."""
+    from transformers import BloomConfig, BloomForCausalLM
 
-    model = OPTForCausalLM(
-        OPTConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64)
-    )
-    with pytest.raises(ValueError, match=r"model_type 'opt'.*supported model types are \['bert', 'gpt2'"):
+    model = BloomForCausalLM(BloomConfig(vocab_size=100, hidden_size=32, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match=r"model_type 'bloom'\) cannot be converted: its attention does not dispatch"):
         convert(model, "hedgehog")
 
 

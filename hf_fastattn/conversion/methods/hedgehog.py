@@ -14,7 +14,7 @@ from torch import nn
 
 from ...ops.feature_maps import HedgehogFeatureMap
 from ..core import register_conversion_method
-from ..families import Family, head_counts
+from ..families import Family, module_heads
 from .hybrid import HybridOptions, attach_linear_attention
 
 
@@ -38,8 +38,11 @@ class HedgehogConfig(HybridOptions):
 
 
 def attach_hedgehog(model: nn.Module, cfg: HedgehogConfig, family: Family) -> None:
-    h, _, d = head_counts(model.config, family)
-    attach_linear_attention(model, cfg, family, "hedgehog", lambda: HedgehogFeatureMap(h, d, cfg.feature_dim))
+    def make_map(module: nn.Module) -> HedgehogFeatureMap:
+        h, _, d = module_heads(module, model.config)  # per module: layers may differ in heads or head dim
+        return HedgehogFeatureMap(h, d, cfg.feature_dim)
+
+    attach_linear_attention(model, cfg, family, "hedgehog", make_map)
 
 
 register_conversion_method("hedgehog", HedgehogConfig, attach_hedgehog)

@@ -88,7 +88,7 @@ def _as_saved(model: nn.Module, cfg: HybridOptions) -> HybridOptions:
 def attach_linear_attention(
     model: nn.Module, cfg: HybridOptions, family: Family, method: str, make_map
 ) -> None:
-    """Give every attention module a learned feature map `make_map()` (and, for the hybrid, a per-head window
+    """Give every attention module a learned feature map `make_map(module)` (and, for the hybrid, a per-head window
     factor, and with `shared_feature_map=False` a second map for the keys, `fastattn_feature_map_k`) and switch the model
     to "linear" attention, with the sliding window when `cfg.hybrid`."""
     cfg = _as_saved(model, cfg)
@@ -96,9 +96,9 @@ def attach_linear_attention(
         raise ValueError(f"{method} option hybrid=True is for causal models; {family.name!r} is an encoder")
     for module in attention_modules(model, family):
         ref = next(module.parameters())
-        module.fastattn_feature_map = make_map().to(device=ref.device, dtype=ref.dtype)
+        module.fastattn_feature_map = make_map(module).to(device=ref.device, dtype=ref.dtype)
         if not cfg.shared_feature_map:
-            module.fastattn_feature_map_k = make_map().to(device=ref.device, dtype=ref.dtype)
+            module.fastattn_feature_map_k = make_map(module).to(device=ref.device, dtype=ref.dtype)
         if cfg.hybrid:
             # the logit of the window's share, learned per head (window_init 0: 1/2 each at the start)
             heads = module.fastattn_feature_map.num_heads

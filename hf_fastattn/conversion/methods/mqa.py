@@ -1,9 +1,12 @@
 """ "mqa" and "gqa" (Ainslie et al. 2023): mean-pool the K and V projections within each group of heads.
 
-Llama, Mistral, Qwen2 and Qwen3 become standard checkpoints with `config.num_key_value_heads = G` (they load without
-hf_fastattn). GPT-2 and BERT have no native GQA: every head of a group gets its group's mean K/V weights and the
-"mqa" attention function (`kv_groups = G`) runs them with G K/V heads; the heads stay tied during fine-tuning because
-the function pools them (identical gradients).
+Families with native GQA (`config.num_key_value_heads` and separate or block-fused K/V projections: Llama, Mistral,
+Qwen2/3, Phi-3, ...) become standard checkpoints with `config.num_key_value_heads = G` (they load without
+hf_fastattn). The others (GPT-2, the BERT kind, OPT, GPT-NeoX, ...) keep their shapes: every head of a group gets its
+group's mean K/V weights and the "mqa" attention function (`kv_groups = G`) runs them with G K/V heads; the heads stay
+tied during fine-tuning because the function pools them (identical gradients). Where the K/V projections are is read
+from the model (`families.kv_layout`); layouts it cannot read (CodeGen's model-parallel qkv_proj, JetMoe's mixture
+of attention heads) raise a ValueError listing the supported ones.
 
 Two initializations (option `init`): "mean" (Ainslie et al.: each group's K and V projections averaged; Q and O
 untouched) and "svd" (`families.fit_kv`: the shared K and V heads are fit to the query-key and value-output
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...integration.compatibility import check_compatible
 from ...integration.registry import configure
 from ..core import MethodConfig, register_conversion_method
 from ..families import Family, fit_kv, pool_kv
@@ -73,6 +77,8 @@ class GQAConfig(MethodConfig):
 
 
 def prepare_pool(model: nn.Module, cfg: MQAConfig | GQAConfig, family: Family) -> None:
+    if not family.native_gqa:  # the pooled model runs on the "mqa" implementation: the rule must accept it
+        check_compatible(type(model), model.config, "mqa")
     (fit_kv if cfg.init == "svd" else pool_kv)(model, family, cfg.groups)
 
 

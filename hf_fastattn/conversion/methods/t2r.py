@@ -21,7 +21,7 @@ from torch import nn
 
 from ...ops.feature_maps import T2RFeatureMap
 from ..core import register_conversion_method
-from ..families import Family, head_counts
+from ..families import Family, module_heads
 from .hybrid import HybridOptions, attach_linear_attention
 
 
@@ -44,8 +44,11 @@ class T2RConfig(HybridOptions):
 
 
 def attach_t2r(model: nn.Module, cfg: T2RConfig, family: Family) -> None:
-    h, _, d = head_counts(model.config, family)
-    attach_linear_attention(model, cfg, family, "t2r", lambda: T2RFeatureMap(h, d, cfg.feature_dim))
+    def make_map(module: nn.Module) -> T2RFeatureMap:
+        h, _, d = module_heads(module, model.config)  # per module: layers may differ in heads or head dim
+        return T2RFeatureMap(h, d, cfg.feature_dim)
+
+    attach_linear_attention(model, cfg, family, "t2r", make_map)
 
 
 register_conversion_method("t2r", T2RConfig, attach_t2r)

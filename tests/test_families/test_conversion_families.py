@@ -1,0 +1,172 @@
+"""Conversion (`hf_fastattn.conversion.convert`) on every family the compatibility rule accepts (the tiny models of
+`families.py`): the family is read from the model (attention modules, heads, causality, K/V layout).
+
+- feature maps ("hedgehog"; "t2r" with the sliding-window hybrid on causal families): finite logits that differ from
+  the original (the swap took place), cached decoding on a RecurrentCache equal to use_cache=False, and
+  save_pretrained + from_pretrained giving the same logits;
+- K/V pooling ("gqa"): with as many groups as K/V heads nothing is pooled, so the logits equal the original model's
+  (mean init; and the "svd" fit, exact then, where it applies); with one group the pooled model equals the original
+  run with the run-time "mqa" implementation (`configure(kv_groups=1)`), the relation `methods/mqa.py` states; the
+  layouts pooling cannot read are refused with a ValueError naming the family and the supported layouts.
+
+Float64 models, float32 states in the O(N) operators: tolerances as in test_causal_families.
+"""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+import hf_fastattn
+from hf_fastattn.conversion import convert
+from hf_fastattn.conversion.families import family_of
+from hf_fastattn.integration.cache import RecurrentCache, cache_argument
+
+from .families import accepted, tiny_model
+from .test_causal_families import _forward, _ids
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+N, PREFIX = 10, 6
+CAUSAL = accepted("linear")
+ENCODERS = accepted("linear", masked=True)
+CASES = [pytest.param(f, False, id=f) for f in CAUSAL] + [pytest.param(f, True, id=f"{f}-masked") for f in ENCODERS]
+# the attention K/V pooling refuses, with its reason (hf_fastattn.conversion.families): fused layouts it cannot read
+# (CodeGen, JetMoe), a key norm over all heads at once (OLMo 2 and kin), value heads used outside the attention
+# function (NeoMME)
+POOLING_REFUSED = {
+    "codegen",
+    "jetmoe",
+    "olmo2",
+    "olmo3",
+    "flex_olmo",
+    "olmoe",
+    "minimax_m2",
+    "neomme",
+}
+# where the pooled model is not what the run-time "mqa" computes on the original: "mqa" pools the keys after the
+# attention's per-head key normalization (its pre-norm hook covers Qwen3's `k_norm` only) or after Llama 4's L2 norm,
+# while the pooled checkpoint normalizes the pooled keys (integration/registry.py, not conversion, decides this)
+MQA_DIFFERS = {
+    "apertus",
+    "apertus1p5_text",
+    "exaone4",
+    "exaone_moe",
+    "gemma3_text",
+    "gemma4_unified_text",
+    "hunyuan_v1_dense",
+    "hunyuan_v1_moe",
+    "hy_v3",
+    "lfm2",
+    "llama4_text",
+    "nanochat",
+    "persimmon",
+}
+
+
+def _model(family, masked):
+    return tiny_model(family, masked=masked)
+
+
+def _logits(model, ids, masked, **kwargs):
+    return model(ids, **kwargs).logits if masked else _forward(model, ids, use_cache=False, **kwargs)
+
+
+def _decodes_like_the_full_forward(model, ids, full):
+    cache = RecurrentCache(model)
+    arg = cache_argument(model)
+    steps = [_forward(model, ids[:, :PREFIX], use_cache=True, **{arg: cache})]
+    for i in range(PREFIX, ids.shape[1]):
+        steps.append(_forward(model, ids[:, i : i + 1], offset=i, use_cache=True, **{arg: cache}))
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, **TOL)
+
+
+def test_every_family_the_rule_accepts_is_converted():
+    assert len(CAUSAL) >= 90 and len(ENCODERS) >= 19, (len(CAUSAL), len(ENCODERS))
+
+
+@pytest.mark.parametrize("family,masked", CASES)
+def test_hedgehog_converts_decodes_and_round_trips(tmp_path, family, masked):
+    model = _model(family, masked)
+    ids = _ids(1, N)
+    converted = convert(model, "hedgehog")
+    assert family_of(converted).causal is not masked
+    with torch.no_grad():
+        original = _logits(model, ids, masked)
+        out = _logits(converted, ids, masked)
+        assert torch.isfinite(out).all()
+        assert not torch.allclose(out, original, atol=1e-6)  # linear attention, not the softmax
+        if not masked:
+            _decodes_like_the_full_forward(converted, ids, out)
+        converted.save_pretrained(tmp_path)
+        auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+        # MoE experts run the eager loop, as tiny_model sets (torch's grouped matmul has no float64)
+        loaded = auto.from_pretrained(tmp_path, dtype=torch.float64, experts_implementation="eager").eval()
+        assert type(loaded) is type(converted)
+        saved, restored = converted.state_dict(), loaded.state_dict()
+        assert any("fastattn_feature_map" in k for k in restored) and set(restored) == set(saved)
+        assert all(torch.equal(restored[k], saved[k]) for k in saved)
+        # the logits up to buffers recomputed at load (HunYuan's rotary frequencies differ by 1e-8 in float64)
+        torch.testing.assert_close(_logits(loaded, ids, masked), out, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", CAUSAL)
+def test_t2r_hybrid_decodes_recurrently(family):
+    """The sliding-window hybrid with T2R maps: a window of 3 < 10 tokens, so the linear part and the window both
+    serve; cached decoding keeps the state and the last 3 keys."""
+    model = _model(family, False)
+    converted = convert(model, "t2r", feature_dim=8, hybrid=True, window=3)
+    ids = _ids(1, N)
+    with torch.no_grad():
+        full = _forward(converted, ids, use_cache=False)
+        assert torch.isfinite(full).all()
+        _decodes_like_the_full_forward(converted, ids, full)
+
+
+@pytest.mark.parametrize("family,masked", CASES)
+def test_kv_pooling(family, masked):
+    model = _model(family, masked)
+    h, hkv, _ = family_of(model).heads
+    if family in POOLING_REFUSED:
+        with pytest.raises(ValueError, match=rf"does not support '{family}': .*Supported: separate K and V"):
+            convert(model, "gqa", num_key_value_heads=hkv)
+        return
+    if not family_of(model).native_gqa and family not in accepted("mqa", masked):
+        # tied heads run on "mqa", which the rule refuses for attention sinks and soft-capping
+        with pytest.raises(ValueError, match=r"attn_implementation='mqa' cannot serve"):
+            convert(model, "mqa")
+        return
+    ids = _ids(1, N)
+    with torch.no_grad():
+        original = _logits(model, ids, masked)
+        # nothing pooled: the original model
+        same = convert(model, "gqa", num_key_value_heads=hkv)
+        torch.testing.assert_close(_logits(same, ids, masked), original, atol=1e-12, rtol=0)
+        try:
+            fitted = convert(model, "gqa", num_key_value_heads=hkv, init="svd")
+        except ValueError as err:  # norms, gates, sinks, partial or interleaved RoPE: refused, saying why
+            assert "init='svd' does not apply" in str(err) and "use init='mean'" in str(err)
+        else:
+            torch.testing.assert_close(_logits(fitted, ids, masked), original, atol=1e-9, rtol=1e-9)
+        # one group
+        pooled = convert(model, "mqa")
+        out = _logits(pooled, ids, masked)
+        assert torch.isfinite(out).all()
+        if hkv > 1:
+            assert not torch.allclose(out, original, atol=1e-6)
+        if family in accepted("mqa", masked) and family not in MQA_DIFFERS:
+            hf_fastattn.configure(model, kv_groups=1)
+            model.set_attn_implementation("mqa")
+            torch.testing.assert_close(out, _logits(model, ids, masked), **TOL)
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox", "opt", "gpt2"])
+def test_pooled_checkpoints_round_trip(tmp_path, family):
+    """Native GQA (Llama's separate and Phi-3's fused projections shrink) and tied heads run by "mqa" (GPT-NeoX's
+    per-head fused, OPT's separate, GPT-2's Conv1D projections) save and reload to the same logits."""
+    pooled = convert(_model(family, False), "mqa")
+    pooled.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    ids = _ids(1, N)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _forward(loaded, ids, use_cache=False), _forward(pooled, ids, use_cache=False), atol=1e-12, rtol=0
+        )
