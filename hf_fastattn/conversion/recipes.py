@@ -136,7 +136,7 @@ RECIPES = {
     "linear": Recipe("linear", finetune="none", distill=0.0),
     # the control for the hybrids: the teacher restricted to its last 64 tokens (softmax only), untrained
     # (window_init 100: the window's share sigmoid(100) = 1, the linear part gets weight 0)
-    "window-only": Recipe("hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0}, finetune="none"),
+    "window-only": Recipe("hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 0}, finetune="none"),
 }
 
 
