@@ -167,7 +167,9 @@ def model_signature(config: PreTrainedConfig) -> dict:
     state_options = {}
     if is_variant(impl):
         options = variant_options(text, impl)
-        state_options = {f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.metadata.get("state")}
+        state_options = {
+            f.name: getattr(options, f.name) for f in dataclasses.fields(options) if f.metadata.get("state")
+        }
     return {
         "model_type": getattr(text, "model_type", None),
         "num_hidden_layers": text.num_hidden_layers,

@@ -41,15 +41,19 @@ class LinearOptions:
     backend: str = field(default="auto", metadata={"help": '"auto" | "torch" | "triton" kernels for the operators.'})
     window: int | None = field(
         default=None,
-        metadata={"help": "causal only: LoLCATs hybrid, softmax over the last `window` keys and linear attention beyond "
-                  "(`hf_fastattn.ops.hybrid`; the per-head mix is the module's `fastattn_window_factor`). None: plain "
-                  "linear.", "state": True},
+        metadata={
+            "help": "causal only: LoLCATs hybrid, softmax over the last `window` keys and linear attention beyond "
+            "(`hf_fastattn.ops.hybrid`; the per-head mix is the module's `fastattn_window_factor`). None: plain linear.",
+            "state": True,
+        },
     )
     sinks: int = field(
         default=4,
-        metadata={"help": "with `window`: the first `sinks` real tokens also get softmax weights for every later query "
-                  "(StreamingLLM's attention sinks); 4 by default (measured, see `hf_fastattn.ops.hybrid`), 0 for none.",
-                  "state": True},
+        metadata={
+            "help": "with `window`: the first `sinks` real tokens also get softmax weights for every later query "
+            "(StreamingLLM's attention sinks); 4 by default (measured, see `hf_fastattn.ops.hybrid`), 0 for none.",
+            "state": True,
+        },
     )
     linear_weight: str = field(
         default="1-gamma",

@@ -100,7 +100,10 @@ def register_attention_variant(
             "or call unregister_attention_variant first"
         )
     if name == "eager" or name in AttentionInterface._global_mapping:
-        raise ValueError(f"attention variant {name!r} would replace transformers' own implementation of that name")
+        raise ValueError(
+            f"attention variant {name!r} would replace transformers' own implementation of that name (or one "
+            "registered with AttentionInterface directly); choose another name"
+        )
     for what, fn in (("attention_fn", attention_fn), ("mask_fn", mask_fn)):
         if not callable(fn):
             raise ValueError(f"attention variant {name!r}: {what} must be callable, got {fn!r}")
@@ -144,7 +147,9 @@ def _check_options_cls(name: str, options_cls: type) -> None:
     known = all_option_fields()
     for f in dataclasses.fields(options_cls):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ValueError(f"attention variant {name!r}: option {f.name!r} needs a default (config.fastattn may omit it)")
+            raise ValueError(
+                f"attention variant {name!r}: option {f.name!r} needs a default (config.fastattn may omit it)"
+            )
         if not f.metadata.get("help"):
             raise ValueError(f"attention variant {name!r}: option {f.name!r} needs field(metadata={{'help': ...}})")
         if f.name in known and _default(known[f.name]) != _default(f):

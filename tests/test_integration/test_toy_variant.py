@@ -102,7 +102,8 @@ def test_toy_options_live_in_config_fastattn(toy, tmp_path):
     assert not torch.allclose(default, hotter)
     with pytest.raises(ValueError, match="toy_temperature must be > 0"):
         hf_fastattn.configure(model, toy_temperature=0.0)
-    with pytest.raises(ValueError, match=r"unknown fastattn option\(s\) \['toy_temp'\]; valid options are \[.*'toy_temperature'"):
+    unknown = r"unknown fastattn option\(s\) \['toy_temp'\]; valid options are \[.*'toy_temperature'"
+    with pytest.raises(ValueError, match=unknown):
         hf_fastattn.configure(model, toy_temp=2.0)
     assert "toy_temperature" in hf_fastattn.integration.variants.merged_options_class().__doc__
     model.save_pretrained(tmp_path)
@@ -125,7 +126,8 @@ def test_registry_lists_the_toy_and_refuses_duplicates(toy):
     class Clashing:  # `backend` already means something else ("auto" by default)
         backend: str = field(default="fast", metadata={"help": "x"})
 
-    with pytest.raises(ValueError, match="option 'backend' defaults to 'fast', but a registered variant gives it 'auto'"):
+    clash = "option 'backend' defaults to 'fast', but a registered variant gives it 'auto'"
+    with pytest.raises(ValueError, match=clash):
         hf_fastattn.register_attention_variant("toy2", toy_attention_forward, sdpa_mask, Clashing)
     assert "toy2" not in hf_fastattn.variant_names()
     # a mistyped name is answered with the registered variants, the toy included
