@@ -252,12 +252,14 @@ def _output_projection(model: nn.Module, module: nn.Module) -> tuple[str, nn.Mod
 
 
 def _lora_targets(model: nn.Module, named: list[tuple[str, nn.Module]]) -> str:
-    """A peft `target_modules` regex matching the Linear / Conv1D projections inside the attention modules (and the
-    BERT kind's `output.dense`), with layer indices generalized to `\\d+`."""
+    """A peft `target_modules` regex matching the Linear / Conv1D projections inside the attention modules (gates and
+    routers aside) and the BERT kind's `output.dense`, with layer indices generalized to `\\d+`."""
     paths = set()
     for name, module in named:
         for child_name, child in module.named_modules():
-            if child_name and isinstance(child, (nn.Linear, Conv1D)):
+            # output gates and MoA routers are not projections of q, k, v or o (and peft refuses a "gate_proj"
+            # target in models whose MLP fuses gate_proj with up_proj)
+            if child_name and isinstance(child, (nn.Linear, Conv1D)) and not re.search("gate|router", child_name):
                 paths.add(f"{name}.{child_name}")
         if _child(module, O_NAMES) is None and name.endswith(".self"):
             out = _output_projection(model, module)

@@ -170,3 +170,26 @@ def test_pooled_checkpoints_round_trip(tmp_path, family):
         torch.testing.assert_close(
             _forward(loaded, ids, use_cache=False), _forward(pooled, ids, use_cache=False), atol=1e-12, rtol=0
         )
+
+
+@pytest.mark.parametrize("family,masked", CASES)
+def test_lora_targets_are_the_attention_projections(family, masked):
+    """peft wraps, with the derived `lora_targets`, Linear / Conv1D layers inside the attention modules (and the
+    BERT kind's output projection beside them) and nothing else: every attention module gets adapters, on its K
+    projection (or fused q/k/v projection) at least."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(family, masked)
+    fam = family_of(model)
+    attention = {name for name, m in model.named_modules() if type(m).__name__ in fam.attention_classes}
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=fam.lora_targets))
+    wrapped = [n.removeprefix("base_model.model.") for n, m in peft_model.named_modules() if hasattr(m, "lora_A")]
+    owners = {next((a for a in attention if n.startswith(a + ".")), None) for n in wrapped}
+    bert_outputs = {
+        n for n in wrapped if n.endswith(".output.dense") and n.removesuffix("output.dense") + "self" in attention
+    }
+    assert owners - {None} == attention
+    k_names = {"k_proj", "key", "k", "Wk", "wk", "k_lin", "kv_proj", "c_attn", "qkv_proj", "Wqkv", "query_key_value"}
+    for a in attention:
+        assert any(n.startswith(a + ".") and n.rsplit(".", 1)[1] in k_names for n in wrapped), (a, wrapped)
+    assert all(n in bert_outputs or any(n.startswith(a + ".") for a in attention) for n in wrapped)
