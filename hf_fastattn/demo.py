@@ -11,10 +11,10 @@ LM (default SmolLM2-135M-Instruct, `smollm2-135m`, fetched once from the package
 attention and decoding cost at a real size. `--model` puts one model in both roles; `--quick` the quick teacher.
 
 1. Conversion: the teacher converted with "t2r", "hedgehog" and "mqa" (`hf_fastattn.convert`) and uptrained on a
-   small token budget with the recipe of `hf-fastattn bench conversion` (attention transfer, then full or LoRA
-   fine-tuning with the HF `Trainer`); beside the hedgehog hybrid (softmax over the last 64 tokens + linear
-   attention), its control "window-only" (the teacher restricted to those 64 tokens, untrained). Validation
-   perplexity of each. Every model is saved under `--out`/models, to try with `hf-fastattn generate` / `ddgviz`.
+   small token budget with each method's default recipe (`conversion.recipes.RECIPES`, what `hf-fastattn convert`
+   and `hf-fastattn bench conversion` run: a transfer stage, then full or LoRA fine-tuning with the HF `Trainer`);
+   beside the hedgehog hybrid (softmax over the last 64 tokens + linear attention), its control "window-only" (the
+   teacher restricted to those 64 tokens, untrained). Validation perplexity of each. Every model is saved under `--out`/models, to try with `hf-fastattn generate` / `ddgviz`.
 2. Decoding the converted models at growing context lengths, up to where the curves cross and beyond: the cache
    `generate` keeps (a growing K/V `DynamicCache` for softmax and MQA, a constant-size `hf_fastattn.RecurrentCache`
    for the T2R and hedgehog models) and the time per step;
@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 import hf_fastattn  # noqa: F401  (registers the attention implementations and the generate hook)
 
-from .conversion.recipes import convert_and_uptrain
 from .bench.utils import format_table, machine_line, torch_threads
+from .conversion.recipes import convert_with_recipe, get_recipe
 from .demo_measure import (
     JACOBI_MODES,  # noqa: F401  (part of the demo's API, used by its tests)
     architecture_models,
@@ -74,9 +74,8 @@ class DemoError(Exception):
 @dataclass(frozen=True)
 class Sizes:
     teacher: dict  # get_tiny_llama's arguments (the cache key of the trained teacher)
-    seq_len: int  # training and perplexity windows
-    batch_size: int
-    uptrain_tokens: int  # conversion budget per method (t2r: ~10% of the full teacher's training tokens)
+    seq_len: int  # training blocks and perplexity windows (where it differs from a recipe's, it overrides it)
+    uptrain_tokens: int  # conversion budget per method in tokens (the recipes split it between their stages)
     val_chars: int | None  # held-out characters scored for perplexity (None: the whole validation split)
     contexts: tuple[int, ...]  # prompt lengths of the decode measurement
     decode_steps: int  # new tokens per decode measurement
@@ -96,7 +95,6 @@ class Sizes:
 FULL = Sizes(
     teacher={},  # the default tiny Llama (500 steps of 16 x 128 tokens), shared with `hf-fastattn bench jacobi`
     seq_len=128,
-    batch_size=16,
     uptrain_tokens=50 * 16 * 128,  # 10% of the teacher's training tokens, as in `hf-fastattn bench conversion`
     val_chars=None,
     contexts=(64, 512, 2048, 8192, 16384),
@@ -123,7 +121,6 @@ QUICK = Sizes(
         config_overrides=dict(hidden_size=64, num_layers=2, num_heads=4),
     ),
     seq_len=64,
-    batch_size=8,
     uptrain_tokens=40 * 8 * 64,
     val_chars=6000,
     contexts=(32, 512, 2048, 8192),
@@ -173,19 +170,26 @@ def load_teacher(model_name: str | None, sizes: Sizes):
 
 
 def convert_all(teacher, tokenizer, train_text: str, sizes: Sizes, workdir: str) -> dict:
-    """{name: (converted model, training tokens, seconds)}: each of `METHODS` uptrained on `sizes.uptrain_tokens`,
-    and each of `CONTROLS` converted untrained (0 tokens)."""
+    """{name: (converted model, training tokens, seconds)}: each of `METHODS` converted and uptrained with its
+    default recipe on `sizes.uptrain_tokens` tokens, and each of `CONTROLS` converted untrained (0 tokens): the code
+    path of `hf-fastattn convert` (`recipes.convert_with_recipe`), the recipes' own settings."""
     dataset = lm_dataset(train_text, tokenizer, sizes.seq_len)
-    steps = max(1, sizes.uptrain_tokens // (sizes.batch_size * sizes.seq_len))
     converted = {}
-    for method in (*METHODS, *CONTROLS):
-        what = "converting (untrained control)" if method in CONTROLS else f"converting and uptraining for {steps} steps"
-        print(f"\n== {method}: {what}", flush=True)
+    for name in (*METHODS, *CONTROLS):
+        what = "untrained control" if name in CONTROLS else f"uptraining on {sizes.uptrain_tokens} tokens"
+        print(f"\n== {name}: converting with recipe {name!r} ({what})", flush=True)
         start = time.perf_counter()
-        model, trained = convert_and_uptrain(
-            teacher, method, dataset, steps, sizes.batch_size, os.path.join(workdir, method)
+        overrides = {} if get_recipe(name).seq_len == sizes.seq_len else {"seq_len": sizes.seq_len}
+        model, plan = convert_with_recipe(
+            teacher,
+            None,
+            dataset,
+            sizes.uptrain_tokens,
+            recipe=name,
+            overrides=overrides,
+            output_dir=os.path.join(workdir, name),
         )
-        converted[method] = (model, trained * sizes.batch_size * sizes.seq_len, time.perf_counter() - start)
+        converted[name] = (model, plan.tokens, time.perf_counter() - start)
     return converted
 
 

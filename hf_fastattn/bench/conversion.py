@@ -1,9 +1,10 @@
 """`hf-fastattn bench conversion`: convert a trained softmax Llama with each method on a small token budget.
 
 On tinyshakespeare (last 10% held out): the teacher is `hf_fastattn.tinylm.get_tiny_llama(steps=--teacher-steps)`
-(`--quick`: a tiny Llama trained here for a few steps). Each method converts it with its `RECIPES` entry and
-uptrains on at most `--budget` (default 10%) of the teacher's training tokens, every stage counted (stage-1 transfer
-tokens too); reported: validation perplexity relative to the teacher (the same exact computation for both, every
+(`--quick`: a tiny Llama trained here for a few steps). Each row converts it with its `RECIPES` entry, by the code
+path of `hf-fastattn convert` (`recipes.convert_with_recipe`: the rows named after a method are what the command
+runs by default), and uptrains on at most `--budget` (default 10%) of the teacher's training tokens, every stage
+counted (stage-1 transfer tokens too), split between the stages by the recipe; reported: validation perplexity relative to the teacher (the same exact computation for both, every
 held-out token in `--seq-len` windows), training tokens, decode throughput (greedy `generate`). Then
 all-MiniLM-L6-v2 is converted with Hedgehog (attention transfer, then layer transfer, on corpus lines) and mean-pooled
 sentence embeddings of held-out lines are compared with the original's (cosine). Prints a table and writes
@@ -21,14 +22,20 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, Recipe, convert_and_uptrain  # noqa: F401  (Recipe: re-exported)
+from ..conversion.recipes import (  # noqa: F401  (Recipe, convert_and_uptrain: re-exported)
+    RECIPES,
+    Recipe,
+    convert_and_uptrain,
+    convert_with_recipe,
+    get_recipe,
+)
 from .utils import torch_threads
 
 # the teacher: `examples/train_tiny_llama.py --steps 1000` (tinylm's own default, 500 steps, leaves it far from
 # trained: validation perplexity 22.5 at 500 steps, 17.2 at 1000, 15.7 at 2000)
 TEACHER_STEPS = 1000
 TARGETS = {"hedgehog": 1.05, "t2r": 1.05, "mqa": 1.03}
-DEFAULT_METHODS = ["hedgehog", "t2r", "mqa", "gqa", "hedgehog-linear", "t2r-hybrid", "linear", "window-only"]
+DEFAULT_METHODS = ["hedgehog", "t2r", "mqa", "gqa", "hedgehog-linear", "t2r-hybrid", "linear-untrained", "window-only"]
 
 
 def _teacher(args, train_text):
@@ -56,8 +63,8 @@ def _teacher(args, train_text):
         batch_size=args.batch_size, output_dir=os.path.join(args.out, "teacher"), logging_steps=50
     )
     targs = training_arguments(cfg, args.teacher_steps, 3e-3, "teacher")
-    Trainer(model=model, args=targs, train_dataset=lm_dataset(train_text, tok, args.seq_len)).train()
-    return model.eval(), tok, args.teacher_steps * args.batch_size * args.seq_len
+    Trainer(model=model, args=targs, train_dataset=lm_dataset(train_text, tok, args.teacher_seq_len)).train()
+    return model.eval(), tok, args.teacher_steps * args.batch_size * args.teacher_seq_len
 
 
 @torch.no_grad()
@@ -92,8 +99,9 @@ def run_lm(args, text):
         val_text = val_text[:3000]
     teacher, tok, teacher_tokens = _teacher(args, train_text)
     budget = int(args.budget * teacher_tokens)
-    # teacher and students: the same function, text and windows
-    base_ppl = perplexity(teacher, tok, val_text, args.seq_len)
+    # teacher and students: the same function, text and windows (--seq-len, else the first row's recipe's)
+    eval_len = args.eval_len = args.seq_len or get_recipe(args.methods[0]).seq_len
+    base_ppl = perplexity(teacher, tok, val_text, eval_len)
     rows = [
         (
             "teacher (softmax)",
@@ -104,21 +112,26 @@ def run_lm(args, text):
             "",
         )
     ]
-    dataset = lm_dataset(train_text, tok, args.seq_len)
-    steps = budget // (args.batch_size * args.seq_len)
+    datasets = {}  # training blocks by length
+    overrides = {} if args.seq_len is None else {"seq_len": args.seq_len}
     for method in args.methods:
-        print(f"== {method}: {RECIPES[method]}", flush=True)
+        seq_len = args.seq_len or get_recipe(method).seq_len
+        if seq_len not in datasets:
+            datasets[seq_len] = lm_dataset(train_text, tok, seq_len)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as scratch:  # Trainer output (no checkpoints are saved)
-            model, trained = convert_and_uptrain(teacher, method, dataset, steps, args.batch_size, scratch)
+            model, plan = convert_with_recipe(
+                teacher, None, datasets[seq_len], budget, recipe=method, overrides=overrides, output_dir=scratch
+            )
+        print(f"== {method}:", *plan.describe(), sep="\n", flush=True)
         minutes = (time.perf_counter() - start) / 60
-        ppl = perplexity(model, tok, val_text, args.seq_len)
+        ppl = perplexity(model, tok, val_text, eval_len)
         tps = decode_throughput(model, tok, val_text, args.new_tokens)
         target = TARGETS.get(method)
         verdict = (
             "" if target is None else ("met" if ppl / base_ppl <= target else "MISSED") + f" (<= {target})"
         )
-        tokens = trained * args.batch_size * args.seq_len
+        tokens = plan.tokens
         print(
             f"== {method}: val ppl {ppl:.3f} ({ppl / base_ppl:.4f}x), {tokens} tokens, {minutes:.1f} min",
             flush=True,
@@ -243,7 +256,13 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(RECIPES), help="recipes to run (default: %(default)s)"
     )
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=128, help="uptraining and validation window in tokens (default: %(default)s)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="uptraining blocks and validation windows in tokens, replacing the recipes' (default: the recipes' own, "
+        "128; validation windows: the first row's)",
+    )
     p.add_argument(
         "--teacher-seq-len",
         type=int,
@@ -252,7 +271,13 @@ def main(argv: list[str] | None = None) -> int:
         "and cached once, on the same number of tokens); with --seq-len as long, the 64-token softmax window of the "
         "hybrids covers less of each validation window (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=16, help="uptraining batch size (default: %(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="batch size of a teacher trained here (--quick sets 8); uptraining uses the recipes' own "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--teacher-steps",
         type=int,
@@ -285,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--teacher-seq-len must be a positive number of tokens, got {args.teacher_seq_len}")
     if args.quick:
         args.teacher_steps, args.seq_len, args.batch_size, args.hidden, args.layers = 20, 64, 8, 64, 2
+        args.teacher_seq_len = 64
         args.new_tokens, args.budget = 8, 0.5
     pathlib.Path(args.out).mkdir(parents=True, exist_ok=True)
     with torch_threads(args.threads):
@@ -309,7 +335,7 @@ def _run(args, argv) -> int:
     print(table)
     plot(rows, os.path.join(args.out, "conversion.png"))
     note = (
-        f"Validation: the last 10% of tinyshakespeare, every token scored in {args.seq_len}-token windows, the same "
+        f"Validation: the last 10% of tinyshakespeare, every token scored in {args.eval_len}-token windows, the same "
         f"computation for teacher and students. Train tokens: all stages, at most {args.budget:.0%} of the teacher's. "
         f"Decode tok/s: best of 3 greedy runs of {args.new_tokens} tokens after a 32-token prompt, on a shared CPU "
         "(noisy; at such short contexts softmax attention is not the bottleneck, see `hf-fastattn bench decode`)."
@@ -340,7 +366,7 @@ def _run(args, argv) -> int:
         "command": command,
         "minutes": minutes,
         "budget": args.budget,
-        "seq_len": args.seq_len,
+        "seq_len": args.eval_len,
         "rows": [dict(zip(header, row, strict=True)) for row in rows],
         "targets": TARGETS,
         "recipes": {name: RECIPES[name].__dict__ for name in args.methods},

@@ -90,13 +90,19 @@ def conversion_spec(model_or_config) -> dict[str, Any] | None:
     return getattr(config, CONVERSION_KEY, None)
 
 
-def convert(model: nn.Module, method: str, *, inplace: bool = False, **options) -> nn.Module:
+def convert(
+    model: nn.Module, method: str, *, inplace: bool = False, recipe: str | None = None, **options
+) -> nn.Module:
     """Convert a pretrained transformers model to an efficient-attention form.
 
     Args:
         model: a Llama, Mistral, Qwen2, Qwen3, GPT-2 or BERT model (any head class).
         method: "t2r", "hedgehog", "linear", "fast", "mqa" or "gqa" (see `CONVERSION_METHODS`).
         inplace: modify `model` itself; by default a deep copy is converted and `model` is left untouched.
+        recipe: take the conversion options of this `recipes.RECIPES` entry ("default": the method's default recipe,
+            what `hf-fastattn convert` uses; an encoder's without the hybrid), `**options` replacing them; None: the
+            method's own option defaults.
+            To convert and uptrain by a recipe: `recipes.convert_with_recipe`.
         **options: the method's options (e.g. `feature_dim=64` for "t2r", `num_key_value_heads=2` for "gqa",
             `hybrid=True` for "hedgehog").
 
@@ -109,6 +115,11 @@ def convert(model: nn.Module, method: str, *, inplace: bool = False, **options) 
         ValueError: unknown method or option, invalid option value, unsupported or already converted model.
     """
     spec = get_method(method)
+    if recipe is not None:
+        from .recipes import make_plan
+
+        plan = make_plan(method, None if recipe == "default" else recipe, 0, causal=family_of(model).causal)
+        options = {**plan.options, **options}
     cfg = method_config(method, **options)
     family = family_of(model)
     from .modeling import ConvertedModel, mark_converted

@@ -1,11 +1,19 @@
 """The conversion recipes: how each method converts and uptrains on a token budget, as measured on the small
-teacher (`hf-fastattn bench conversion`, whose figures are in the comments below). One registry, `RECIPES`, used by
-the benchmark, the demo and `convert_and_uptrain`.
+teacher (`hf-fastattn bench conversion`, whose figures are in the comments below). One registry, `RECIPES`: the
+entry named after a method is that method's default, used by `hf-fastattn convert`, `convert_with_recipe` (the Python
+entry point), the benchmark and the demo; the other entries are variants and controls (`--recipe NAME`).
+
+The budget is in tokens, every stage counted (stage-1 transfer tokens too, as LoLCATs counts them): `make_plan`
+splits it between the stages by the recipe's `transfer` share and batch sizes, with explicit overrides (the CLI's
+flags) taking precedence over the recipe's values and the source of each value recorded; `run_plan` converts and
+uptrains by the plan, keeping the original model (never modified) as the teacher of layer transfer and distillation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -25,6 +33,8 @@ class Recipe:
         hidden: stage-2 weight of hidden-state distillation (`UptrainConfig.distill_hidden_weight`).
         score: stage-1 weight of Hedgehog's attention-score loss (`UptrainConfig.transfer_score_weight`).
         warmup: warm-up of each stage, as a share of the stage-2 steps.
+        lora_rank: LoRA rank of stage 2 with finetune="lora".
+        seq_len: tokens per training block (the budget is counted in these blocks).
     """
 
     method: str
@@ -42,6 +52,19 @@ class Recipe:
     score: float = 0.0
     warmup: float = 0.1
     lora_rank: int = 16
+    seq_len: int = 128
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field, its value and what is allowed (the rest is checked by
+        `UptrainConfig` and the method's options by `method_config`)."""
+        for name in ("transfer", "warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ValueError(f"recipe setting {name} must be a share in [0, 1], got {value!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ValueError(f"recipe setting seq_len must be an int >= 2, got {self.seq_len!r}")
+        if not isinstance(self.options, dict):
+            raise ValueError(f"recipe setting options must be a dict, got {self.options!r}")
 
 
 # The recipes were tuned with the former teacher (tinylm's default, 500 steps; 10% = 102,400 tokens): the figures
@@ -129,52 +152,292 @@ RECIPES = {
     "t2r": Recipe("t2r", {"feature_dim": 1024}, **_PURE_LINEAR),
     # T2R's map (64 features, as the paper) in the LoLCATs hybrid: softmax over the last 64 tokens, T2R beyond
     "t2r-hybrid": Recipe(
-        "t2r", {"feature_dim": 64, "hybrid": True, "window": 64, "window_init": 4.0}, **_LAYER_TRANSFER_THEN_FULL
+        "t2r",
+        {"feature_dim": 64, "hybrid": True, "window": 64, "window_init": 4.0},
+        **_LAYER_TRANSFER_THEN_FULL,
     ),
     "mqa": Recipe("mqa", {"init": "svd"}, **_POOL_THEN_FULL),
     "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "svd"}, **_POOL_THEN_FULL),
-    "linear": Recipe("linear", finetune="none", distill=0.0),
-    # the control for the hybrids: the teacher restricted to its last 64 tokens (softmax only), untrained
-    # (window_init 100: the window's share sigmoid(100) = 1, the linear part gets weight 0)
-    "window-only": Recipe("hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 0}, finetune="none"),
+    # linear (elu + 1) and fast (fastmax) have no learned feature map: the pooling recipe's layer transfer (the
+    # attention projections regressed onto the original's module outputs), then full fine-tuning with distillation.
+    # Not tuned (the defaults of `hf-fastattn convert --method linear / fast`).
+    "linear": Recipe("linear", **_POOL_THEN_FULL),
+    "fast": Recipe("fast", **_POOL_THEN_FULL),
+    # the controls: linear attention untrained, and the teacher restricted to its last 64 tokens (softmax only),
+    # untrained (window_init 100: the window's share sigmoid(100) = 1, the linear part gets weight 0)
+    "linear-untrained": Recipe("linear", finetune="none", distill=0.0),
+    "window-only": Recipe(
+        "hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 0}, finetune="none"
+    ),
 }
 
 
-def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: int, output_dir: str):
-    """(converted model in eval mode, steps trained): `convert` `teacher` with `RECIPES[method]` and `uptrain` it on
-    a budget of `steps * batch_size` blocks of `dataset` (sequences, whatever their length). The recipe's own batch
-    sizes split the budget: the recipe's `transfer` share for stage 1, the rest for stage 2; the returned steps
-    are counted in batches of `batch_size` (0 for a method that does not train), so `steps * batch_size * seq_len`
-    stays the number of training tokens used (exact whenever the recipe's batch sizes divide the budget's shares:
-    always with batch sizes 1 and 2 and an even number of blocks; otherwise at most that). `teacher` is left
-    untouched (it is the distillation target); `Trainer` output goes under `output_dir`."""
-    from .core import convert
-    from .distill import UptrainConfig, uptrain
+# the settings a plan reports, in order: the recipe's fields (its options shown one by one), then the budget's split
+# the methods with learned feature maps, which "attention" transfer trains
+MAP_METHODS = ("t2r", "hedgehog")
+RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("method", "options"))
 
-    recipe = RECIPES[method]
-    if recipe.finetune == "none":
-        return convert(teacher, recipe.method, **recipe.options).eval(), 0
-    blocks = steps * batch_size
-    transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
-    finetune = (blocks - transfer * recipe.transfer_batch) // recipe.batch
-    cfg = UptrainConfig(
-        transfer_steps=transfer,
-        transfer_lr=recipe.transfer_lr,
-        transfer_mode=recipe.transfer_mode,
-        transfer_proj_lr=recipe.transfer_proj_lr,
-        transfer_batch_size=recipe.transfer_batch,
-        finetune=recipe.finetune,
-        finetune_steps=finetune,
-        finetune_lr=recipe.lr,
-        batch_size=recipe.batch,
-        output_dir=output_dir,
-        logging_steps=max(1, (transfer + finetune) // 10),
-        warmup_steps=int(recipe.warmup * finetune),
-        lora_rank=recipe.lora_rank,
-        distill_weight=recipe.distill,
-        distill_hidden_weight=recipe.hidden,
-        transfer_score_weight=recipe.score,
-    )
-    model = uptrain(convert(teacher, recipe.method, **recipe.options), dataset, cfg, teacher=teacher).eval()
-    used = transfer * recipe.transfer_batch + finetune * recipe.batch
-    return model, -(-used // batch_size)
+
+def default_recipe(method: str) -> str:
+    """The name of `method`'s default recipe (the `RECIPES` entry named after it)."""
+    recipe = RECIPES.get(method)
+    if recipe is None or recipe.method != method:
+        methods = sorted(name for name, r in RECIPES.items() if r.method == name)
+        raise ValueError(f"no default recipe for conversion method {method!r}; methods with one: {methods}")
+    return method
+
+
+def get_recipe(name: str) -> Recipe:
+    """`RECIPES[name]`, or a ValueError listing the valid names."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; valid recipes are {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+@dataclass(frozen=True)
+class RecipePlan:
+    """A recipe with its overrides applied and a token budget split into steps: what `run_plan` trains.
+
+    Attributes:
+        name: the recipe's name in `RECIPES`.
+        recipe: the effective recipe (the named one with the overrides applied).
+        sources: for each setting that did not come from the recipe, where it came from (a flag such as "--lr",
+            "override" from Python, or a reason); every other setting is the recipe's.
+        max_tokens: the budget in tokens (None when given in steps).
+        transfer_steps, finetune_steps: the steps of stage 1 (at `recipe.transfer_batch` blocks) and stage 2 (at
+            `recipe.batch` blocks), each block `recipe.seq_len` tokens.
+    """
+
+    name: str
+    recipe: Recipe
+    sources: dict[str, str]
+    max_tokens: int | None
+    transfer_steps: int
+    finetune_steps: int
+
+    @property
+    def method(self) -> str:
+        return self.recipe.method
+
+    @property
+    def options(self) -> dict:
+        return dict(self.recipe.options)
+
+    @property
+    def tokens(self) -> int:
+        """The training tokens of both stages (at most `max_tokens`)."""
+        r = self.recipe
+        return (self.transfer_steps * r.transfer_batch + self.finetune_steps * r.batch) * r.seq_len
+
+    def source(self, setting: str) -> str:
+        return self.sources.get(setting, f"recipe {self.name!r}")
+
+    def settings(self) -> dict[str, Any]:
+        """Every effective setting (JSON-able): the recipe's name, method, options and fields, the budget and its
+        split, and `sources` (where each setting not from the recipe came from)."""
+        r = self.recipe
+        return {
+            "recipe": self.name,
+            "method": r.method,
+            "options": dict(r.options),
+            **{name: getattr(r, name) for name in RECIPE_FIELDS},
+            "max_tokens": self.max_tokens,
+            "transfer_steps": self.transfer_steps,
+            "finetune_steps": self.finetune_steps,
+            "tokens": self.tokens,
+            "sources": dict(self.sources),
+        }
+
+    def describe(self) -> list[str]:
+        """The settings as lines to print at the start of a run, each with where it came from."""
+        r = self.recipe
+        rows = [("method", r.method, self.source("method"))]
+        rows += [(name, value, self.source(name)) for name, value in r.options.items()]
+        rows += [(name, getattr(r, name), self.source(name)) for name in RECIPE_FIELDS]
+        rows.append(
+            (
+                "max_tokens",
+                self.max_tokens,
+                "the budget" if self.max_tokens is not None else "budget in steps",
+            )
+        )
+        width = max(len(name) for name, _, _ in rows)
+        lines = [f"recipe {self.name!r}; settings (and where each comes from):"]
+        lines += [f"  {name:<{width}}  {value!r:<12}  {source}" for name, value, source in rows]
+        stage1 = "attention transfer" if r.transfer_mode == "attention" else "layer transfer"
+        lines.append(
+            f"  stage 1 ({stage1}): {self.transfer_steps} steps x {r.transfer_batch} x {r.seq_len} tokens; "
+            f"stage 2 ({r.finetune}): {self.finetune_steps} steps x {r.batch} x {r.seq_len} tokens; "
+            f"{self.tokens} tokens in all"
+        )
+        return lines
+
+    def uptrain_config(self, output_dir: str = "fastattn-uptrain", seed: int = 0, save_steps: int = 0):
+        """The `UptrainConfig` of this plan (validates the training settings)."""
+        from .distill import UptrainConfig
+
+        r = self.recipe
+        return UptrainConfig(
+            transfer_steps=self.transfer_steps,
+            transfer_lr=r.transfer_lr,
+            transfer_mode=r.transfer_mode,
+            transfer_proj_lr=r.transfer_proj_lr,
+            transfer_batch_size=r.transfer_batch,
+            finetune=r.finetune,
+            finetune_steps=self.finetune_steps,
+            finetune_lr=r.lr,
+            batch_size=r.batch,
+            output_dir=output_dir,
+            logging_steps=max(1, (self.transfer_steps + self.finetune_steps) // 10),
+            warmup_steps=int(r.warmup * self.finetune_steps),
+            lora_rank=r.lora_rank,
+            distill_weight=r.distill,
+            distill_hidden_weight=r.hidden,
+            transfer_score_weight=r.score,
+            seed=seed,
+            save_steps=save_steps,
+        )
+
+
+def make_plan(
+    method: str | None = None,
+    recipe: str | None = None,
+    max_tokens: int | None = None,
+    *,
+    steps: int | None = None,
+    transfer_steps: int | None = None,
+    overrides: dict[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
+    causal: bool = True,
+) -> RecipePlan:
+    """The plan of a conversion: `RECIPES[recipe]` (default: `method`'s default recipe) with `overrides` applied
+    (recipe fields such as `lr=`, `batch=`, `seq_len=`; `options=` is merged into the recipe's options), and the
+    budget split into steps.
+
+    The budget is `max_tokens` (every stage counted): stage 1 gets the recipe's `transfer` share of the
+    `max_tokens // seq_len` blocks, stage 2 the rest, each in steps of its batch size (when `finetune` is "none",
+    all of it goes to stage 1 if the recipe has one, else nothing trains). Or, as steps: `steps` stage-2 steps and
+    `transfer_steps` stage-1 steps (default: as many as give stage 1 the recipe's share of the tokens). `sources` names where each override came from (the
+    CLI passes its flags; default "override"). `causal=False` (an encoder) drops what needs a causal LM: stage 2
+    (no LM head to fine-tune) and the sliding-window hybrid, unless overridden.
+    """
+    if recipe is None:
+        if method is None:
+            raise ValueError("give a conversion method or a recipe name")
+        recipe = default_recipe(method)
+    base = get_recipe(recipe)
+    if method is not None and base.method != method:
+        raise ValueError(
+            f"recipe {recipe!r} converts with method {base.method!r}, not {method!r}; recipes for {method!r}: "
+            f"{sorted(name for name, r in RECIPES.items() if r.method == method)}"
+        )
+    overrides, given = dict(overrides or {}), dict(sources or {})
+    unknown = sorted(set(overrides) - {*RECIPE_FIELDS, "options"})
+    if unknown:
+        raise ValueError(
+            f"unknown recipe setting(s) {unknown}; valid settings are {[*RECIPE_FIELDS, 'options']}"
+        )
+    option_overrides = overrides.pop("options", None) or {}
+    sources = {key: given.get(key, "override") for key in (*overrides, *option_overrides)}
+    options = {**base.options, **option_overrides}
+    if not causal:
+        if overrides.get("finetune", base.finetune) != "none" and "finetune" not in overrides:
+            overrides["finetune"] = "none"
+            sources["finetune"] = "encoder: no LM head to fine-tune, stage 1 only"
+        if options.get("hybrid") and "hybrid" not in option_overrides:
+            options["hybrid"] = False
+            sources["hybrid"] = "encoder: the sliding-window hybrid is for causal models"
+    r = dataclasses.replace(base, options=options, **overrides)
+    r.validate()
+    if (max_tokens is None) == (steps is None):
+        raise ValueError("give the budget as max_tokens (tokens, every stage counted) or as steps, not both")
+    if max_tokens is not None:
+        if transfer_steps is not None:
+            raise ValueError(
+                "transfer_steps goes with steps; with max_tokens the recipe's transfer share splits it"
+            )
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an int >= 0, got {max_tokens!r}")
+        blocks = max_tokens // r.seq_len
+        share = (1.0 if r.transfer else 0.0) if r.finetune == "none" else r.transfer
+        transfer = int(blocks * share) // r.transfer_batch if share else 0
+        finetune = 0 if r.finetune == "none" else (blocks - transfer * r.transfer_batch) // r.batch
+    else:
+        finetune = 0 if r.finetune == "none" else steps
+        if transfer_steps is not None:
+            transfer = transfer_steps
+        elif r.finetune == "none":
+            transfer = steps if r.transfer else 0
+        elif r.transfer >= 1:
+            raise ValueError(
+                "a recipe with transfer share 1 has no stage 2: give its steps as transfer_steps"
+            )
+        else:  # stage 1 gets the recipe's share of the tokens
+            transfer = round(steps * r.batch * r.transfer / (1 - r.transfer) / r.transfer_batch)
+    if (transfer or r.transfer) and r.transfer_mode == "attention" and r.method not in MAP_METHODS:
+        raise ValueError(
+            f"attention transfer trains learned feature maps ({', '.join(MAP_METHODS)}); method {r.method!r} has "
+            "none: use transfer_mode 'layer' (--transfer-mode layer) or no stage 1 (--transfer-fraction 0)"
+        )
+    return RecipePlan(recipe, r, sources, max_tokens, transfer, finetune)
+
+
+def run_plan(
+    teacher,
+    plan: RecipePlan,
+    dataset,
+    output_dir: str = "fastattn-uptrain",
+    *,
+    seed: int = 0,
+    save_steps: int = 0,
+):
+    """`convert` `teacher` by `plan` and `uptrain` it on `dataset` (blocks of `plan.recipe.seq_len` tokens); the
+    converted model in eval mode. `teacher` is left untouched and stays in memory: it is the target of layer
+    transfer and distillation. `Trainer` output goes under `output_dir`."""
+    from .core import convert
+    from .distill import uptrain
+
+    model = convert(teacher, plan.method, **plan.options)
+    if not plan.transfer_steps and not plan.finetune_steps:
+        return model.eval()
+    block = len(dataset[0]["input_ids"])
+    if block != plan.recipe.seq_len:
+        raise ValueError(
+            f"the dataset's blocks have {block} tokens; the plan's seq_len is {plan.recipe.seq_len}"
+        )
+    cfg = plan.uptrain_config(output_dir, seed=seed, save_steps=save_steps)
+    return uptrain(model, dataset, cfg, teacher=teacher).eval()
+
+
+def convert_with_recipe(
+    teacher,
+    method: str | None,
+    dataset,
+    max_tokens: int,
+    *,
+    recipe: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    output_dir: str = "fastattn-uptrain",
+    seed: int = 0,
+):
+    """(converted model in eval mode, its `RecipePlan`): the Python form of `hf-fastattn convert`. Converts
+    `teacher` (left untouched) with `recipe` (default: `method`'s default recipe) and uptrains it on `max_tokens`
+    tokens of `dataset` (blocks of the recipe's `seq_len`, e.g. `distill.lm_dataset(text, tokenizer, 128)`),
+    split between the stages by the recipe. `overrides` replace recipe settings (see `make_plan`)."""
+    from .families import family_of
+
+    causal = family_of(teacher).causal
+    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal)
+    return run_plan(teacher, plan, dataset, output_dir, seed=seed), plan
+
+
+def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: int, output_dir: str):
+    """(converted model in eval mode, steps trained): `RECIPES[method]` (a recipe name) on a budget of
+    `steps * batch_size` blocks of `dataset`, the blocks' own length taking the place of the recipe's `seq_len`;
+    the returned steps are counted in batches of `batch_size` (0 for a recipe that does not train), so
+    `steps * batch_size * seq_len` stays the number of training tokens used. Kept for callers that count in steps;
+    `convert_with_recipe` takes the budget in tokens."""
+    seq_len = len(dataset[0]["input_ids"]) if dataset is not None else get_recipe(method).seq_len
+    plan = make_plan(recipe=method, max_tokens=steps * batch_size * seq_len, overrides={"seq_len": seq_len})
+    model = run_plan(teacher, plan, dataset, output_dir)
+    return model, -(-plan.tokens // (batch_size * seq_len))

@@ -35,8 +35,9 @@ def train_file(tmp_path, text):
     return path
 
 
-@pytest.mark.parametrize("method", ["hedgehog", "t2r"])
-def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
+@pytest.mark.parametrize("method,recipe", [("hedgehog", []), ("t2r", ["--recipe", "t2r-hybrid"])])
+def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method, recipe):
+    """The budget in steps (--max-steps, --transfer-steps) still works, with flags over the recipe's values."""
     before = _hashes(src)
     out = tmp_path / "out"
     argv = [
@@ -44,6 +45,7 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
         str(src),
         "--method",
         method,
+        *recipe,
         "--hybrid",
         "--window",
         "16",
@@ -69,7 +71,7 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     model = AutoModelForCausalLM.from_pretrained(out)
     assert type(model).__name__ == "HfFastattnLlamaForCausalLM"
-    assert model.config.fastattn == {"feature_map": "elu", "window": 16}
+    assert {k: model.config.fastattn[k] for k in ("feature_map", "window")} == {"feature_map": "elu", "window": 16}
     assert model.config.fastattn_conversion["method"] == method and model.config.fastattn_conversion["hybrid"]
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[5, 6, 7]])).logits).all()
@@ -85,7 +87,11 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
         (["--method", "t2r", "--hybrid", "--score-weight", "1"], "not with --hybrid"),
         (["--method", "mqa", "--score-weight", "1"], "do not apply to method 'mqa'"),
         (["--method", "t2r", "--transfer-steps", "1", "--score-weight", "-1"], "argument --score-weight"),
-        (["--method", "gqa"], "--method gqa needs --num-key-value-heads"),
+        (["--method", "t2r", "--recipe", "fastest"], "unknown recipe 'fastest'; valid recipes are ["),
+        (["--method", "mqa", "--recipe", "hedgehog"], "recipe 'hedgehog' converts with method 'hedgehog', not 'mqa'"),
+        (["--recipe", "mqa", "--max-tokens", "100"], "argument --max-tokens: not allowed with argument --max-steps"),
+        (["--method", "t2r", "--hybrid"], "not with --hybrid (score 1.0 from recipe 't2r', hybrid from --hybrid)"),
+        (["--method", "t2r", "--transfer-fraction", "0.5"], "--transfer-fraction splits --max-tokens"),
         (["--method", "t2r", "--max-steps", "-1"], "argument --max-steps: must be at least 0, got -1"),
         (["--method", "t2r", "--transfer-steps", "-2"], "argument --transfer-steps: must be at least 0, got -2"),
         (["--method", "t2r", "--seq-len", "0"], "argument --seq-len: must be at least 2, got 0"),
@@ -102,7 +108,11 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method):
         "score-hybrid",
         "score-mqa",
         "score-negative",
-        "gqa-no-heads",
+        "unknown-recipe",
+        "recipe-of-another-method",
+        "two-budgets",
+        "recipe-score-hybrid",
+        "fraction-with-steps",
         "max-steps",
         "transfer-steps",
         "seq-len",
@@ -158,7 +168,8 @@ def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys, monkeypatch):
     assert "--train-file" in capsys.readouterr().err
     assert (
         cli_main(
-            ["convert", str(src), "--train-file", str(train_file), "--method", "linear", "--out", str(src)]
+            ["convert", str(src), "--train-file", str(train_file), "--method", "linear", "--max-steps", "0",
+             "--out", str(src)]
         )
         == 2
     )
@@ -280,3 +291,98 @@ def test_convert_cli_seq_len_beyond_learned_positions(tmp_path, tokenizer, train
     _forbid_model_loading(monkeypatch)
     assert cli_main(_quick_argv(src, train_file, tmp_path / "o", "--seq-len", "300")) == 2
     assert "--seq-len 300 exceeds the 256 positions of SRC (gpt2)" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipes are the CLI's defaults
+
+
+def _plan_of(*argv):
+    from hf_fastattn.conversion import cli
+
+    args = cli.build_parser().parse_args(["SRC", "--train-file", "t.txt", "--out", "o", *argv])
+    return cli.make_cli_plan(args, cli.method_of(args))
+
+
+@pytest.mark.parametrize("method", ["t2r", "hedgehog", "linear", "fast", "mqa", "gqa"])
+def test_each_method_defaults_to_its_recipe(method):
+    """With no flag but the budget, the command line's settings are `RECIPES[method]`, field for field, and the
+    budget is split by the recipe's share and batch sizes."""
+    import dataclasses
+
+    from hf_fastattn.conversion.recipes import RECIPES
+
+    recipe = RECIPES[method]
+    plan = _plan_of("--method", method, "--max-tokens", "204800")
+    assert plan.name == method and plan.sources == {}
+    assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(recipe)
+    blocks = 204800 // recipe.seq_len
+    transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
+    assert plan.transfer_steps == transfer
+    assert plan.finetune_steps == (blocks - transfer * recipe.transfer_batch) // recipe.batch
+    assert plan.tokens <= 204800 and plan.transfer_steps + plan.finetune_steps > 0
+
+
+def test_flags_override_the_recipe_and_say_so():
+    from hf_fastattn.conversion.recipes import RECIPES
+
+    plan = _plan_of("--method", "hedgehog", "--max-tokens", "10k", "--lr", "0.01", "--batch-size", "4",
+                    "--window", "16", "--seq-len", "64", "--no-hybrid")
+    r = plan.recipe
+    assert (r.lr, r.batch, r.transfer_batch, r.seq_len) == (0.01, 4, 4, 64)
+    assert plan.options == {**RECIPES["hedgehog"].options, "window": 16, "hybrid": False}
+    assert plan.sources == {"lr": "--lr", "batch": "--batch-size", "transfer_batch": "--batch-size",
+                            "seq_len": "--seq-len", "window": "--window", "hybrid": "--no-hybrid"}
+    assert plan.source("transfer_lr") == "recipe 'hedgehog'" and r.transfer_lr == RECIPES["hedgehog"].transfer_lr
+    blocks = 10_000 // 64
+    assert plan.transfer_steps == int(blocks * 0.3) // 4 and plan.max_tokens == 10_000
+    # --recipe picks another, --method may then be left out
+    other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000")
+    assert other.method == "t2r" and other.recipe == RECIPES["t2r-hybrid"]
+
+
+def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, train_file, capsys, monkeypatch):
+    """`hf-fastattn convert SRC --method t2r --train-file TEXT --max-tokens N --out DIR`: t2r's default recipe (a
+    "layer" transfer stage and distillation, both against the original model kept in memory) runs through the CLI;
+    every setting is printed with its source and saved beside the weights; an explicit flag overrides its value."""
+    import json
+
+    import hf_fastattn.conversion.distill as distill
+    from hf_fastattn.conversion.recipes import RECIPE_FIELDS, RECIPES
+
+    teachers = []
+    real = distill.DistillationTrainer.compute_loss
+
+    def spy(self, model, inputs, *args, **kwargs):
+        teachers.append(self.teacher)
+        return real(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(distill.DistillationTrainer, "compute_loss", spy)
+    before = _hashes(src)
+    out = tmp_path / "out"
+    # 12 blocks of 128 tokens: 6 steps of layer transfer at batch 1, then 6 of distillation at batch 1
+    argv = ["convert", str(src), "--method", "t2r", "--train-file", str(train_file), "--max-tokens", "1536",
+            "--feature-dim", "16", "--out", str(out)]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    recipe = RECIPES["t2r"]
+    for name in RECIPE_FIELDS:  # each setting on its line, from the recipe
+        assert any(line.split()[:2] == [name, repr(getattr(recipe, name))] and "recipe 't2r'" in line
+                   for line in printed.splitlines()), name
+    assert any(line.split()[:2] == ["feature_dim", "16"] and "--feature-dim" in line for line in printed.splitlines())
+    saved = json.loads((out / "fastattn_recipe.json").read_text())
+    assert saved["recipe"] == "t2r" and saved["method"] == "t2r"
+    assert {name: saved[name] for name in RECIPE_FIELDS} == {name: getattr(recipe, name) for name in RECIPE_FIELDS}
+    assert saved["options"] == {**recipe.options, "feature_dim": 16}
+    assert saved["sources"] == {"feature_dim": "--feature-dim"}
+    split = (saved["max_tokens"], saved["transfer_steps"], saved["finetune_steps"], saved["tokens"])
+    assert split == (1536, 6, 6, 1536)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.fastattn_conversion == {**model.config.fastattn_conversion, "method": "t2r", "feature_dim": 16}
+    # stage 2 distilled from the original model, which was neither converted nor trained (SRC untouched on disk)
+    assert len(teachers) == 6 and all(t is teachers[0] for t in teachers)
+    original = AutoModelForCausalLM.from_pretrained(src)
+    assert type(teachers[0]).__name__ == "LlamaForCausalLM"
+    for (name, p), q in zip(teachers[0].named_parameters(), original.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    assert _hashes(src) == before

@@ -146,3 +146,85 @@ def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
         used = cfg.transfer_steps * cfg.transfer_batch_size + cfg.finetune_steps * cfg.batch_size
         assert used == 20 and steps == 5, (method, cfg)
         assert cfg.transfer_mode == recipe.transfer_mode and cfg.distill_weight == recipe.distill
+
+
+def test_every_method_has_a_default_recipe_and_plans_split_token_budgets():
+    """Each conversion method's default is the `RECIPES` entry named after it; a plan spends at most its tokens
+    (exactly, when the blocks divide evenly), stage 1 getting the recipe's share."""
+    from hf_fastattn.conversion.core import CONVERSION_METHODS, get_method
+    from hf_fastattn.conversion.recipes import RECIPES, default_recipe, make_plan
+
+    get_method("t2r")
+    for method in CONVERSION_METHODS:
+        assert RECIPES[default_recipe(method)].method == method
+    for name, recipe in RECIPES.items():
+        plan = make_plan(recipe=name, max_tokens=40 * recipe.seq_len)
+        stage1 = plan.transfer_steps * recipe.transfer_batch * recipe.seq_len
+        assert plan.tokens <= 40 * recipe.seq_len, name
+        if recipe.finetune == "none":
+            assert plan.finetune_steps == 0 and stage1 == (plan.tokens if recipe.transfer else 0)
+        else:
+            assert plan.tokens == 40 * recipe.seq_len, name  # batch sizes 1 and 2 divide 40 blocks and their shares
+            assert stage1 == int(40 * recipe.transfer) * recipe.seq_len, name
+    # steps instead of tokens: stage 1 gets the recipe's share (hedgehog 0.3: 30 blocks for 70 of stage 2)
+    plan = make_plan("hedgehog", steps=35)
+    assert (plan.finetune_steps, plan.transfer_steps) == (35, 15) and plan.max_tokens is None
+
+
+def test_make_plan_errors_and_encoders():
+    from hf_fastattn.conversion.recipes import make_plan
+
+    with pytest.raises(ValueError, match=r"unknown recipe 'nope'; valid recipes are \["):
+        make_plan(recipe="nope", max_tokens=100)
+    with pytest.raises(ValueError, match="no default recipe for conversion method 'performer'"):
+        make_plan("performer", max_tokens=100)
+    with pytest.raises(ValueError, match=r"unknown recipe setting\(s\) \['learning_rate'\]"):
+        make_plan("mqa", max_tokens=100, overrides={"learning_rate": 1.0})
+    with pytest.raises(ValueError, match="not both"):
+        make_plan("mqa", max_tokens=100, steps=3)
+    with pytest.raises(ValueError, match=r"transfer must be a share in \[0, 1\]"):
+        make_plan("mqa", max_tokens=100, overrides={"transfer": 1.5})
+    with pytest.raises(ValueError, match="method 'mqa' has none: use transfer_mode 'layer'"):
+        make_plan("mqa", max_tokens=1000, overrides={"transfer_mode": "attention"})
+    assert make_plan("mqa", max_tokens=1000, overrides={"transfer_mode": "attention", "transfer": 0}).finetune_steps
+    with pytest.raises(ValueError, match="recipe 't2r-hybrid' converts with method 't2r', not 'hedgehog'"):
+        make_plan("hedgehog", "t2r-hybrid", max_tokens=100)
+    # an encoder: no stage 2, no hybrid; the whole budget goes to stage 1, and the plan says why
+    plan = make_plan("hedgehog", max_tokens=10 * 128, causal=False)
+    assert plan.recipe.finetune == "none" and plan.options["hybrid"] is False
+    assert plan.source("finetune").startswith("encoder") and plan.transfer_steps == 10 // plan.recipe.transfer_batch
+
+
+def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
+    """The Python entry point: the default recipe, overrides, the teacher untouched (mqa: layer transfer, then
+    distillation, on 16 blocks of 32 tokens)."""
+    from hf_fastattn.conversion.recipes import RECIPES, convert_with_recipe
+
+    teacher = tiny_model("llama")
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    data = lm_dataset(text[:20_000], tokenizer, 32, max_blocks=64)
+    model, plan = convert_with_recipe(
+        teacher, "mqa", data, 16 * 32, overrides={"seq_len": 32}, output_dir=str(tmp_path)
+    )
+    assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr and plan.sources == {"seq_len": "override"}
+    assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
+    assert model.config.fastattn_conversion == {"method": "mqa", "init": "svd"} and not model.training
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    with pytest.raises(ValueError, match="the dataset's blocks have 32 tokens; the plan's seq_len is 128"):
+        convert_with_recipe(teacher, "mqa", data, 16 * 32, output_dir=str(tmp_path))
+
+
+def test_convert_takes_a_recipes_options():
+    """`convert(..., recipe=)`: the recipe's conversion options ("default": the method's), explicit ones on top;
+    an encoder's default hedgehog drops the causal-only hybrid."""
+    from hf_fastattn.conversion.recipes import RECIPES
+
+    model = tiny_model("llama")
+    spec = convert(model, "hedgehog", recipe="default").config.fastattn_conversion
+    assert {k: spec[k] for k in RECIPES["hedgehog"].options} == RECIPES["hedgehog"].options
+    spec = convert(model, "t2r", recipe="t2r-hybrid", window=8).config.fastattn_conversion
+    assert (spec["feature_dim"], spec["hybrid"], spec["window"]) == (64, True, 8)
+    assert convert(model, "t2r").config.fastattn_conversion["feature_dim"] == 64  # no recipe: the method's defaults
+    assert convert(tiny_model("bert"), "hedgehog", recipe="default").config.fastattn_conversion["hybrid"] is False
+    with pytest.raises(ValueError, match="recipe 'mqa' converts with method 'mqa', not 't2r'"):
+        convert(model, "t2r", recipe="mqa")
