@@ -193,3 +193,22 @@ def test_defaults_are_valid_and_documented():
     options = FastAttnOptions()
     for field in options.__dataclass_fields__:
         assert field in FastAttnOptions.__doc__
+
+
+def test_one_config_with_every_variants_keys_serves_each_variant(tmp_path):
+    """Users switch implementations on one config: a saved config.fastattn with keys of several variants loads under
+    each, and each variant reads its own part (the others' keys are validated, not used)."""
+    model = tiny_model("llama")
+    hf_fastattn.configure(model, feature_map="relu", order=1, temperature=2.0, stride=4, kv_groups=2)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 96, (1, 10))
+    for impl in hf_fastattn.variant_names():
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation=impl).eval()
+        assert loaded.config.fastattn == model.config.fastattn
+        assert torch.isfinite(loaded(ids).logits).all()
+    options = {name: hf_fastattn.variant_options(model.config, name) for name in ("linear", "fast", "sparse", "mqa")}
+    assert options["linear"].feature_map == "relu" and not hasattr(options["linear"], "order")
+    assert (options["fast"].order, options["fast"].temperature) == (1, 2.0)
+    assert options["sparse"].stride == 4 and options["mqa"].kv_groups == 2
+    merged = hf_fastattn.integration.registry.get_options(model.config)
+    assert isinstance(merged, FastAttnOptions) and (merged.feature_map, merged.order, merged.kv_groups) == ("relu", 1, 2)
