@@ -284,7 +284,9 @@ def test_bad_method_and_options():
         convert(model, "performer")
     assert all(m in str(e.value) for m in CONVERSION_METHODS)
     with pytest.raises(
-        ValueError, match=r"valid options are \['hybrid', 'window', 'window_init', 'feature_dim'\]"
+        ValueError,
+        match=r"valid options are \['hybrid', 'window', 'window_init', 'sinks', 'linear_weight', 'shared_feature_map', "
+        r"'feature_dim'\]",
     ):
         convert(model, "t2r", feature_size=32)
     with pytest.raises(ValueError, match="window must be a positive int"):
