@@ -161,7 +161,8 @@ def test_kv_pooling(family, masked):
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox", "opt", "gpt2"])
 def test_pooled_checkpoints_round_trip(tmp_path, family):
     """Native GQA (Llama's separate and Phi-3's fused projections shrink) and tied heads run by "mqa" (GPT-NeoX's
-    per-head fused, OPT's separate, GPT-2's Conv1D projections) save and reload to the same logits."""
+    per-head fused, OPT's separate, GPT-2's Conv1D projections) save and reload to the same logits. One family per
+    layout, to keep this file under two minutes on one thread; the feature-map round trip above covers every family."""
     pooled = convert(_model(family, False), "mqa")
     pooled.save_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
