@@ -427,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from .distill import lm_dataset, perplexity, split_text
-    from .families import FAMILIES, base_model_type, family_of, head_counts
+    from .families import family_of, head_counts
     from .recipes import run_plan
 
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -457,11 +457,10 @@ def run(args) -> int:
     with model_load_errors(args.src, "SRC"):
         config = AutoConfig.from_pretrained(src, gguf_file=gguf)
         tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf)
-    family = FAMILIES.get(base_model_type(config))
-    if family is None:
-        raise ValueError(
-            f"SRC {args.src!r} is a {base_model_type(config)!r} model; hf-fastattn convert supports {sorted(FAMILIES)}"
-        )
+    try:  # the compatibility rule's verdict on SRC's own config (a model built on the meta device), with its reason
+        family = family_of(config)
+    except ValueError as e:
+        raise ValueError(f"SRC {args.src!r}: {e}") from e
     causal = family.causal
     if not causal:  # an encoder: the plan drops what needs a causal LM (stage 2, the hybrid), saying so
         plan = make_cli_plan(args, method, causal=False)
