@@ -96,7 +96,8 @@ def convert(
     """Convert a pretrained transformers model to an efficient-attention form.
 
     Args:
-        model: a Llama, Mistral, Qwen2, Qwen3, GPT-2 or BERT model (any head class).
+        model: a transformers model of any family the compatibility rule accepts (any head class); what conversion
+            needs is read from it (`families.family_of`).
         method: "t2r", "hedgehog", "linear", "fast", "mqa" or "gqa" (see `CONVERSION_METHODS`).
         inplace: modify `model` itself; by default a deep copy is converted and `model` is left untouched.
         recipe: take the conversion options of this `recipes.RECIPES` entry ("default": the method's default recipe,
