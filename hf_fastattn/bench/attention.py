@@ -1,8 +1,13 @@
-"""`hf-fastattn bench attention`: time and peak memory of the attention operators against N.
+"""`hf-fastattn bench attention`: time, achieved GFLOP/s and peak memory of the attention operators against N.
 
-Causal forward and forward+backward, B=1, H=8, D=64, fp32 on this CPU, for torch SDPA, linear (elu+1), fast
-(order 1 and 2) and sparse (strided, stride 128), all in one run so that the ratios to SDPA are measured side by
-side. Prints a markdown table and writes a PNG plot.
+Forward and forward+backward, causal and bidirectional, B=1, H=8, D=64, fp32 on this CPU, for torch SDPA, linear
+(elu+1), fast (order 1 and 2) and sparse (strided and fixed, stride 128), one row per torch thread count. All
+methods of one (threads, N, direction, mode) are timed in one loop with their repetitions interleaved, so that the
+ratios to SDPA are measured side by side on a shared machine. Also times one decoding step of fast order 2 and of
+linear (the recurrent form). Prints a markdown table with the issue's targets met or not, and writes a PNG plot.
+
+GFLOP/s counts, per method, the multiply-adds (2 flops each) of the matmuls its algorithm performs (`flops`); a
+backward is counted as twice its forward (fwd+bwd = 3x the forward's count), for every method alike.
 """
 
 from __future__ import annotations
@@ -11,24 +16,78 @@ import argparse
 import gc
 import multiprocessing
 import os
+import statistics
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 from ..integration.variants import benchmark_entries
-from .utils import best_time, format_table, machine_line, peak_memory_mib
+from ..ops import fast_attention, linear_attention, recurrent_linear_step, sparse_attention
+from ..ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
+from ..ops.reference import fast_normalize
+from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
-# torch SDPA, then each registered variant's operator calls (`register_attention_variant(..., benchmarks=...)`):
-# linear (elu+1), fast-1, fast-2, sparse (strided, stride 128)
-METHODS = {
-    "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-    **benchmark_entries(),
+STRIDE = 128
+LINEAR_CHUNK = 32  # `ops.linear._FAST_CHUNK`: the chunk the counts below assume
+FAST_CHUNK = {1: 64, 2: 256}  # `causal_linear_attention`'s chunks for fastmax's feature sizes
+
+BUILTIN = {  # the built-in operators, causal or bidirectional
+    "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
+    "linear": lambda q, k, v, causal: linear_attention(q, k, v, causal=causal, backend="torch"),
+    "fast-1": lambda q, k, v, causal: fast_attention(q, k, v, causal=causal, order=1, backend="torch"),
+    "fast-2": lambda q, k, v, causal: fast_attention(q, k, v, causal=causal, order=2, backend="torch"),
+    "sparse": lambda q, k, v, causal: sparse_attention(
+        q, k, v, causal=causal, pattern="strided", stride=STRIDE, backend="torch"
+    ),
+    "sparse-fixed": lambda q, k, v, causal: sparse_attention(
+        q, k, v, causal=causal, pattern="fixed", stride=STRIDE, backend="torch"
+    ),
 }
+# sdpa, the built-ins, then any other registered variant's benchmark entries (causal only, `fn(q, k, v)`)
+METHODS = {**BUILTIN, **{
+    label: (lambda q, k, v, causal, fn=fn: fn(q, k, v)) for label, fn in benchmark_entries().items()
+    if label not in BUILTIN
+}}
+CAUSAL_ONLY = set(METHODS) - set(BUILTIN)
 
 
-def _runner(method: str, n: int, mode: str, heads: int, dim: int):
-    """A closure running one causal call (mode "fwd") or call + backward (mode "fwd+bwd") on fresh inputs."""
+def _linear_form_flops(n: int, f: int, dv: int, d_intra: int, chunk: int, causal: bool) -> float:
+    """Per head: causal, C x C weights per chunk (2 N C d_intra), their product with v (2 N C Dv), each chunk's
+    state k^T v and its read q . S (4 N F Dv), denominators (2 N F); bidirectional: the state and its read only."""
+    if not causal:
+        return 4 * n * f * dv + 4 * n * f
+    return 2 * n * chunk * (d_intra + dv) + 4 * n * f * dv + 2 * n * f
+
+
+def flops(method: str, n: int, heads: int, dim: int, causal: bool) -> float:
+    """Forward flops of `method` at B=1: 2 per multiply-add of the matmuls its algorithm performs."""
+    if method == "sdpa":  # q k^T and p v over the allowed pairs (flash attention skips the masked blocks)
+        pairs = n * (n + 1) / 2 if causal else n * n
+        return 4 * dim * pairs * heads
+    if method == "linear":
+        return heads * _linear_form_flops(n, dim, dim, dim, LINEAR_CHUNK, causal)
+    if method.startswith("fast-"):
+        order = int(method[-1])
+        f = 1 + dim + (dim * (dim + 1) // 2 if order == 2 else 0)
+        return heads * _linear_form_flops(n, f, dim, dim, FAST_CHUNK[order], causal)
+    if method.startswith("sparse"):  # the pairs of the blocks computed (a superset of the allowed pairs)
+        return 4 * dim * heads * sparse_pairs(method, n, causal)
+    return float("nan")  # a registered variant's operator: its arithmetic is not known here
+
+
+def sparse_pairs(method: str, n: int, causal: bool) -> float:
+    """(query, key) pairs whose scores the sparse operator computes, stride 128 (see `ops.sparse`)."""
+    blocks = -(-n // STRIDE)
+    if method == "sparse":  # band: blocks of `stride` queries against 2 (causal) or 3 blocks; periodic: m x m per residue
+        return blocks * STRIDE * STRIDE * (2 if causal else 3) + STRIDE * blocks * blocks
+    # fixed: the diagonal blocks and every query against the summary column of each block
+    return blocks * STRIDE * STRIDE + n * blocks
+
+
+def _runner(method: str, n: int, mode: str, causal: bool, heads: int, dim: int):
+    """A closure running one call (mode "fwd", under no_grad) or call + backward (mode "fwd+bwd") on fixed inputs."""
     torch.manual_seed(0)
     grad = mode == "fwd+bwd"
     q, k, v = (torch.randn(1, heads, n, dim, requires_grad=grad) for _ in range(3))
@@ -36,32 +95,96 @@ def _runner(method: str, n: int, mode: str, heads: int, dim: int):
 
     def run():
         if grad:
-            fn(q, k, v).sum().backward()
+            fn(q, k, v, causal).sum().backward()
             q.grad = k.grad = v.grad = None
         else:
             with torch.no_grad():
-                fn(q, k, v)
+                fn(q, k, v, causal)
 
     return run
 
 
-def _peak_in_fresh_process(method: str, n: int, mode: str, heads: int, dim: int, threads: int = 0) -> float:
+def _peak_in_fresh_process(method, n, mode, causal, heads, dim, threads=0) -> float:
     if threads:
         torch.set_num_threads(threads)
-    return peak_memory_mib(_runner(method, n, mode, heads, dim))
+    return peak_memory_mib(_runner(method, n, mode, causal, heads, dim))
 
 
-def measure(method: str, n: int, mode: str, *, heads: int, dim: int, repeats: int, pool) -> tuple[float, float]:
-    """(best seconds, peak MiB). Memory is measured in a fresh process: in this one, memory freed by earlier
-    runs and kept by the allocator would hide new allocations."""
-    seconds = best_time(_runner(method, n, mode, heads, dim), repeats=repeats, warmup=1 if n <= 8192 else 0)
-    gc.collect()
-    if pool is None:
-        return seconds, _peak_in_fresh_process(method, n, mode, heads, dim)
-    return seconds, pool.submit(_peak_in_fresh_process, method, n, mode, heads, dim, torch.get_num_threads()).result()
+def time_interleaved(runners: dict, repeats: int, warmup: bool) -> dict[str, float]:
+    """Best wall-clock seconds of each runner, the repetitions interleaved over runners (round-robin)."""
+    if warmup:
+        for run in runners.values():
+            run()
+    best = dict.fromkeys(runners, float("inf"))
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
 
 
-def plot(results: dict, lengths: list[int], path: str) -> None:
+def decode_step_times(heads: int, dim: int, steps: int = 50) -> dict[str, float]:
+    """Median seconds of one recurrent decoding step (B=1, one token, fp32): the feature maps of the new q and k
+    (fast: after fastmax's normalization), then `recurrent_linear_step` on a state of F x Dv per head; the linear
+    (elu+1, F = D) and fast order 2 (F = 1 + D + D(D+1)/2) steps interleaved."""
+    torch.manual_seed(0)
+    maps = {"linear": (EluFeatureMap(), None), "fast-2": (FastmaxFeatureMap(2, 1.0), fast_normalize)}
+    states, times = {}, {name: [] for name in maps}
+    for name, (phi, _) in maps.items():
+        f = phi(torch.zeros(1, 1, 1, dim)).shape[-1]
+        states[name] = (torch.rand(1, heads, f, dim), torch.rand(1, heads, f) + 1)
+    with torch.no_grad():
+        for i in range(steps + 5):
+            q, k, v = (torch.randn(1, heads, 1, dim) for _ in range(3))
+            for name, (phi, normalize) in maps.items():
+                start = time.perf_counter()
+                qn, kn = (q, k) if normalize is None else (normalize(q), normalize(k))
+                recurrent_linear_step(phi(qn), phi(kn), v, states[name], backend="torch")
+                if i >= 5:
+                    times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+TARGETS = [  # (method, direction, mode, minimum speed-up vs sdpa), issue 18, at N = 16384 and every thread count
+    ("linear", "causal", "fwd", 40),
+    ("linear", "causal", "fwd+bwd", 20),
+    ("linear", "bidirectional", "fwd", 40),
+    ("linear", "bidirectional", "fwd+bwd", 20),
+    ("fast-2", "causal", "fwd", 3),
+    ("sparse", "causal", "fwd", 5),
+    ("sparse-fixed", "causal", "fwd", 5),
+]
+TARGET_N = 16384
+DECODE_TARGET = 1.3  # fast-2 decoding step <= 1.3x the linear step
+
+
+def target_lines(results: dict, decode: dict) -> list[str]:
+    """'met' / 'NOT met' for each of the issue's targets the run measured, with the measured ratio."""
+    lines = []
+    for threads in sorted({key[0] for key in results}):
+        for method, direction, mode, need in TARGETS:
+            ours = results.get((threads, TARGET_N, direction, mode, method))
+            base = results.get((threads, TARGET_N, direction, mode, "sdpa"))
+            if ours is None or base is None:
+                continue
+            ratio = base[0] / ours[0]
+            verdict = "met" if ratio >= need else "NOT met"
+            lines.append(
+                f"- {verdict}: {method} {direction} {mode} >= {need}x sdpa at N={TARGET_N}, {threads} thread(s) "
+                f"(measured {ratio:.1f}x)"
+            )
+    for threads, steps in sorted(decode.items()):
+        ratio = steps["fast-2"] / steps["linear"]
+        verdict = "met" if ratio <= DECODE_TARGET else "NOT met"
+        lines.append(
+            f"- {verdict}: fast-2 decoding step <= {DECODE_TARGET}x the linear step, {threads} thread(s) (measured "
+            f"{steps['fast-2'] * 1e3:.3f} ms vs {steps['linear'] * 1e3:.3f} ms: {ratio:.1f}x)"
+        )
+    return lines
+
+
+def plot(results: dict, lengths: list[int], threads: int, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -70,18 +193,19 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for method in METHODS:
         for mode, style in (("fwd", "-o"), ("fwd+bwd", "--s")):
-            xs = [n for n in lengths if (method, n, mode) in results]
+            key = lambda n, mode=mode, method=method: (threads, n, "causal", mode, method)  # noqa: E731
+            xs = [n for n in lengths if key(n) in results]
             if not xs:
                 continue
-            axes[0 if mode == "fwd" else 1].plot(xs, [results[method, n, mode][0] for n in xs], style, label=method)
+            axes[0 if mode == "fwd" else 1].plot(xs, [results[key(n)][0] for n in xs], style, label=method)
             if mode == "fwd":
-                axes[2].plot(xs, [results[method, n, mode][1] for n in xs], style, label=method)
-    for ax, title, unit in zip(axes, ("causal forward", "causal forward+backward", "peak memory, forward"),
-                               ("seconds", "seconds", "MiB")):
+                axes[2].plot(xs, [results[key(n)][1] for n in xs], style, label=method)
+    titles = ("causal forward", "causal forward+backward", "peak memory, causal forward")
+    for ax, title, unit in zip(axes, titles, ("seconds", "seconds", "MiB")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=unit, title=title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
-    fig.suptitle(f"B=1, H=8, D=64, fp32, {machine_line()}")
+    fig.suptitle(f"B=1, H=8, D=64, fp32, {threads} thread(s), {machine_line(threads=False)}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -89,7 +213,7 @@ def plot(results: dict, lengths: list[int], path: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-fastattn bench attention", description=__doc__)
     parser.add_argument(
-        "--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384, 32768],
+        "--lengths", type=int, nargs="+", default=[1024, 4096, 16384],
         help="sequence lengths N (default: %(default)s)",
     )
     parser.add_argument(
@@ -100,53 +224,109 @@ def main(argv: list[str] | None = None) -> int:
         "--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"],
         help="forward only, and/or forward and backward (default: %(default)s)",
     )
+    parser.add_argument(
+        "--directions", nargs="+", default=["causal", "bidirectional"], choices=["causal", "bidirectional"],
+        help="causal and/or bidirectional attention (default: %(default)s)",
+    )
     parser.add_argument("--heads", type=int, default=8, help="attention heads H (default: %(default)s)")
     parser.add_argument("--dim", type=int, default=64, help="head dimension D (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per point, the best kept (default: %(default)s)")
-    parser.add_argument("--out", default="benchmarks/results", help="folder for attention.png and attention.md (default: %(default)s)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per point, the best kept (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--out", default="benchmarks/results",
+        help="folder for attention.png and attention.md (default: %(default)s)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument(
-        "--threads", type=int, default=0,
-        help="torch threads for every method (0: torch's default); 1 gives steadier ratios on a loaded machine"
-        " (default: %(default)s)",
+        "--threads", type=int, nargs="+", default=[1, 2],
+        help="torch thread counts, one set of rows each (default: %(default)s)",
     )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory column (one process per point)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.quick:
         args.lengths, args.repeats, args.heads, args.dim = [256, 512], 1, 2, 16
+    if "sdpa" not in args.methods:
+        args.methods = ["sdpa", *args.methods]
     os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
 
-    results: dict[tuple[str, int, str], tuple[float, float]] = {}
+    results: dict[tuple, tuple[float, float]] = {}
+    decode: dict[int, dict[str, float]] = {}
+    memory: dict[tuple, float] = {}
     rows = []
     # --quick measures memory in this process (spawning ~4 s a process would dominate a smoke test)
-    pool = None if args.quick else ProcessPoolExecutor(
+    pool = None if args.quick or args.no_memory else ProcessPoolExecutor(
         1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1
     )
-    for n in args.lengths:
-        for mode in args.modes:
-            for method in args.methods:
-                results[method, n, mode] = measure(
-                    method, n, mode, heads=args.heads, dim=args.dim, repeats=args.repeats, pool=pool
-                )
-            base = results.get(("sdpa", n, mode))
-            for method in args.methods:
-                seconds, mib = results[method, n, mode]
-                speedup = base[0] / seconds if base else float("nan")
-                rows.append([n, mode, method, round(seconds * 1e3, 1), f"{speedup:.2f}x", round(mib)])
-                print(f"N={n:>6} {mode:>8} {method:>7}: {seconds * 1e3:9.1f} ms  {speedup:6.2f}x sdpa  {mib:7.0f} MiB",
-                      flush=True)
-    table = format_table(["N", "mode", "method", "ms", "speed-up vs sdpa", "peak MiB"], rows)
-    print(f"\n{machine_line()}, B=1, H={args.heads}, D={args.dim}, fp32, causal\n")
-    print(table)
+    for threads in args.threads:
+        with torch_threads(threads):
+            decode[threads] = decode_step_times(args.heads, args.dim, steps=5 if args.quick else 50)
+            for n in args.lengths:
+                for direction in args.directions:
+                    causal = direction == "causal"
+                    for mode in args.modes:
+                        methods = [m for m in args.methods if causal or m not in CAUSAL_ONLY]
+                        runners = {m: _runner(m, n, mode, causal, args.heads, args.dim) for m in methods}
+                        seconds = time_interleaved(runners, args.repeats, warmup=n <= 4096)
+                        del runners
+                        gc.collect()
+                        for method in methods:
+                            point = (n, direction, mode, method)
+                            if point not in memory and not args.no_memory:
+                                memory[point] = (
+                                    _peak_in_fresh_process(method, n, mode, causal, args.heads, args.dim)
+                                    if pool is None
+                                    else pool.submit(
+                                        _peak_in_fresh_process, method, n, mode, causal, args.heads, args.dim, threads
+                                    ).result()
+                                )
+                            results[(threads, *point)] = (seconds[method], memory.get(point, float("nan")))
+                        rows.extend(_rows(results, threads, n, direction, mode, args))
+    table = format_table(
+        ["threads", "N", "direction", "mode", "method", "ms", "speed-up vs sdpa", "GFLOP/s", "sdpa GFLOP/s",
+         "peak MiB"],
+        rows,
+    )
+    lines = target_lines(results, decode)
+    decode_lines = [
+        f"- {threads} thread(s): linear {steps['linear'] * 1e3:.3f} ms, fast-2 {steps['fast-2'] * 1e3:.3f} ms"
+        for threads, steps in sorted(decode.items())
+    ]
+    header = (
+        f"{machine_line(threads=False)}, B=1, H={args.heads}, D={args.dim}, fp32; best of {args.repeats} runs, "
+        "repetitions interleaved over methods; GFLOP/s from each method's own matmul count (see "
+        "`hf_fastattn/bench/attention.py`: `flops`), fwd+bwd counted as 3x the forward"
+    )
+    report = "\n".join([
+        header, "", table, "", f"Decoding step (B=1, one token, median of {5 if args.quick else 50}):", *decode_lines, "",
+        f"Targets (issue 18, N={TARGET_N}):", *lines, "", f"total run time {time.perf_counter() - started:.0f} s",
+    ])
+    print("\n" + report)
     command = " ".join(["hf-fastattn bench attention", *(argv or [])])
     with open(os.path.join(args.out, "attention.md"), "w") as f:
-        f.write(f"`{command}`\n\n{machine_line()}, B=1, H={args.heads}, D={args.dim}, fp32, causal\n\n{table}\n")
-    plot(results, args.lengths, os.path.join(args.out, "attention.png"))
+        f.write(f"`{command}`\n\n{report}\n")
+    plot(results, args.lengths, args.threads[0], os.path.join(args.out, "attention.png"))
     if pool is not None:
         pool.shutdown()
     print(f"\nwrote {args.out}/attention.md and {args.out}/attention.png")
     return 0
+
+
+def _rows(results: dict, threads: int, n: int, direction: str, mode: str, args) -> list[list]:
+    """Table rows of one (threads, N, direction, mode), printed as they come."""
+    base = results[(threads, n, direction, mode, "sdpa")][0]
+    factor = 3 if mode == "fwd+bwd" else 1
+    sdpa_rate = factor * flops("sdpa", n, args.heads, args.dim, direction == "causal") / base / 1e9
+    rows = []
+    for method in [m for m in args.methods if (threads, n, direction, mode, m) in results]:
+        seconds, mib = results[(threads, n, direction, mode, method)]
+        rate = factor * flops(method, n, args.heads, args.dim, direction == "causal") / seconds / 1e9
+        rows.append([threads, n, direction, mode, method, f"{seconds * 1e3:.1f}", f"{base / seconds:.2f}x",
+                     "-" if rate != rate else f"{rate:.1f}", f"{sdpa_rate:.1f}", "-" if mib != mib else round(mib)])
+        print(f"threads={threads} N={n:>6} {direction:>13} {mode:>8} {method:>12}: {seconds * 1e3:9.1f} ms "
+              f"{base / seconds:6.2f}x sdpa {rate:6.1f} GFLOP/s (sdpa {sdpa_rate:.1f})", flush=True)
+    return rows
 
 
 if __name__ == "__main__":
