@@ -521,28 +521,38 @@ def pool_kv(model: nn.Module, family: Family, groups: int) -> None:
 # circuit-preserving K/V pooling (init="svd" of "mqa" / "gqa")
 
 
-def _rope_style(model: nn.Module, d: int) -> str | None:
-    """None (no rotary embedding in q and k), "half" (Llama's rotate_half over the whole head), or a ValueError for
-    rotary forms the fit does not handle (partial or interleaved)."""
+def _rope_pairs(model: nn.Module, d: int) -> tuple[list[tuple[int, int]], list[int]] | None:
+    """None without a rotary embedding in q and k; else (the pairs of head dims RoPE rotates together, the dims it
+    leaves alone). Read from the config (partial rotary: `partial_rotary_factor`, `rotary_dim`, `rotary_pct`) and from
+    the modeling code's rotation: Llama's `rotate_half` pairs (j, j + R/2), the interleaved forms (`x[..., ::2]` or
+    `x[..., 0::2]`: Cohere, GLM, GPT-J's `rotate_every_two`) pair (2j, 2j + 1); the first R dims of each head are rotated. A ValueError otherwise."""
     text = _text_config(model.config)
     rope = getattr(text, "rope_parameters", None)
-    partial = [getattr(text, "partial_rotary_factor", None), getattr(text, "rotary_pct", None)]
-    if isinstance(rope, dict):
-        nested = [p for p in rope.values() if isinstance(p, dict)] or [rope]
-        partial += [p.get("partial_rotary_factor") for p in nested]
     rotary_dim = getattr(text, "rotary_dim", None)
     if rope is None and rotary_dim is None and getattr(text, "position_embedding_type", None) != "rotary":
         return None
-    if any(p is not None and p != 1.0 for p in partial) or (rotary_dim is not None and rotary_dim != d):
+    factors = [getattr(text, "partial_rotary_factor", None), getattr(text, "rotary_pct", None)]
+    if isinstance(rope, dict):
+        nested = [p for p in rope.values() if isinstance(p, dict)] or [rope]
+        factors += [p.get("partial_rotary_factor") for p in nested]
+    factors = {f for f in factors if f is not None}
+    if len(factors) > 1:
         raise ValueError(
-            "its rotary embedding covers part of each head (partial rotary), which the per-pair fit does not handle"
+            f"its rotary embedding covers different fractions of the head per layer type {sorted(factors)}"
         )
+    r = rotary_dim if rotary_dim is not None else int(d * factors.pop()) if factors else d
+    if r % 2 or not 0 < r <= d:
+        raise ValueError(f"its rotary embedding covers {r} of the {d} head dims, not an even number of them")
     module = sys.modules.get(_forward_owner(type(attention_modules(model)[0])).__module__)
-    rotate = getattr(module, "rotate_half", None)
-    source = inspect.getsource(rotate) if rotate is not None else ""
-    if "x[..., : x.shape[-1] // 2]" not in source:
-        raise ValueError("its rotary embedding does not rotate the two halves of each head (Llama's rotate_half)")
-    return "half"
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    source = inspect.getsource(apply) if apply is not None else ""
+    rotate = next((getattr(module, n) for n in ("rotate_half", "rotate_every_two") if f"{n}(" in source), None)
+    rotate_source = inspect.getsource(rotate) if rotate is not None else ""
+    if any(f"x[{lead}{start}::2]" in rotate_source for lead in ("..., ", ":, :, :, ") for start in ("", "0")):
+        return [(2 * j, 2 * j + 1) for j in range(r // 2)], list(range(r, d))
+    if "x[..., : x.shape[-1] // 2]" in rotate_source:
+        return [(j, j + r // 2) for j in range(r // 2)], list(range(r, d))
+    raise ValueError("its rotary embedding's rotation is not one the per-pair fit knows (rotate_half, interleaved)")
 
 
 def _split_svd(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -554,32 +564,32 @@ def _split_svd(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @torch.no_grad()
-def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rotary: bool):
-    """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns."""
+def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope):
+    """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns.
+    `rope`: None, or (pairs of dims rotated together, dims not rotated) from `_rope_pairs`."""
     n, e = q.shape[-1], o.shape[0]
     # values: the output-value circuits O_h V_h of the group's heads, stacked, at rank D: V' shared, O_h' per head
     left, v_new = _split_svd(torch.cat([o[:, h] @ v[kv_of[h]] for h in heads]), d)
     o_new = {h: left[i * e : (i + 1) * e] for i, h in enumerate(heads)}
     q_new = {h: q[h].clone() for h in heads}
     k_new = torch.empty(d, n, dtype=q.dtype)
-    if not rotary:
-        # scores x_q^T Q_h^T K_h x_k: the query-key circuits Q_h^T K_h stacked, at rank D
-        left, k_new = _split_svd(torch.cat([q[h].t() @ k[kv_of[h]] for h in heads]), d)
+    pairs, plain = rope if rope is not None else ([], list(range(d)))
+    if plain:
+        # scores x_q^T Q_h^T K_h x_k over the dims RoPE leaves alone: the circuits Q_h^T K_h stacked, at their rank
+        left, k_new[plain] = _split_svd(torch.cat([q[h, plain].t() @ k[kv_of[h], plain] for h in heads]), len(plain))
         for i, h in enumerate(heads):
-            q_new[h] = left[i * n : (i + 1) * n].t()
-        return q_new, k_new, v_new, o_new
-    # RoPE rotates dims (j, j + D/2) as one complex number z_j = x_j + i x_{j+D/2}; a complex factor per head and
-    # pair commutes with it, so each pair gets a shared key row and per-head query rows from a complex rank-1 fit
-    # of the circuits conj(q_hj) k_hj^T (score = Re(conj(z_q) z_k e^{i(theta_k - theta_q)})).
-    half = d // 2
-    for j in range(half):
-        qz = {h: torch.complex(q[h, j], q[h, j + half]) for h in heads}
-        kz = {h: torch.complex(k[kv_of[h], j], k[kv_of[h], j + half]) for h in heads}
+            q_new[h][plain] = left[i * n : (i + 1) * n].t()
+    # RoPE rotates each pair of dims (a, b) as one complex number z = x_a + i x_b; a complex factor per head and pair
+    # commutes with it, so each pair gets a shared key row and per-head query rows from a complex rank-1 fit of the
+    # circuits conj(q_h) k_h^T (score = Re(conj(z_q) z_k e^{i(theta_k - theta_q)})).
+    for a, b in pairs:
+        qz = {h: torch.complex(q[h, a], q[h, b]) for h in heads}
+        kz = {h: torch.complex(k[kv_of[h], a], k[kv_of[h], b]) for h in heads}
         left, right = _split_svd(torch.cat([torch.outer(qz[h].conj(), kz[h]) for h in heads]), 1)
-        k_new[j], k_new[j + half] = right[0].real, right[0].imag
+        k_new[a], k_new[b] = right[0].real, right[0].imag
         for i, h in enumerate(heads):
             qh = left[i * n : (i + 1) * n, 0].conj()
-            q_new[h][j], q_new[h][j + half] = qh.real, qh.imag
+            q_new[h][a], q_new[h][b] = qh.real, qh.imag
     return q_new, k_new, v_new, o_new
 
 
@@ -623,10 +633,10 @@ def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
     circuits `O_h V_h` of its heads are stacked and factored at rank D (truncated SVD), giving the shared V
     projection and new per-head output columns; the query-key circuits `Q_h^T K_h` likewise give the shared K
     projection and new per-head query rows. With rotary embeddings the fit is per rotary pair, a complex rank-1
-    factorization (a complex factor commutes with the rotation). Exact when nothing is pooled (groups = K/V heads);
+    factorization (a complex factor commutes with the rotation); half-split, interleaved and partial RoPE. Exact when nothing is pooled (groups = K/V heads);
     Q, K, V and O change (biases included), the shapes are those of `pool_kv`. Not for attention with other
-    parameters between the projections (Qwen3's q_norm / k_norm, output gates, sinks), partial or interleaved rotary
-    embeddings, or value heads of another size: a ValueError says which.
+    parameters between the projections (Qwen3's q_norm / k_norm, output gates, sinks), rotations it does not
+    recognize, or value heads of another size: a ValueError says which.
     """
     _kv_check(model, family)
     modules = _check_groups(model, groups)
@@ -634,13 +644,11 @@ def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
         reason = _svd_refusal(model, family, module, heads)
         if reason is None:
             try:
-                rotary = _rope_style(model, heads[2]) is not None
+                _rope_pairs(model, heads[2])
             except ValueError as err:
                 reason = str(err)
         if reason is not None:
             raise ValueError(f"init='svd' does not apply to {family.name!r}: {reason}; use init='mean'")
-        if rotary and heads[2] % 2:
-            raise ValueError(f"init='svd' needs an even head dim for the rotary pairs, got {heads[2]}")
     for module, (h, hkv, d) in modules:
         q, k, v = (x.double() for x in _read_qkv(module, family, (h, hkv, d)))
         out = _output_projection(model, module)[1]
@@ -649,12 +657,13 @@ def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
         q, k, v, o = q.view(h, d, n), k.view(hkv, d, n), v.view(hkv, d, n), o.view(o.shape[0], h, d)
         per = h // groups
         kv_of = [i // (h // hkv) for i in range(h)]
+        rope = _rope_pairs(model, d)
         new_q, new_o = q.clone(), o.clone()
         new_k = torch.empty(groups, d, n, dtype=q.dtype)
         new_v = torch.empty(groups, d, n, dtype=q.dtype)
         for g in range(groups):
             members = list(range(g * per, (g + 1) * per))
-            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, members, kv_of, d, rotary)
+            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, members, kv_of, d, rope)
             for i in members:
                 new_q[i], new_o[:, i] = qg[i], og[i]
         if not family.native_gqa:  # one K/V row block per head: every head of a group gets the group's shared rows

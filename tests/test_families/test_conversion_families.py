@@ -145,7 +145,9 @@ def test_kv_pooling(family, masked):
         except ValueError as err:  # norms, gates, sinks, partial or interleaved RoPE: refused, saying why
             assert "init='svd' does not apply" in str(err) and "use init='mean'" in str(err)
         else:
-            torch.testing.assert_close(_logits(fitted, ids, masked), original, atol=1e-9, rtol=1e-9)
+            # exact up to round-off: Ernie 4.5 applies RoPE in float32 (1e-8 here); a wrong rotary pairing, or a
+            # norm between projection and attention, gives 1e-5 (NanoChat's parameter-free norms) to 1e-2
+            torch.testing.assert_close(_logits(fitted, ids, masked), original, atol=1e-7, rtol=1e-7)
         # one group
         pooled = convert(model, "mqa")
         out = _logits(pooled, ids, masked)
