@@ -217,6 +217,10 @@ def sparse_attention(
     qf, kf, vf = q.float(), repeat_kv(k, h).float(), repeat_kv(v, h).float()
     if nq != n:
         return _sparse_rows(qf, kf, vf, valid, spec, causal, scale, dropout_p).to(v.dtype)
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if _can_use_flash(qf, causal, padding_mask is None or bool(valid.all()), dropout_p, grad):
+        fast = _strided_flash if spec.pattern == "strided" else _fixed_flash
+        return fast(qf, kf, vf, spec, scale).to(v.dtype)
     if spec.pattern == "strided":
         a = _band(qf, kf, vf, valid, spec.window, causal, scale, dropout_p)
         p = _periodic(qf, kf, vf, valid, spec.stride, spec.window, causal, scale, dropout_p)
@@ -224,6 +228,82 @@ def sparse_attention(
         a = _block_diagonal(qf, kf, vf, valid, spec.stride, causal, scale, dropout_p)
         p = _summary(qf, kf, vf, valid, spec.stride, spec.summary, causal, scale, dropout_p)
     return _merge(*a, *p).to(v.dtype)
+
+
+def _flash_piece(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False):
+    """One softmax piece through torch's CPU flash-attention kernel, which also returns the log-sum-exp the merge
+    needs: q `[X, Y, L, D]`, k/v `[X, Y, S, D]`, mask `[L, S]` bool shared by all. Returns (out, lse `[X, Y, L, 1]`);
+    rows without any allowed key come back as out 0 with lse 0, so callers set their lse to -inf."""
+    additive = None if mask is None else torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, causal, attn_mask=additive, scale=scale
+    )
+    return out, lse.unsqueeze(-1)
+
+
+def _can_use_flash(q: torch.Tensor, causal: bool, valid_all: bool, dropout_p: float, grad: bool) -> bool:
+    """The flash-kernel form serves causal inference on CPU without padding or dropout (its masks are shared by
+    every block; padding would need one per batch row, and the kernel's log-sum-exp has no gradient)."""
+    return (
+        causal and valid_all and dropout_p == 0 and not grad and q.device.type == "cpu" and q.shape[2] > 0
+        and hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu")
+    )
+
+
+def _strided_flash(q, k, v, spec: SparsePattern, scale: float) -> torch.Tensor:
+    """Causal strided pattern through the flash kernel: the band |i - j| < window as blocks of `window` queries
+    against their own and the previous block (the first block alone, causal), and the periodic keys (j = i mod
+    stride, i - j >= window) as one attention per residue class, merged by their log-sum-exps."""
+    b, h, n, d = q.shape
+    w, stride = spec.window, spec.stride
+    qp, kp, vp = (_pad_to(x, w) for x in (q, k, v))  # padded keys come after every real query: causality hides them
+    nb = qp.shape[2] // w
+    blocks = lambda x: x.reshape(b * h, nb, w, x.shape[-1])  # noqa: E731
+    qb, kb, vb = blocks(qp), blocks(kp), blocks(vp)
+    band_out, band_lse = q.new_empty(b * h, nb, w, v.shape[-1]), q.new_empty(b * h, nb, w, 1)
+    band_out[:, :1], band_lse[:, :1] = _flash_piece(qb[:, :1], kb[:, :1], vb[:, :1], scale, causal=True)
+    if nb > 1:
+        i = torch.arange(w, device=q.device)[:, None] + w
+        j = torch.arange(2 * w, device=q.device)[None, :]
+        pairs = lambda x: torch.cat([x[:, :-1], x[:, 1:]], dim=2)  # noqa: E731  [prev block | this block]
+        band_out[:, 1:], band_lse[:, 1:] = _flash_piece(
+            qb[:, 1:], pairs(kb), pairs(vb), scale, mask=(j <= i) & (i - j < w)
+        )
+    band_out = band_out.reshape(b, h, nb * w, -1)[:, :, :n]
+    band_lse = band_lse.reshape(b, h, nb * w, 1)[:, :, :n]
+    qp, kp, vp = (_pad_to(x, stride) for x in (q, k, v))
+    m = qp.shape[2] // stride
+    by_residue = lambda x: x.reshape(b * h, m, stride, x.shape[-1]).transpose(1, 2)  # noqa: E731
+    idx = torch.arange(m, device=q.device)
+    dist = (idx[:, None] - idx[None, :]) * stride
+    allowed = (dist >= w) & (dist >= 0)
+    out, lse = _flash_piece(by_residue(qp), by_residue(kp), by_residue(vp), scale, mask=allowed)
+    lse[:, :, : -(-w // stride)] = float("-inf")  # rows with no periodic key (the kernel reports lse 0 for them)
+    unres = lambda x: x.transpose(1, 2).reshape(b, h, m * stride, -1)[:, :, :n]  # noqa: E731
+    return _merge(band_out, band_lse, unres(out), unres(lse))
+
+
+def _fixed_flash(q, k, v, spec: SparsePattern, scale: float) -> torch.Tensor:
+    """Causal fixed pattern through the flash kernel: the block diagonal (causal inside each block) and the
+    summary keys of the earlier blocks, merged by their log-sum-exps."""
+    b, h, n, d = q.shape
+    stride, summary = spec.stride, spec.summary
+    qp, kp, vp = (_pad_to(x, stride) for x in (q, k, v))
+    nb = qp.shape[2] // stride
+    blocks = lambda x: x.reshape(b * h, nb, stride, x.shape[-1])  # noqa: E731
+    diag_out, diag_lse = _flash_piece(blocks(qp), blocks(kp), blocks(vp), scale, causal=True)
+    diag_out = diag_out.reshape(b, h, nb * stride, -1)[:, :, :n]
+    diag_lse = diag_lse.reshape(b, h, nb * stride, 1)[:, :, :n]
+    if nb == 1:  # no earlier block (and the kernel must not see zero keys)
+        return diag_out
+    pos = torch.arange(n, device=q.device)
+    cols = pos[pos % stride >= stride - summary]
+    allowed = (pos[:, None] // stride) > (cols[None, :] // stride)  # earlier blocks only (causal)
+    out, lse = _flash_piece(q, k[:, :, cols], v[:, :, cols], scale, mask=allowed)
+    lse[:, :, :stride] = float("-inf")  # the first block has no earlier block
+    return _merge(diag_out, diag_lse, out, lse)
 
 
 def _sparse_rows(q, k, v, valid, spec: SparsePattern, causal: bool, scale: float, dropout_p: float = 0.0) -> torch.Tensor:

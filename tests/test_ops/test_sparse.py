@@ -141,11 +141,13 @@ def test_pattern_mask_definition():
 )
 def test_matmul_flops_grow_as_n_times_keys_per_query(pattern, keys_per_query):
     """Every matmul counted by torch's FlopCounterMode (no timing): QK^T and PV over about
-    N (N / stride + stride) score elements (N (summary N / stride + stride) for "fixed"), never N^2."""
+    N (N / stride + stride) score elements (N (summary N / stride + stride) for "fixed"), never N^2. Inputs that
+    need gradients take the masked-matmul form (the counter does not see the inference path's flash kernel:
+    `test_flash_pieces_cost` counts that one)."""
     d = 4
     flops = {}
     for n in (1024, 4096):
-        q, k, v = inputs(1, 1, 1, n, d, grad=False)
+        q, k, v = inputs(1, 1, 1, n, d, grad=True)
         with FlopCounterMode(display=False) as counter:
             sparse_attention(q, k, v, causal=True, **pattern)
         flops[n] = counter.get_total_flops()
@@ -169,10 +171,29 @@ def test_cost_grows_as_n_times_n_over_stride_plus_stride(monkeypatch):
     stride = 16
     for n in (512, 2048):
         counted.clear()
-        q, k, v = inputs(1, 1, 1, n, 4, grad=False)
+        q, k, v = inputs(1, 1, 1, n, 4, grad=True)  # the masked form (inference takes the flash kernel)
         sparse_attention(q, k, v, causal=True, stride=stride)
-        assert sum(counted) <= n * (n / stride + 2 * stride) * 1.1
+        assert 0 < sum(counted) <= n * (n / stride + 2 * stride) * 1.1
         assert sum(counted) < n * n / 4
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_flash_pieces_cost(monkeypatch, pattern):
+    """The inference path's flash-kernel calls cover about N (N / stride + 2 stride) (query, key) pairs, never N^2."""
+    counted = []
+    real = sparse_module._flash_piece
+
+    def counting(q, k, v, *args, **kwargs):
+        counted.append(q.shape[:-1].numel() * k.shape[-2])
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(sparse_module, "_flash_piece", counting)
+    stride = 16
+    for n in (512, 2048):
+        counted.clear()
+        q, k, v = inputs(1, 1, 1, n, 4, grad=False)
+        sparse_attention(q, k, v, causal=True, stride=stride, pattern=pattern)
+        assert 0 < sum(counted) <= n * (n / stride + 2 * stride) * 1.1
 
 
 @pytest.mark.parametrize(
@@ -202,3 +223,42 @@ def test_bad_shapes():
         sparse_attention(q, k[:, :, :6], v[:, :, :6], causal=True, stride=4)
     with pytest.raises(ValueError, match="padding_mask must have shape"):
         sparse_attention(q, k, v, causal=True, stride=4, padding_mask=torch.ones(2, 5, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+@pytest.mark.parametrize("n", [1, 7, 16, 37, 100])
+@pytest.mark.parametrize(
+    "options", [dict(stride=8), dict(stride=8, local=3, summary=2), dict(stride=4, local=9, summary=4)],
+    ids=["stride8", "local3-summary2", "local9-summary4"],
+)
+def test_inference_flash_path_matches_reference(pattern, n, options):
+    """Causal inference without padding takes the flash-kernel form (band or block diagonal, plus periodic or
+    summary keys, merged by log-sum-exp): equal to the naive masked softmax, lengths not multiples of the stride,
+    GQA, empty periodic rows (the first `local` positions) included."""
+    q, k, v = inputs(2, 4, 2, n, 16, grad=False)
+    calls = []
+    real = sparse_module._flash_piece
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sparse_module, "_flash_piece", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        with torch.no_grad():
+            out = sparse_attention(q, k, v, causal=True, pattern=pattern, **options)
+    assert calls, "the inference path did not take the flash form"
+    ref = naive_sparse_attention(q, k, v, causal=True, pattern=pattern, **options)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("pattern", ["strided", "fixed"])
+def test_inference_with_padding_or_grad_takes_masked_form(pattern):
+    """Padding (a mask per batch row) and gradients go through the masked form, equal to the reference."""
+    q, k, v = inputs(2, 2, 2, 45, 8, grad=False)
+    mask = left_padding(2, 45, 11)
+    with torch.no_grad():
+        out = sparse_attention(q, k, v, causal=True, pattern=pattern, stride=8, padding_mask=mask)
+    ref = naive_sparse_attention(q, k, v, causal=True, pattern=pattern, stride=8, padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    q, k, v = inputs(1, 2, 2, 45, 8, grad=True)
+    assert_matches_reference(
+        lambda q, k, v: sparse_attention(q, k, v, causal=True, pattern=pattern, stride=8),
+        lambda q, k, v: naive_sparse_attention(q, k, v, causal=True, pattern=pattern, stride=8),
+        q, k, v,
+    )
