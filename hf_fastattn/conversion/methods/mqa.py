@@ -15,8 +15,12 @@ On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts 
 where "mean" starts at 2.7x, and uptrains to a lower perplexity on the same tokens.
 
 The run-time "mqa" implementation (`configure(model, kv_groups=G)`, `set_attn_implementation("mqa")`) on the
-original model computes the same model as mean pooling here, in every family; on Qwen3 it pools the projected keys
-before the per-head key norm (`k_norm`), as the pooled checkpoint does (see `registry.mqa_attention_forward`).
+original model computes the same model as mean pooling here where the keys reach the attention function without a
+norm in between, and on Qwen3, where it pools the projected keys before the per-head key norm (`k_norm`), as the
+pooled checkpoint does (see `registry.mqa_attention_forward`): 85 of the 104 tiny families pooled in
+`tests/test_families/test_conversion_families.py`. It differs where the keys are normalized another way (Gemma 3,
+Apertus, EXAONE 4, HunYuan, LFM2, Llama 4, NanoChat, Persimmon ...: `MQA_DIFFERS` there); the pooled checkpoint
+normalizes the pooled keys.
 """
 
 from __future__ import annotations
