@@ -341,6 +341,14 @@ def make_cli_plan(args, method: str, causal: bool = True):
             f"{plan.recipe.score} from {plan.source('score')}, hybrid from {plan.source('hybrid')}): pass "
             "--score-weight 0, --no-hybrid, or a hybrid recipe"
         )
+    # under accelerate launch each batch is split over the processes
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    for field, flag in (("batch", "--batch-size"), ("transfer_batch", "--transfer-batch-size")):
+        if getattr(plan.recipe, field) % world:
+            raise ValueError(
+                f"{flag} {getattr(plan.recipe, field)} ({plan.source(field)}) must be divisible by the {world} "
+                f"processes; pass {flag} as a multiple of {world}"
+            )
     method_config(plan.method, **plan.options)
     plan.uptrain_config()  # the training settings, checked
     return plan

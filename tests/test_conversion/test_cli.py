@@ -386,3 +386,12 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
     for (name, p), q in zip(teachers[0].named_parameters(), original.parameters(), strict=True):
         assert torch.equal(p, q), name
     assert _hashes(src) == before
+
+
+def test_recipe_batch_sizes_are_checked_against_the_processes(monkeypatch):
+    """Under `accelerate launch` each batch is split over the processes: t2r's recipe (batch 1) is refused on 2
+    processes before anything loads, naming the flag that fixes it; --batch-size 2 passes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--batch-size 1 \(recipe 't2r'\) must be divisible by the 2 processes"):
+        _plan_of("--method", "t2r", "--max-tokens", "1000")
+    assert _plan_of("--method", "t2r", "--max-tokens", "1000", "--batch-size", "2").recipe.transfer_batch == 2
