@@ -196,3 +196,25 @@ def test_lora_targets_are_the_attention_projections(family, masked):
     for a in attention:
         assert any(n.startswith(a + ".") and n.rsplit(".", 1)[1] in k_names for n in wrapped), (a, wrapped)
     assert all(n in bert_outputs or any(n.startswith(a + ".") for a in attention) for n in wrapped)
+
+
+@pytest.mark.parametrize(
+    "family,masked",
+    [("llama", False), ("gpt2", False), ("gpt_neox", False), ("gemma4_unified_text", False), ("modernbert", True)],
+)
+@pytest.mark.parametrize("method", ["linear", "fast"])
+def test_linear_and_fast_conversions_equal_the_run_time_swap_and_round_trip(tmp_path, family, masked, method):
+    """ "linear" / "fast" conversion is the run-time implementation on the same weights, saved as a converted
+    checkpoint (one family per attention layout; every family's run-time swap is tested in test_causal_families)."""
+    model = _model(family, masked)
+    converted = convert(model, method)
+    ids = _ids(1, N)
+    with torch.no_grad():
+        out = _logits(converted, ids, masked)
+        model.set_attn_implementation(method)
+        torch.testing.assert_close(out, _logits(model, ids, masked), atol=0, rtol=0)
+        converted.save_pretrained(tmp_path)
+        auto = AutoModelForMaskedLM if masked else AutoModelForCausalLM
+        loaded = auto.from_pretrained(tmp_path, dtype=torch.float64).eval()
+        assert loaded.config._attn_implementation == method
+        torch.testing.assert_close(_logits(loaded, ids, masked), out, atol=1e-6, rtol=1e-5)
