@@ -19,8 +19,8 @@ import torch
 
 from .dropout import key_dropout
 from .feature_maps import FastmaxFeatureMap
-from .linear import bidirectional_linear_attention, causal_linear_attention, use_triton
-from .reference import fast_normalize, fastmax_weight
+from .linear import _group, bidirectional_linear_attention, causal_linear_attention, use_triton
+from .reference import fast_normalize, fastmax_weight, repeat_kv
 
 
 def validate_fast_options(order: int, temperature: float) -> None:
@@ -37,6 +37,74 @@ def fast_feature_map(order: int = 2, temperature: float = 1.0) -> torch.nn.Modul
     """phi such that phi(q_hat) . phi(k_hat) = f(q_hat . k_hat / T); apply to normalized q and k."""
     validate_fast_options(order, temperature)
     return FastmaxFeatureMap(order, temperature)
+
+
+_ORDER2_CHUNK = 64  # tokens per chunk of the order-2 inference form (measured: 64 beats 32, 128 and 256)
+
+
+def _order2_features_t(qs: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+    """Transposed order-2 features of a chunk's queries and keys side by side: `[BH, F, Lq + Lk]`, F = 1 + D +
+    D(D+1)/2, rows [1, x, x_a x[a:] for each a]. Row-major in the feature index, each block x_a * x[a:] is one
+    contiguous write over all tokens (the `[..., F]` layout writes D-wide strided pieces, 4x slower). All the
+    coefficients of f(s) = 1 + s + s^2/2 go on the query side (pass q_hat / T): the diagonal rows are halved there,
+    the off-diagonal rows count twice in s^2 and so take coefficient 1, and the keys' features stay plain."""
+    lq = qs.shape[1]
+    x = torch.cat([qs, ks], dim=1).transpose(1, 2)  # [BH, D, L]
+    bh, d, length = x.shape
+    out = x.new_empty(bh, 1 + d + d * (d + 1) // 2, length)
+    out[:, 0] = 1
+    out[:, 1 : d + 1] = x
+    offset = d + 1
+    for a in range(d):
+        torch.mul(x[:, a : a + 1], x[:, a:], out=out[:, offset : offset + d - a])
+        offset += d - a
+    diagonal = d + 1 + torch.arange(d, device=x.device) * (2 * d + 1 - torch.arange(d, device=x.device)) // 2
+    out[:, diagonal, :lq] *= 0.5
+    return out
+
+
+def _causal_order2_inference(qn, kn, v, temperature: float, key_mask, chunk: int) -> torch.Tensor:
+    """Causal fastmax of order 2 without autograd, chunk by chunk over all heads at once (`[B * H, C, *]` bmm):
+    inside a chunk the weights f(q_hat . k_hat / T) in D dimensions, before it the state S = sum phi(k) v^T,
+    z = sum phi(k) of F = 1 + D + D(D+1)/2 features, read with phi(q) and updated in place (`baddbmm_`). The
+    features of a chunk (`_order2_features_t`) never exist for the whole sequence."""
+    _group(qn, kn, v)  # checks the shapes
+    b, h, n, d = qn.shape
+    dv = v.shape[-1]
+    qf, kf, vf = qn.flatten(0, 1), repeat_kv(kn, h).flatten(0, 1), repeat_kv(v.float(), h).flatten(0, 1)
+    qf = qf / temperature
+    keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(h, 0)
+    f = 1 + d + d * (d + 1) // 2
+    s_state = qf.new_zeros(b * h, f, dv)
+    # the denominators' state in D dimensions (reading sum_j phi(k_j) with phi(q) is a slow matrix-vector product):
+    # sum_j f(q' . k_j) = count + q' . sum_j k_j + q'^T (sum_j k_j k_j^T) q' / 2
+    count, k_sum, k_outer = qf.new_zeros(b * h, 1, 1), qf.new_zeros(b * h, d, 1), qf.new_zeros(b * h, d, d)
+    out = qf.new_empty(b * h, n, dv)
+    tril = torch.ones(chunk, chunk, device=qf.device).tril_()
+    for start in range(0, n, chunk):
+        end = min(n, start + chunk)
+        length = end - start
+        qc, kc, vc = qf[:, start:end], kf[:, start:end], vf[:, start:end]
+        w = fastmax_weight(torch.bmm(qc, kc.transpose(1, 2)), 2).mul_(tril[:length, :length])
+        if keep is not None:
+            w = w.mul_(keep[:, None, start:end])
+        num, den = torch.bmm(w, vc), w.sum(-1, keepdim=True)
+        feats = _order2_features_t(qc, kc)
+        fq, fk = feats[:, :, :length].transpose(1, 2), feats[:, :, length:]
+        num.baddbmm_(fq, s_state)
+        den.add_(count).baddbmm_(qc, k_sum).add_((torch.bmm(qc, k_outer).mul_(qc)).sum(-1, keepdim=True), alpha=0.5)
+        kk = kc
+        if keep is not None:
+            fk = fk * keep[:, None, start:end]
+            kk = kc * keep[:, start:end, None]
+            count += keep[:, start:end].sum(-1).view(-1, 1, 1)
+        else:
+            count += length
+        s_state.baddbmm_(fk, vc)
+        k_sum += kk.sum(1).unsqueeze(-1)
+        k_outer.baddbmm_(kk.transpose(1, 2), kc)
+        torch.div(num, den.clamp_min_(1e-6), out=out[:, start:end])
+    return out.reshape(b, h, n, dv).to(v.dtype)
 
 
 def fast_attention(
@@ -82,6 +150,10 @@ def fast_attention(
     fmap = FastmaxFeatureMap(order, temperature)
     if not causal:
         return bidirectional_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask)
+    if order == 1:  # phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
+        return causal_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)[0]
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        return _causal_order2_inference(qn, kn, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK)
 
     def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
         return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
