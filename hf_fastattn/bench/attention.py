@@ -30,8 +30,8 @@ from ..ops.reference import fast_normalize
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
 STRIDE = 128
-LINEAR_CHUNK = 32  # `ops.linear._FAST_CHUNK`: the chunk the counts below assume
-FAST_CHUNK = {1: 64, 2: 256}  # `causal_linear_attention`'s chunks for fastmax's feature sizes
+LINEAR_CHUNK = 32  # `ops.linear._FAST_CHUNK`: the chunk the counts below assume (linear, fast-1)
+FAST2_CHUNK = 64  # `ops.fast._ORDER2_CHUNK`
 
 BUILTIN = {  # the built-in operators, causal or bidirectional
     "sdpa": lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
@@ -68,10 +68,11 @@ def flops(method: str, n: int, heads: int, dim: int, causal: bool) -> float:
         return 4 * dim * pairs * heads
     if method == "linear":
         return heads * _linear_form_flops(n, dim, dim, dim, LINEAR_CHUNK, causal)
-    if method.startswith("fast-"):
-        order = int(method[-1])
-        f = 1 + dim + (dim * (dim + 1) // 2 if order == 2 else 0)
-        return heads * _linear_form_flops(n, f, dim, dim, FAST_CHUNK[order], causal)
+    if method == "fast-1":  # the linear form on features [1, x]: intra-chunk weights in feature space
+        return heads * _linear_form_flops(n, dim + 1, dim, dim + 1, LINEAR_CHUNK, causal)
+    if method == "fast-2":  # intra-chunk weights in D dimensions, the state in F = 1 + D + D(D+1)/2 features
+        f = 1 + dim + dim * (dim + 1) // 2
+        return heads * _linear_form_flops(n, f, dim, dim, FAST2_CHUNK, causal)
     if method.startswith("sparse"):  # the pairs of the blocks computed (a superset of the allowed pairs)
         return 4 * dim * heads * sparse_pairs(method, n, causal)
     return float("nan")  # a registered variant's operator: its arithmetic is not known here
