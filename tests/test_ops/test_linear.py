@@ -232,3 +232,85 @@ def test_many_segments_equal_reference(monkeypatch, grad):
             v,
         )
         assert fmap.weight.grad is not None and fmap.weight.grad.abs().max() > 0
+
+
+def _spy_products(monkeypatch):
+    calls = []
+    real = linear_module._chunk_products
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("reverse", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "_chunk_products", spy)
+    return calls
+
+
+@pytest.mark.parametrize("n", [1, 31, 33, 300])
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("feature_map", ["elu", "relu"])
+def test_fast_path_forward_and_backward(monkeypatch, n, hkv, feature_map):
+    """The CPU fast path (`_chunk_products`, chunks of 32, segments of 256: 300 tokens make two segments, the last
+    chunk partial) with left padding: outputs without autograd, and outputs and gradients through the custom
+    autograd Function (forward: one causal product; backward: one causal and two reverse products)."""
+    calls = _spy_products(monkeypatch)
+    mask = left_padding(2, n, n // 3)
+    q, k, v = inputs(2, 4, hkv, n, 16)
+    with torch.no_grad():
+        out = linear_attention(q, k, v, causal=True, feature_map=feature_map, padding_mask=mask)
+    ref = naive_linear_attention(q, k, v, causal=True, feature_map=feature_map, padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+    assert calls == [False]
+    calls.clear()
+    assert_matches_reference(
+        lambda q, k, v: linear_attention(q, k, v, causal=True, feature_map=feature_map, padding_mask=mask),
+        lambda q, k, v: naive_linear_attention(q, k, v, causal=True, feature_map=feature_map, padding_mask=mask),
+        q,
+        k,
+        v,
+    )
+    assert calls == [False, False, True, True]
+
+
+@pytest.mark.parametrize("n", [1, 40, 300])
+def test_fast_path_state_in_and_out(n):
+    """Without autograd, an initial state and the final state go through the fast path (GQA: the state has the
+    K/V heads), equal to the naive reference."""
+    qf, kf = torch.rand(2, 4, n, 8), torch.rand(2, 2, n, 8)
+    v = torch.randn(2, 2, n, 6)
+    s0, z0 = torch.rand(2, 2, 8, 6), torch.rand(2, 2, 8)
+    with torch.no_grad():
+        out, (s, z) = chunk_linear_attention(qf, kf, v, causal=True, initial_state=(s0, z0), output_final_state=True)
+    ref, (rs, rz) = naive_feature_attention(
+        qf, repeat_kv(kf, 4), repeat_kv(v, 4), causal=True,
+        initial_state=(repeat_kv(s0, 4), repeat_kv(z0[..., None], 4)[..., 0]),
+    )
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(s, rs[:, ::2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(z, rz[:, ::2], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "anti-causal"])
+def test_chunk_products_against_masked_product(reverse):
+    """out = mask(a b^T) c with the lower (upper when `reverse`) triangle, lengths not multiples of the chunk, several
+    segments, and a column of ones giving the row sums."""
+    a, b, c = torch.rand(3, 70, 5), torch.rand(3, 70, 5), torch.randn(3, 70, 4)
+    out, state = linear_module._chunk_products(a, b, c, chunk=8, segment=24, reverse=reverse, ones=True)
+    w = a @ b.transpose(1, 2)
+    w = w.triu() if reverse else w.tril()
+    torch.testing.assert_close(out, torch.cat([w @ c, w.sum(-1, keepdim=True)], -1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[..., :4], b.transpose(1, 2) @ c, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(state[..., 4], b.sum(1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 255, 600])
+def test_bidirectional_inference_matches_reference(n):
+    """Bidirectional without autograd (segment by segment: state, then outputs), GQA, padding, and a per-head learned
+    map (frozen weights: no autograd needed)."""
+    mask = left_padding(2, n, n // 4)
+    fmap = T2RFeatureMap(4, 16, 16).requires_grad_(False)
+    for feature_map, hkv in (("elu", 2), (fmap, 4)):  # the reference maps k before repeating it: MHA for per-head
+        q, k, v = inputs(2, 4, hkv, n, 16, grad=False)
+        out = linear_attention(q, k, v, causal=False, feature_map=feature_map, padding_mask=mask)
+        ref = naive_linear_attention(q, k, v, causal=False, feature_map=feature_map, padding_mask=mask)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
