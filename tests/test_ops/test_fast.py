@@ -216,3 +216,36 @@ def test_fullgraph_compile_equals_eager(causal):
     torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
     for got, want in zip(torch.autograd.grad(compiled.square().sum(), (q, k, v)), grads):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("n", [1, 63, 65, 200])
+@pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_order2_inference_path_matches_reference(monkeypatch, n, hkv, temperature):
+    """Causal order 2 without autograd takes `_causal_order2_inference` (chunks of 64: partial last chunk, several
+    chunks, D-dimensional denominators, the transposed features with f's coefficients on the query side): equal to
+    the naive reference, with left padding and D = 32."""
+    from hf_fastattn.ops import fast as fast_module
+
+    calls = []
+    real = fast_module._causal_order2_inference
+    monkeypatch.setattr(fast_module, "_causal_order2_inference", lambda *a: calls.append(1) or real(*a))
+    q, k, v = inputs(2, 4, hkv, n, 32, grad=False)
+    mask = left_padding(2, n, n // 3)
+    out = fast_attention(q, k, v, causal=True, order=2, temperature=temperature, padding_mask=mask)
+    ref = naive_fast_attention(q, k, v, causal=True, order=2, temperature=temperature, padding_mask=mask)
+    assert calls == [1]
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+
+
+def test_order2_features_dot_products():
+    """`_order2_features_t`: phi(q / T) . phi(k) = f(q . k / T) for every query-key pair."""
+    from hf_fastattn.ops.fast import _order2_features_t
+    from hf_fastattn.ops.reference import fastmax_weight
+
+    q, k = torch.randn(3, 5, 7), torch.randn(3, 6, 7)
+    feats = _order2_features_t(q / 2.0, k)
+    assert feats.shape == (3, 1 + 7 + 28, 11)
+    torch.testing.assert_close(
+        feats[:, :, :5].transpose(1, 2) @ feats[:, :, 5:], fastmax_weight(q @ k.transpose(1, 2) / 2.0, 2)
+    )
