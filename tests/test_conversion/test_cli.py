@@ -395,3 +395,25 @@ def test_recipe_batch_sizes_are_checked_against_the_processes(monkeypatch):
     with pytest.raises(ValueError, match=r"--batch-size 1 \(recipe 't2r'\) must be divisible by the 2 processes"):
         _plan_of("--method", "t2r", "--max-tokens", "1000")
     assert _plan_of("--method", "t2r", "--max-tokens", "1000", "--batch-size", "2").recipe.transfer_batch == 2
+
+
+def test_convert_cli_encoder_runs_stage_one_of_the_default_recipe(tmp_path, tokenizer, train_file, capsys):
+    """An encoder (BERT) has no LM head to fine-tune and no causal hybrid: hedgehog's default recipe runs its
+    attention transfer on the whole budget, and the printout says why the two settings differ from the recipe."""
+    import json
+
+    src = tmp_path / "bert"
+    tiny_model("bert").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "o"
+    argv = ["convert", str(src), "--method", "hedgehog", "--train-file", str(train_file), "--max-tokens", "512",
+            "--out", str(out)]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "encoder: no LM head to fine-tune" in printed and "encoder: the sliding-window hybrid" in printed
+    saved = json.loads((out / "fastattn_recipe.json").read_text())
+    assert (saved["finetune"], saved["options"]["hybrid"], saved["transfer_steps"], saved["finetune_steps"]) == (
+        "none", False, 2, 0)  # 4 blocks of 128 tokens at batch 2
+    from transformers import AutoModel
+
+    assert AutoModel.from_pretrained(out).config.fastattn_conversion["method"] == "hedgehog"
