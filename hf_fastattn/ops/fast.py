@@ -49,7 +49,7 @@ def _order2_features_t(qs: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
     coefficients of f(s) = 1 + s + s^2/2 go on the query side (pass q_hat / T): the diagonal rows are halved there,
     the off-diagonal rows count twice in s^2 and so take coefficient 1, and the keys' features stay plain."""
     lq = qs.shape[1]
-    x = torch.cat([qs, ks], dim=1).transpose(1, 2)  # [BH, D, L]
+    x = torch.cat([qs, ks], dim=1).transpose(1, 2).contiguous()  # [BH, D, L], rows contiguous for the products
     bh, d, length = x.shape
     out = x.new_empty(bh, 1 + d + d * (d + 1) // 2, length)
     out[:, 0] = 1
