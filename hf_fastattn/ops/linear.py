@@ -372,6 +372,8 @@ def bidirectional_linear_attention(
 ) -> torch.Tensor:
     """Non-causal linear attention: one state S = sum_j phi(k_j) v_j^T over all (unmasked) keys."""
     b, h, n, _ = q.shape
+    if not _needs_grad(feature_map, q, k, v):
+        return _bidirectional_inference(q, k, v, feature_map, key_mask)
     qg, kg, vg = _group(q.float(), k.float(), v.float())
     kf = _apply_map(feature_map, kg)
     if key_mask is not None:
@@ -381,6 +383,39 @@ def bidirectional_linear_attention(
     qf = _apply_map(feature_map, qg)
     out = (qf @ s) / (qf * z).sum(-1, keepdim=True).clamp_min(_EPS)
     return out.reshape(b, h, n, -1).to(v.dtype)
+
+
+def _bidirectional_inference(q, k, v, feature_map, key_mask) -> torch.Tensor:
+    """`bidirectional_linear_attention` without autograd, segment by segment: the state in one pass over the keys,
+    then the outputs in one over the queries, the feature maps of a segment computed where they are used."""
+    b, h, n, _ = q.shape
+    _group(q, k, v)
+    hkv, dv = k.shape[1], v.shape[-1]
+    fmap = _flat_map(feature_map, b, hkv)
+    kflat, vflat = k.float().flatten(0, 1), v.float().flatten(0, 1)
+    keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(hkv, 0)
+    s = z = None
+    for start in range(0, n, _FAST_SEGMENT):
+        kf = fmap(kflat[:, start : start + _FAST_SEGMENT])
+        if keep is not None:
+            kf = kf * keep[:, start : start + _FAST_SEGMENT, None]
+        ds, dz = torch.bmm(kf.transpose(1, 2), vflat[:, start : start + _FAST_SEGMENT]), kf.sum(1, keepdim=True)
+        s, z = (ds, dz) if s is None else (s.add_(ds), z.add_(dz))
+    if s is None:  # n == 0
+        return v.new_zeros(b, h, 0, dv)
+    g = h // hkv
+    # the G query heads of a K/V group side by side in the rows: [B * Hkv, G * L, F] against the group's state
+    qflat = q.float().reshape(b * hkv, g, n, q.shape[-1])
+    qmap = _flat_map(feature_map, b, h)
+    out = q.new_empty(b * hkv, g, n, dv, dtype=torch.float32)
+    sz = torch.cat([s, z.transpose(1, 2)], dim=-1)  # [B * Hkv, F, Dv + 1]
+    for start in range(0, n, _FAST_SEGMENT):
+        seg = qflat[:, :, start : start + _FAST_SEGMENT]
+        length = seg.shape[2]
+        qf = qmap(seg.reshape(b * h, length, -1)).reshape(b * hkv, g * length, -1)
+        o = torch.bmm(qf, sz).view(b * hkv, g, length, dv + 1)
+        torch.div(o[..., :dv], o[..., dv:].clamp_min(_EPS), out=out[:, :, start : start + length])
+    return out.reshape(b, h, n, dv).to(v.dtype)
 
 
 def chunk_linear_attention(
