@@ -172,9 +172,9 @@ RECIPES = {
 }
 
 
-# the settings a plan reports, in order: the recipe's fields (its options shown one by one), then the budget's split
 # the methods with learned feature maps, which "attention" transfer trains
 MAP_METHODS = ("t2r", "hedgehog")
+# the settings a plan reports, in order, after the method and its options
 RECIPE_FIELDS = tuple(f.name for f in dataclasses.fields(Recipe) if f.name not in ("method", "options"))
 
 
@@ -317,9 +317,10 @@ def make_plan(
     The budget is `max_tokens` (every stage counted): stage 1 gets the recipe's `transfer` share of the
     `max_tokens // seq_len` blocks, stage 2 the rest, each in steps of its batch size (when `finetune` is "none",
     all of it goes to stage 1 if the recipe has one, else nothing trains). Or, as steps: `steps` stage-2 steps and
-    `transfer_steps` stage-1 steps (default: as many as give stage 1 the recipe's share of the tokens). `sources` names where each override came from (the
-    CLI passes its flags; default "override"). `causal=False` (an encoder) drops what needs a causal LM: stage 2
-    (no LM head to fine-tune) and the sliding-window hybrid, unless overridden.
+    `transfer_steps` stage-1 steps (default: as many as give stage 1 the recipe's share of the tokens).
+    `sources` names where each override came from (the CLI passes its flags; default "override").
+    `causal=False` (an encoder) drops what needs a causal LM: stage 2 (no LM head to fine-tune; asking for it is
+    an error) and the sliding-window hybrid (unless asked for).
     """
     if recipe is None:
         if method is None:
@@ -341,7 +342,12 @@ def make_plan(
     sources = {key: given.get(key, "override") for key in (*overrides, *option_overrides)}
     options = {**base.options, **option_overrides}
     if not causal:
-        if overrides.get("finetune", base.finetune) != "none" and "finetune" not in overrides:
+        if overrides.get("finetune", "none") != "none":
+            raise ValueError(
+                f"finetune {overrides['finetune']!r} ({sources['finetune']}): stage 2 fine-tunes a causal LM's "
+                "next-token predictions; an encoder has no LM head: use finetune 'none' (stage 1 only)"
+            )
+        if base.finetune != "none" and "finetune" not in overrides:
             overrides["finetune"] = "none"
             sources["finetune"] = "encoder: no LM head to fine-tune, stage 1 only"
         if options.get("hybrid") and "hybrid" not in option_overrides:

@@ -193,6 +193,9 @@ def test_make_plan_errors_and_encoders():
     plan = make_plan("hedgehog", max_tokens=10 * 128, causal=False)
     assert plan.recipe.finetune == "none" and plan.options["hybrid"] is False
     assert plan.source("finetune").startswith("encoder") and plan.transfer_steps == 10 // plan.recipe.transfer_batch
+    with pytest.raises(ValueError, match=r"finetune 'lora' \(--finetune\): stage 2 fine-tunes a causal LM"):
+        make_plan("hedgehog", max_tokens=1280, overrides={"finetune": "lora"}, sources={"finetune": "--finetune"},
+                  causal=False)
 
 
 def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
