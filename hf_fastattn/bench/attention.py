@@ -199,13 +199,15 @@ def plot(results: dict, lengths: list[int], threads: int, path: str) -> None:
             if not xs:
                 continue
             axes[0 if mode == "fwd" else 1].plot(xs, [results[key(n)][0] for n in xs], style, label=method)
-            if mode == "fwd":
-                axes[2].plot(xs, [results[key(n)][1] for n in xs], style, label=method)
+            measured = [n for n in xs if results[key(n)][1] > 0]  # NaN (--no-memory) and 0 MiB cannot be log-scaled
+            if mode == "fwd" and measured:
+                axes[2].plot(measured, [results[key(n)][1] for n in measured], style, label=method)
     titles = ("causal forward", "causal forward+backward", "peak memory, causal forward")
     for ax, title, unit in zip(axes, titles, ("seconds", "seconds", "MiB")):
         ax.set(xscale="log", yscale="log", xlabel="sequence length N", ylabel=unit, title=title)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
     fig.suptitle(f"B=1, H=8, D=64, fp32, {threads} thread(s), {machine_line(threads=False)}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
