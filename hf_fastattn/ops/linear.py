@@ -497,9 +497,15 @@ def recurrent_linear_step(
         if h == hkv:
             return recurrent_linear_step_triton(qf, kf, v, state)
     qg, kg, vg = _group(qf.float(), kf.float(), v.float())
-    s = state[0].float() + (kg.transpose(-1, -2) @ vg).squeeze(2)  # [B, Hkv, F, Dv]
-    z = state[1].float() + kg.squeeze(2).squeeze(2)  # [B, Hkv, F]
-    out = (qg @ s.unsqueeze(2)) / (qg @ z[:, :, None, :, None]).clamp_min(_EPS)
+    b, hkv, g, _, f = qg.shape
+    dv = vg.shape[-1]
+    # one pass over the state for the update (baddbmm: S + k^T v into a new tensor) and one for the read, with the
+    # G query heads of a K/V group as the rows of one bmm (large feature maps make the step memory-bound)
+    s = torch.baddbmm(state[0].float().reshape(b * hkv, f, dv), kg.reshape(b * hkv, f, 1), vg.reshape(b * hkv, 1, dv))
+    z = state[1].float() + kg.reshape(b, hkv, f)  # [B, Hkv, F]
+    q_rows = qg.reshape(b * hkv, g, f)
+    out = torch.bmm(q_rows, s) / torch.bmm(q_rows, z.reshape(b * hkv, f, 1)).clamp_min(_EPS)
+    s = s.view(b, hkv, f, dv)
     return out.reshape(qf.shape[0], qf.shape[1], 1, -1).to(v.dtype), (s, z)
 
 
