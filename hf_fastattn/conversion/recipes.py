@@ -399,11 +399,18 @@ def run_plan(
 ):
     """`convert` `teacher` by `plan` and `uptrain` it on `dataset` (blocks of `plan.recipe.seq_len` tokens); the
     converted model in eval mode. `teacher` is left untouched and stays in memory: it is the target of layer
-    transfer and distillation. `Trainer` output goes under `output_dir`."""
+    transfer and distillation. `seed` sets the new modules' initialization and the `Trainer`'s data order, so a
+    run is reproducible whatever ran before it. `Trainer` output goes under `output_dir`."""
+    import torch
+
     from .core import convert
     from .distill import uptrain
 
-    model = convert(teacher, plan.method, **plan.options)
+    with torch.random.fork_rng(
+        devices=[]
+    ):  # new feature maps (t2r's) start from `seed`, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = convert(teacher, plan.method, **plan.options)
     if not plan.transfer_steps and not plan.finetune_steps:
         return model.eval()
     block = len(dataset[0]["input_ids"])

@@ -231,3 +231,22 @@ def test_convert_takes_a_recipes_options():
     assert convert(tiny_model("bert"), "hedgehog", recipe="default").config.fastattn_conversion["hybrid"] is False
     with pytest.raises(ValueError, match="recipe 'mqa' converts with method 'mqa', not 't2r'"):
         convert(model, "t2r", recipe="mqa")
+
+
+def test_run_plan_starts_new_maps_from_its_seed():
+    """t2r's feature maps are initialized randomly: `run_plan` seeds them, so the CLI and the benchmark (which
+    converts other models first) start from the same maps; the caller's random stream is left as it was."""
+    from hf_fastattn.conversion.recipes import make_plan, run_plan
+
+    teacher = tiny_model("llama")
+    plan = make_plan("t2r", max_tokens=0, overrides={"options": {"feature_dim": 16}})
+    torch.manual_seed(1)
+    a = run_plan(teacher, plan, None)
+    after_a = torch.rand(3)
+    torch.manual_seed(2)
+    b = run_plan(teacher, plan, None)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert not torch.equal(run_plan(teacher, plan, None, seed=1).model.layers[0].self_attn.fastattn_feature_map.weight,
+                           a.model.layers[0].self_attn.fastattn_feature_map.weight)
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after_a)
