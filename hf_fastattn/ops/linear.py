@@ -183,10 +183,11 @@ def _chunk_products(
                 ks[:, i] = z_state
                 z_state = after
             den = torch.baddbmm(w.sum(-1, keepdim=True), qa, ks.view(bh * m, f, 1))
-            if normalize:
-                o = o.div_(den.clamp_min_(_EPS))
-            else:
-                o = torch.cat([o, den], dim=-1)
+            if normalize:  # divided straight into the output (one pass)
+                den = den.clamp_min_(_EPS).view(bh, m * chunk, 1)[:, :length]
+                torch.div(o.view(bh, m * chunk, e)[:, :length], den, out=out[:, start:end])
+                continue
+            o = torch.cat([o, den], dim=-1)
         out[:, start:end] = o.view(bh, m * chunk, -1)[:, :length]
     if s_state is None:  # n == 0
         s_state = a.new_zeros(bh, b.shape[-1], e)
