@@ -30,7 +30,7 @@ from ..ops.reference import fast_normalize
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
 STRIDE = 128
-LINEAR_CHUNK = 32  # `ops.linear._FAST_CHUNK`: the chunk the counts below assume (linear, fast-1)
+LINEAR_CHUNK = 64  # `ops.linear._FAST_CHUNK`: the chunk the counts below assume (linear, fast-1)
 FAST2_CHUNK = 64  # `ops.fast._ORDER2_CHUNK`
 
 BUILTIN = {  # the built-in operators, causal or bidirectional

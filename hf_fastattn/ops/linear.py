@@ -105,10 +105,11 @@ def _causal_segment(
     return out.reshape(b, hkv, g, length, -1), states[:, :, :, -1]
 
 
-# The CPU fast path (`_chunk_products`): tokens per chunk, and chunks per segment (a segment's temporaries are
-# small enough to be reused from the allocator's free lists and to stay in cache; measured with `bench attention`).
-_FAST_CHUNK = 32
-_FAST_SEGMENT = 256
+# The CPU fast path (`_chunk_products`): tokens per chunk and per segment (a segment's temporaries are small enough
+# to be reused from the allocator's free lists and to stay in cache). Measured at N=16K, B=1, H=8, D=64: 64 / 512
+# ties 32 / 256 on one thread and is ~8% faster on two.
+_FAST_CHUNK = 64
+_FAST_SEGMENT = 512
 
 
 def _chunk_products(
