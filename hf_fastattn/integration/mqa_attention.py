@@ -98,17 +98,41 @@ def mqa_attention_forward(module, query, key, value, attention_mask, dropout=0.0
 
 
 def _pool_keys_before_norm(attention: torch.nn.Module, norm: torch.nn.Module, args):
-    """Forward pre-hook of `attention.k_norm` (input `[B, N, Hkv, D]`, the projected keys): under "mqa", replace each
-    head by the mean of its group of Hkv / kv_groups heads, as a model with mean-pooled K projections computes."""
+    """Forward pre-hook of `attention.k_norm` (input: the projected keys, `[B, N, Hkv, D]` as Qwen3 norms them or
+    `[B, Hkv, N, D]` as Gemma 3 does, after its transpose): under "mqa", replace each head by the mean of its group
+    of Hkv / kv_groups heads, as a model with mean-pooled K projections computes."""
     if getattr(attention.config, "_attn_implementation", None) != "mqa":
         return None
     (keys, *rest) = args
     groups = variant_options(attention.config, "mqa").kv_groups
-    b, n, hkv, d = keys.shape
+    if groups == getattr(attention.config, "num_key_value_heads", None):
+        return None  # one group per K/V head: nothing to pool
+    axis = _head_axis(attention, keys)
+    hkv = keys.shape[axis]
     if hkv % groups != 0:
         raise ValueError(f"mqa: kv_groups={groups} must divide the model's {hkv} key/value heads")
-    pooled = keys.view(b, n, groups, hkv // groups, d).mean(3, keepdim=True).expand(b, n, groups, hkv // groups, d)
-    return (pooled.reshape(b, n, hkv, d), *rest)
+    shape = list(keys.shape)
+    grouped = keys.unflatten(axis, (groups, hkv // groups))
+    pooled = grouped.mean(axis + 1, keepdim=True).expand(grouped.shape)
+    return (pooled.reshape(shape), *rest)
+
+
+def _head_axis(attention: torch.nn.Module, keys: torch.Tensor) -> int:
+    """Which axis of the keys `[B, ., ., D]` reaching a key norm holds the K/V heads (1 or 2): the one whose size is
+    the model's K/V head count; when both are (as many tokens as heads), the one with stride D (the keys come from a
+    projection viewed as `[B, N, Hkv, D]`, possibly transposed)."""
+    config = attention.config
+    hkv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_attention_heads", None)
+    if keys.dim() != 4:
+        raise ValueError(f"mqa: the key norm of {type(attention).__name__} got keys of shape {tuple(keys.shape)}, "
+                         "expected [B, N, Hkv, D] or [B, Hkv, N, D]")
+    matches = [axis for axis in (1, 2) if keys.shape[axis] == hkv]
+    if len(matches) != 1:  # as many tokens as heads, or a per-layer head count: read the layout from the strides
+        matches = [axis for axis in (1, 2) if keys.stride(axis) == keys.shape[-1]]
+    if len(matches) != 1:
+        raise ValueError(f"mqa: the key norm of {type(attention).__name__} got keys of shape {tuple(keys.shape)}, "
+                         f"whose head axis cannot be told apart from the token axis (the model has {hkv} key/value heads)")
+    return matches[0]
 
 
 def enable_mqa_key_pooling(model: torch.nn.Module) -> torch.nn.Module:

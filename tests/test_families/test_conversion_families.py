@@ -43,14 +43,10 @@ POOLING_REFUSED = {
     "neomme",
 }
 # where the pooled model is not what the run-time "mqa" computes on the original: "mqa" pools the keys after the
-# attention's per-head key normalization (its pre-norm hook covers Qwen3's `k_norm` only) or after Llama 4's L2 norm,
+# attention's per-head key normalization (its pre-norm hook covers modules' `k_norm`, before or after the head
+# transpose: Qwen3, Gemma 3, Apertus, EXAONE 4; not other names, nor Gemma 4's extra norms) or after Llama 4's L2 norm,
 # while the pooled checkpoint normalizes the pooled keys (integration/registry.py, not conversion, decides this)
 MQA_DIFFERS = {
-    "apertus",
-    "apertus1p5_text",
-    "exaone4",
-    "exaone_moe",
-    "gemma3_text",
     "gemma4_unified_text",
     "hunyuan_v1_dense",
     "hunyuan_v1_moe",
