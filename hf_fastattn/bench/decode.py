@@ -25,8 +25,9 @@ same N-token cache:
   the layers' token counts are set to N, so positions (RoPE) and masks are those of context N (a one-token
   recurrent step costs the same whatever the state's values and count). --quick does this beyond 64 tokens.
 - hybrid: "linear" with the LoLCATs sliding window (`window=64`: softmax over the last 64 tokens, elu+1 linear
-  attention beyond), as hedgehog / t2r conversions with `hybrid=True` run; its RecurrentCache holds the linear state
-  plus the last 64 keys and values. Prefilled for real like linear.
+  attention beyond, and the default 4 attention sinks), as hedgehog / t2r conversions with `hybrid=True` run; its
+  RecurrentCache holds the linear state plus the last 64 keys and values and the 4 sinks'. Prefilled for real like
+  linear.
 - linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
 
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
