@@ -1,0 +1,220 @@
+"""The package's import structure, read from the source with `ast` (nothing is imported): no import cycles, and no
+import that runs upward through the layers (issue 13).
+
+Every `import` / `from ... import` statement counts, at module level or inside a function (a deferred import still
+ties the two modules together), except those under `if TYPE_CHECKING:` (never run). Relative imports are resolved;
+`from pkg import name` is an edge to `pkg.name` when that is a module, else to `pkg`. Importing `a.b.c` also runs
+`a/__init__` and `a/b/__init__`, but those implicit parent edges are left out: every submodule would otherwise form a
+cycle with its own package. An edge to a package `__init__` that is written out (`from .. import x`) does count.
+
+The layers, bottom to top: `ops` and `kernels` (operators; `ops` picks a kernel, a kernel never imports `ops`),
+`integration`, `conversion` and `generation` (the core), then the showcase (`bench`, `demo*`, `tinylm`), which the
+core never imports. `ops/reference.py` holds the naive references for the tests: the library does not import it.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = "hf_fastattn"
+ROOT = Path(__file__).resolve().parents[1] / PACKAGE
+
+CORE = ("ops", "kernels", "integration", "conversion", "generation")
+SHOWCASE = ("bench", "demo", "demo_measure", "demo_report", "tinylm")
+REFERENCE = f"{PACKAGE}.ops.reference"
+
+# Modules kept for one release only to re-export names that moved, exempt from the layering rules (not from the
+# cycle check). Each must do nothing but re-export: see `test_deprecated_shims_only_reexport`.
+DEPRECATED_SHIMS = {
+    f"{PACKAGE}.kernels.fastmax": "moved to hf_fastattn.ops.fast (PyTorch code, not a kernel)",
+}
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def discover() -> dict[str, Path]:
+    """{module name: source path} for every module of the package."""
+    return {module_name(p): p for p in sorted(ROOT.rglob("*.py"))}
+
+
+def _is_type_checking(test: ast.expr) -> bool:
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _import_nodes(tree: ast.AST):
+    """Every Import / ImportFrom node, skipping the bodies of `if TYPE_CHECKING:`."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def imports_of(name: str, path: Path, modules: dict[str, Path]) -> dict[str, int]:
+    """{imported package module: line of the first such import} for the module `name` at `path`."""
+    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    is_package = path.name == "__init__.py"
+    found: dict[str, int] = {}
+
+    def add(target: str, line: int):
+        # the longest prefix that is a module of the package (`import a.b.c` where c is a function: a.b)
+        while target and target not in modules:
+            target = target.rpartition(".")[0]
+        if target and target != name:
+            found.setdefault(target, line)
+
+    for node in _import_nodes(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == PACKAGE:
+                    add(alias.name, node.lineno)
+            continue
+        if node.level:
+            base = name.split(".") if is_package else name.split(".")[:-1]
+            base = base[: len(base) - (node.level - 1)]
+            source = ".".join(base + ([node.module] if node.module else []))
+        else:
+            source = node.module or ""
+        if source.split(".")[0] != PACKAGE:
+            continue
+        for alias in node.names:
+            child = f"{source}.{alias.name}"
+            add(child if child in modules else source, node.lineno)
+    return found
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, dict[str, int]]:
+    modules = discover()
+    return {name: imports_of(name, path, modules) for name, path in modules.items()}
+
+
+def strongly_connected(graph: dict[str, dict[str, int]]) -> list[list[str]]:
+    """Tarjan's algorithm (iterative): the strongly connected components with more than one module."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on_stack: set[str] = set()
+    stack: list[str] = []
+    components = []
+    counter = 0
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter
+                    counter += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph.get(child, ())))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    components.append(sorted(component))
+    return components
+
+
+def _describe(component: list[str], graph: dict[str, dict[str, int]]) -> str:
+    inside = set(component)
+    edges = [f"    {a} -> {b} (line {line})" for a in component for b, line in sorted(graph[a].items()) if b in inside]
+    return "  cycle among " + ", ".join(component) + ":\n" + "\n".join(edges)
+
+
+def _layer(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def _violations(graph, source_ok, target_bad) -> list[str]:
+    return [
+        f"{a} imports {b} (line {line})"
+        for a, targets in sorted(graph.items())
+        if a not in DEPRECATED_SHIMS and source_ok(a)
+        for b, line in sorted(targets.items())
+        if target_bad(b)
+    ]
+
+
+def test_the_graph_is_read(graph):
+    """The parser sees the package: known edges of each kind (absolute, relative, function-local) are found."""
+    assert f"{PACKAGE}.ops.linear" in graph and f"{PACKAGE}.kernels.dispatch" in graph
+    assert f"{PACKAGE}.conversion" in graph[PACKAGE]  # `from .conversion import convert` in the package __init__
+    assert f"{PACKAGE}.ops.feature_maps" in graph[f"{PACKAGE}.ops.linear"]  # from .feature_maps import ...
+    assert f"{PACKAGE}.kernels.dispatch" in graph[f"{PACKAGE}.ops.linear"]  # a function-local import
+
+
+def test_cycle_finder_finds_a_cycle():
+    fake = {"a": {"b": 1}, "b": {"c": 2}, "c": {"a": 3}, "d": {"a": 4}, "e": {}}
+    assert strongly_connected(fake) == [["a", "b", "c"]]
+
+
+def test_no_import_cycles(graph):
+    cycles = strongly_connected(graph)
+    assert not cycles, "import cycles in the package:\n" + "\n".join(_describe(c, graph) for c in cycles)
+
+
+def test_kernels_do_not_import_ops(graph):
+    bad = _violations(graph, lambda a: _layer(a) == "kernels", lambda b: _layer(b) == "ops")
+    assert not bad, "kernels (Triton, below the operators) must not import hf_fastattn.ops:\n  " + "\n  ".join(bad)
+
+
+def test_library_does_not_import_the_references(graph):
+    bad = _violations(graph, lambda a: True, lambda b: b == REFERENCE)
+    assert not bad, (
+        "ops/reference.py holds the naive references for tests; library code takes shared helpers from "
+        "hf_fastattn.ops.common:\n  " + "\n  ".join(bad)
+    )
+
+
+def test_core_does_not_import_the_showcase(graph):
+    bad = _violations(graph, lambda a: _layer(a) in CORE, lambda b: _layer(b) in SHOWCASE)
+    assert not bad, "the core (" + ", ".join(CORE) + ") must not import the showcase:\n  " + "\n  ".join(bad)
+
+
+def test_deprecated_shims_only_reexport():
+    """A module kept for one release to re-export moved names holds nothing but imports, `__all__` and a docstring."""
+    modules = discover()
+    for name, why in DEPRECATED_SHIMS.items():
+        assert name in modules, f"{name} is listed as a deprecated shim ({why}) but does not exist: drop it"
+        tree = ast.parse(modules[name].read_text(encoding="utf-8"))
+        for node in tree.body:
+            is_doc = isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            is_all = isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]
+            assert is_doc or is_all or isinstance(node, (ast.Import, ast.ImportFrom)), (
+                f"{name} (line {node.lineno}) is a re-export shim ({why}) and must hold only imports"
+            )
