@@ -7,6 +7,11 @@ decoding benchmarks and the demo. Everything runs offline on a CPU in minutes.
 
 The tokenizer is a byte-level BPE trained on the corpus, the model a `LlamaForCausalLM`; both are saved with
 `save_pretrained` (safetensors), so they load with the ordinary transformers calls.
+
+Also the untrained offline stand-ins of the examples' `--tiny` mode and the smoke tests (formerly
+`hf_fastattn.conversion.tiny`, which re-exports them for one release): `tiny_tokenizer(text)`, `tiny_llama(vocab)`
+and `corpus(chars)`. This module belongs to the showcase: the library core (ops, kernels, integration, conversion,
+generation) never imports it.
 """
 
 from __future__ import annotations
@@ -22,17 +27,19 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from .conversion.distill import lm_dataset, perplexity, split_text
-from .conversion.tiny import tiny_tokenizer
 
 CORPUS_PATH = Path(__file__).parent / "data" / "tinyshakespeare.txt"
 
 __all__ = [
+    "corpus",
     "get_tiny_llama",
     "load_corpus",
     "lm_dataset",
     "perplexity",
     "split_corpus",
+    "tiny_llama",
     "tiny_llama_config",
+    "tiny_tokenizer",
     "train_tiny_llama",
     "train_tokenizer",
 ]
@@ -46,6 +53,12 @@ def load_corpus(path: str | os.PathLike | None = None) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def corpus(chars: int | None = None) -> str:
+    """The packaged tinyshakespeare (`load_corpus()`), its first `chars` characters when given."""
+    text = load_corpus()
+    return text if chars is None else text[:chars]
+
+
 def split_corpus(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     """(train, validation), the last `val_fraction` held out, cut at a line boundary."""
     if not 0 < val_fraction < 1:
@@ -55,11 +68,47 @@ def split_corpus(text: str, val_fraction: float = 0.1) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
+def tiny_tokenizer(text: str, vocab_size: int = 256) -> PreTrainedTokenizerFast:
+    """A byte-level BPE `PreTrainedTokenizerFast` trained on `text` (deterministic), with <unk>, <s> and </s>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
 def train_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """Byte-level BPE on `text`, with <s> / </s> and a pad token (the EOS token) so batches can be padded."""
     tokenizer = tiny_tokenizer(text, vocab_size=vocab_size)
     tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: int = 2, heads: int = 4):
+    """A randomly initialized small `LlamaForCausalLM` (seeded: identical in every process), for the examples'
+    `--tiny` mode and smoke tests (no training, no download)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
+    return LlamaForCausalLM(config)
 
 
 def tiny_llama_config(
