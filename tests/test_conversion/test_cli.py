@@ -178,16 +178,16 @@ def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys, monkeypatch):
 
 def test_convert_cli_score_weight_reaches_attention_transfer(tmp_path, src, train_file, monkeypatch):
     """--score-weight adds Hedgehog's attention-score loss to pure t2r's attention transfer (each layer, each step)."""
-    import hf_fastattn.conversion.distill as distill
+    import hf_fastattn.conversion.losses as losses
 
     calls = []
-    real = distill.attention_score_loss
+    real = losses.attention_score_loss
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(distill, "attention_score_loss", spy)
+    monkeypatch.setattr(losses, "attention_score_loss", spy)
     argv = ["convert", str(src), "--method", "t2r", "--train-file", str(train_file), "--transfer-steps", "2",
             "--score-weight", "0.5", "--max-steps", "0", "--seq-len", "32", "--batch-size", "2",
             "--out", str(tmp_path / "o")]
@@ -291,6 +291,64 @@ def test_convert_cli_seq_len_beyond_learned_positions(tmp_path, tokenizer, train
     _forbid_model_loading(monkeypatch)
     assert cli_main(_quick_argv(src, train_file, tmp_path / "o", "--seq-len", "300")) == 2
     assert "--seq-len 300 exceeds the 256 positions of SRC (gpt2)" in capsys.readouterr().err
+
+
+# learned absolute positions, read from the model: checked against what the model itself accepts
+
+POSITION_FAMILIES = ["gpt2", "opt", "biogpt", "bert", "roberta", "electra", "llama"]
+
+
+def _tiny_of_type(model_type: str, positions: int):
+    from transformers import AutoConfig, AutoModel
+
+    sizes = dict(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                 max_position_embeddings=positions, n_positions=positions, ffn_dim=32, word_embed_proj_dim=16,
+                 embedding_size=16, pad_token_id=1)
+    torch.manual_seed(0)
+    return AutoModel.from_config(AutoConfig.for_model(model_type, **sizes)).eval()
+
+
+@pytest.mark.parametrize("model_type", POSITION_FAMILIES)
+def test_learned_position_limit_is_what_the_model_accepts(model_type):
+    """The limit (None for RoPE) is read from the model: a sequence of that many tokens runs, one more fails inside
+    the model (OPT and BioGPT offset their table by 2, RoBERTa's ids start after padding_idx = 1)."""
+    from hf_fastattn.conversion.families import learned_position_limit
+
+    model = _tiny_of_type(model_type, 24)
+    limit = learned_position_limit(model)
+    assert limit == learned_position_limit(model.config)  # the config alone (meta device) says the same
+    ids = lambda n: torch.randint(3, 64, (1, n), generator=torch.Generator().manual_seed(0))  # no pad token
+    with torch.no_grad():
+        if limit is None:  # RoPE: no table, longer sequences run
+            model(ids(2 * 24))
+            return
+        assert limit in (22, 24)
+        model(ids(limit))
+        with pytest.raises((IndexError, RuntimeError)):
+            model(ids(limit + 1))
+
+
+def test_convert_cli_seq_len_beyond_opt_positions(tmp_path, tokenizer, train_file, capsys, monkeypatch):
+    """The check is not a list of families: OPT's table (64 positions, stored as 66 rows with its offset of 2)
+    refuses --seq-len 65 before any model is loaded; a RoPE model (Llama) takes a --seq-len beyond its
+    max_position_embeddings past that check."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    src = tmp_path / "opt"
+    config = OPTConfig(vocab_size=300, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                       word_embed_proj_dim=64, max_position_embeddings=64)
+    OPTForCausalLM(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    _forbid_model_loading(monkeypatch)
+    assert cli_main(_quick_argv(src, train_file, tmp_path / "o", "--seq-len", "65")) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len 65 exceeds the 64 positions of SRC (opt)" in err and "--seq-len 64 or less" in err
+
+    llama = tmp_path / "llama"
+    tiny_model("llama", max_position_embeddings=16).save_pretrained(llama)
+    tokenizer.save_pretrained(llama)
+    cli_main(_quick_argv(llama, train_file, tmp_path / "o2", "--seq-len", "32"))
+    assert "exceeds" not in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------------------------

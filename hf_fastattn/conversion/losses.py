@@ -1,0 +1,290 @@
+"""Stage-1 losses of uptraining: attention transfer and layer transfer.
+
+Attention transfer (Hedgehog / LoLCATs): every converted attention layer runs both its softmax attention (the
+teacher, no gradient) and its linear attention (the student) on the same q, k, v through the attention function
+`transfer_attention_forward` (registered as `TRANSFER_IMPLEMENTATION`); the loss is the MSE between their outputs,
+averaged over layers, and the teacher's output is passed on so that each layer learns from the original model's
+activations (`attention_transfer_loss`). Layer transfer (`layer_transfer_loss`): each attention module, projections
+and maps, is regressed onto the original model's module output on the same inputs (normalized MSE), the original's
+outputs fed forward. Hedgehog's attention-score loss (`attention_score_loss`) can be added to either.
+
+Both store a per-module loss on the attention module during the forward and read it after; with gradient
+checkpointing (`UptrainConfig.gradient_checkpointing`) the recomputed forward of a layer stores it again, which is
+harmless: the loss read is the one of the first forward, whose graph the backward recomputes identically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface
+
+from ..integration.registry import (
+    _is_causal,
+    feature_map_of,
+    get_options,
+    linear_attention_forward,
+    padding_mask,
+)
+from ..ops.reference import allowed_mask, repeat_kv
+from .families import attention_modules, family_of
+
+TRANSFER_IMPLEMENTATION = "fastattn_transfer"
+# "linear" attention that also stores Hedgehog's attention-score loss on the module (the "layer" stage 1 with
+# `transfer_score_weight > 0`)
+SCORED_LINEAR_IMPLEMENTATION = "fastattn_scored_linear"
+# parameter-name fragments of the modules conversion adds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1: the attention-transfer attention function and Trainer
+
+
+def attention_score_loss(module, query, key, attention_mask, scaling=None, causal=True) -> torch.Tensor:
+    """Hedgehog's attention-transfer loss (Zhang et al. 2024): the cross-entropy of the linear attention's weights
+    `phi(q_i) . phi(k_j) / sum_j' phi(q_i) . phi(k_j')` against softmax attention's weights on the same q and k (soft
+    labels, no gradient), summed over keys and averaged over heads and real (not padded) queries. Its minimum is the
+    softmax weights' entropy, reached when the two weightings are equal. Normalized weights below 1e-6 count as 1e-6
+    (ReLU features, T2R's, can give a key weight 0; such keys then add no gradient, and on T2R this trained better
+    than also pushing the row's sum: 1.042x against 1.050x on the dev teacher of `bench/conversion.py`).
+
+    query `[B, H, N, D]`, key `[B, Hkv, N, D]` (after RoPE, as the attention function gets them), `attention_mask`
+    the 2D padding mask `[B, N]` or None. O(N^2) per head, for training lengths.
+    """
+    fmap = feature_map_of(module, get_options(module.config))
+    q, k = query.float(), repeat_kv(key, query.shape[1]).float()
+    scaling = q.shape[-1] ** -0.5 if scaling is None else scaling
+    pad = None if attention_mask is None else attention_mask.to(torch.bool)
+    allowed = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=pad, device=q.device)
+    with torch.no_grad():
+        logits = (q @ k.transpose(-1, -2)) * scaling
+        target = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min).softmax(-1) * allowed
+    kmap = getattr(module, "fastattn_feature_map_k", None) or fmap  # a hybrid's separate key map, if any
+    weights = (fmap(q) @ kmap(k).transpose(-1, -2)) * allowed
+    eps = 1e-6
+    log_weights = (weights / weights.sum(-1, keepdim=True).clamp_min(eps)).clamp_min(eps).log()
+    ce = -(target * log_weights).sum(-1)  # [B, H, N]
+    if pad is None:
+        return ce.mean()
+    keep = pad[:, None, :].to(ce.dtype)
+    return (ce * keep).sum() / (keep.sum() * ce.shape[1]).clamp_min(1)
+
+
+def transfer_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """Softmax attention (returned, detached) and the converted linear attention (its MSE stored on the module, and
+    with `module._fastattn_score_loss` set, the `attention_score_loss` too).
+
+    `attention_mask` is the 2D padding mask `[B, N]` or None (the registered mask function is `padding_mask`).
+    """
+    student, _ = linear_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
+    )
+    causal = _is_causal(module, is_causal)
+    mask4d = None
+    if attention_mask is not None:
+        n = key.shape[2]
+        mask4d = attention_mask[:, None, None, :].to(torch.bool)  # [B, 1, 1, N]
+        if causal:
+            mask4d = mask4d & torch.ones(n, n, dtype=torch.bool, device=key.device).tril()
+    with torch.no_grad():
+        teacher, _ = sdpa_attention_forward(
+            module, query, key, value, mask4d, dropout=0.0, scaling=scaling, is_causal=causal, **kwargs
+        )
+    if mask4d is not None:
+        # padded queries have no meaningful target
+        keep = attention_mask[:, :, None, None].to(student.dtype)
+        module.fastattn_transfer_loss = ((student.float() - teacher.float()) ** 2 * keep).sum() / (
+            keep.sum() * student.shape[2] * student.shape[3]
+        ).clamp_min(1)
+    else:
+        module.fastattn_transfer_loss = F.mse_loss(student.float(), teacher.float())
+    _store_score_loss(module, query, key, attention_mask, scaling, causal)
+    return teacher.detach(), None
+
+
+def scored_linear_attention_forward(
+    module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs
+):
+    """ "linear" attention, plus `attention_score_loss` stored on the module when it asks for it."""
+    out = linear_attention_forward(
+        module, query, key, value, attention_mask, scaling=scaling, is_causal=is_causal
+    )
+    _store_score_loss(module, query, key, attention_mask, scaling, _is_causal(module, is_causal))
+    return out
+
+
+def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> None:
+    if getattr(module, "_fastattn_score_loss", False):
+        module.fastattn_score_loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
+
+
+def register_transfer_attention() -> None:
+    for name, fn in (
+        (TRANSFER_IMPLEMENTATION, transfer_attention_forward),
+        (SCORED_LINEAR_IMPLEMENTATION, scored_linear_attention_forward),
+    ):
+        AttentionInterface.register(name, fn)
+        AttentionMaskInterface.register(name, padding_mask)
+
+
+register_transfer_attention()
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
+    """Run `model` (possibly DDP- or peft-wrapped) with the attention implementation `name` while inside."""
+    base = _unwrap(model)
+    previous = base.config._attn_implementation
+    base.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        base.config._attn_implementation = previous
+
+
+@contextlib.contextmanager
+def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """Run `model` (possibly DDP- or peft-wrapped) with the transfer attention; yields its attention modules."""
+    base = _unwrap(model)
+    with _attention_implementation(base, TRANSFER_IMPLEMENTATION):
+        yield attention_modules(base, family_of(base))
+
+
+def _check_scorable(model: nn.Module) -> None:
+    """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
+    base = _unwrap(model)
+    implementation = base.config._attn_implementation
+    if implementation != "linear" or get_options(base.config).window is not None:
+        what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
+        raise ValueError(
+            f"transfer_score_weight > 0 compares linear attention's weights with softmax's; this model has {what}. "
+            "It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True; "
+            "use transfer_score_weight=0 here"
+        )
+
+
+@contextlib.contextmanager
+def _score_losses(modules: list[nn.Module], score_weight: float) -> Iterator[None]:
+    """With `score_weight > 0`, the attention functions of `modules` store `attention_score_loss` while inside."""
+    for m in modules:
+        m._fastattn_score_loss = score_weight > 0
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.__dict__.pop("_fastattn_score_loss", None)
+            m.__dict__.pop("fastattn_score_loss", None)
+
+
+def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
+    """The mean over layers of each module's output loss, plus `score_weight` times its attention-score loss."""
+    loss = torch.stack([m.__dict__.pop("fastattn_transfer_loss") for m in modules]).mean()
+    if score_weight > 0:
+        loss = (
+            loss + score_weight * torch.stack([m.__dict__.pop("fastattn_score_loss") for m in modules]).mean()
+        )
+    return loss
+
+
+def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float = 0.0) -> torch.Tensor:
+    """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention), plus
+    `score_weight` times the mean of Hedgehog's `attention_score_loss`."""
+    if score_weight > 0:
+        _check_scorable(model)
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    with attention_transfer(model) as modules, _score_losses(modules, score_weight):
+        model(**inputs, **extra)
+        return _stage1_loss(modules, score_weight)
+
+
+@contextlib.contextmanager
+def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Module]]:
+    """Inside: a forward of `model` (possibly DDP- or peft-wrapped) regresses each attention module's output onto
+    that of the teacher's matching module, run on the same batch just before (`layer_transfer_loss`); yields the
+    converted model's attention modules, each holding `fastattn_transfer_loss` after a forward.
+
+    Every attention module's output is replaced by the teacher's, so the residual stream stays the teacher's: with
+    the other weights frozen (they equal the teacher's), each attention module sees exactly the teacher's inputs.
+    """
+    base, tbase = _unwrap(model), _unwrap(teacher)
+    modules = attention_modules(base, family_of(base))
+    targets = attention_modules(tbase, family_of(tbase))
+    if len(modules) != len(targets):
+        raise ValueError(
+            f"the teacher has {len(targets)} attention modules, the converted model {len(modules)}"
+        )
+    outputs: dict[int, torch.Tensor] = {}
+
+    def capture(i):
+        def hook(module, args, output):
+            outputs[i] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return hook
+
+    def regress(i):
+        def hook(module, args, output):
+            student = output[0] if isinstance(output, tuple) else output
+            target = outputs.pop(i)
+            mask = getattr(module, "_fastattn_token_mask", None)
+            err = (student.float() - target.float()) ** 2
+            ref = target.float() ** 2
+            if mask is not None:
+                err, ref = err * mask[..., None], ref * mask[..., None]
+            # normalized MSE: the same scale in every layer
+            module.fastattn_transfer_loss = err.sum() / ref.sum().clamp_min(1e-12)
+            return (target, *output[1:]) if isinstance(output, tuple) else target
+
+        return hook
+
+    handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(targets)]
+    handles += [m.register_forward_hook(regress(i)) for i, m in enumerate(modules)]
+    try:
+        yield modules
+    finally:
+        for h in handles:
+            h.remove()
+        for m in modules:
+            m.__dict__.pop("_fastattn_token_mask", None)
+
+
+def layer_transfer_loss(
+    model: nn.Module, teacher: nn.Module, inputs: dict, score_weight: float = 0.0
+) -> torch.Tensor:
+    """The "layer" stage-1 loss on one batch: the mean over attention modules of the normalized MSE
+    `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
+    outputs fed forward (see `layer_transfer`); plus `score_weight` times the mean of Hedgehog's
+    `attention_score_loss` on the converted modules' own q and k (linear attention only)."""
+    if score_weight > 0:
+        _check_scorable(model)
+    inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    with layer_transfer(model, teacher) as modules, _score_losses(modules, score_weight):
+        mask = inputs.get("attention_mask")
+        for m in modules:
+            m._fastattn_token_mask = None if mask is None else mask.float()
+        with torch.no_grad():
+            teacher(**inputs, **extra)
+        scored = score_weight > 0
+        with (
+            _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)
+            if scored
+            else contextlib.nullcontext()
+        ):
+            model(**inputs, **extra)
+        return _stage1_loss(modules, score_weight)

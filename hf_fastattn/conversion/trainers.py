@@ -1,0 +1,135 @@
+"""The `Trainer` subclasses of uptraining: stage 1 (`AttentionTransferTrainer`, `LayerTransferTrainer`) and stage 2
+with knowledge distillation (`DistillationTrainer`). Each only changes `compute_loss` (and the layer stage its
+optimizer groups), so they run under `accelerate launch` as any `Trainer` does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Trainer
+
+from .losses import attention_transfer_loss, layer_transfer_loss
+
+# parameter-name fragments of the modules conversion adds
+NEW_PARAMETER_NAMES = ("fastattn_feature_map", "fastattn_window_factor")
+
+
+def _is_new_parameter(name: str) -> bool:
+    return any(part in name for part in NEW_PARAMETER_NAMES)
+
+
+class DistillationTrainer(Trainer):
+    """A `Trainer` for stage 2 with knowledge distillation: the loss is
+    `(1 - distill_weight) * LM loss + distill_weight * KL(teacher || student)
+    + hidden_weight * mean over layers of |h_student - h_teacher|^2 / |h_teacher|^2`, over every non-padded position.
+    The last term (hidden-state distillation, as TinyBERT's) matches each layer's output to the teacher's: a denser
+    signal per token than the logits alone. The teacher runs on the same batch without gradient (it is put in eval
+    mode and moved to the student's device; its weights are not changed)."""
+
+    def __init__(
+        self,
+        *args,
+        teacher: nn.Module,
+        distill_weight: float = 1.0,
+        temperature: float = 1.0,
+        hidden_weight: float = 0.0,
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.distill_weight = distill_weight
+        self.temperature = temperature
+        self.hidden_weight = hidden_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if self.distill_weight >= 1:  # the LM loss is not used
+            inputs = {k: v for k, v in inputs.items() if k != "labels"}
+        hidden = {"output_hidden_states": True} if self.hidden_weight > 0 else {}
+        outputs = model(**inputs, **hidden)
+        device = outputs.logits.device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        with torch.no_grad():
+            teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k in keys}, **hidden)
+        mask = inputs.get("attention_mask")
+        mask = torch.ones(outputs.logits.shape[:2], device=device) if mask is None else mask.to(torch.float32)
+        use_lm = self.distill_weight < 1 and labels is not None
+        loss = (1 - self.distill_weight) * outputs.loss if use_lm else 0.0
+        if self.distill_weight > 0:
+            t = self.temperature
+            kl = F.kl_div(
+                F.log_softmax(outputs.logits.float() / t, -1),
+                F.log_softmax(teacher_out.logits.float() / t, -1),
+                log_target=True,
+                reduction="none",
+            ).sum(-1) * (t * t)
+            kd = (kl * mask).sum() / mask.sum().clamp_min(1)
+            loss = loss + (self.distill_weight if use_lm else 1.0) * kd
+        if self.hidden_weight > 0:
+            errors = [
+                ((s.float() - t.float()) ** 2 * mask[..., None]).sum()
+                / ((t.float() ** 2) * mask[..., None]).sum().clamp_min(1e-12)
+                for s, t in zip(outputs.hidden_states[1:], teacher_out.hidden_states[1:], strict=True)
+            ]
+            loss = loss + self.hidden_weight * torch.stack(errors).mean()
+        return (loss, outputs) if return_outputs else loss
+
+
+class AttentionTransferTrainer(Trainer):
+    """A `Trainer` for stage 1: the loss is the attention-transfer MSE, plus `score_weight` times Hedgehog's
+    attention-score loss (labels, if any, are ignored)."""
+
+    def __init__(self, *args, score_weight: float = 0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.score_weight = score_weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = attention_transfer_loss(model, inputs, self.score_weight)
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with torch.no_grad():
+            loss = attention_transfer_loss(model, self._prepare_inputs(inputs), self.score_weight)
+        return loss.detach(), None, None
+
+
+class LayerTransferTrainer(Trainer):
+    """A `Trainer` for the "layer" stage 1: attention modules (projections and feature maps) regressed onto the
+    teacher's (`layer_transfer_loss`); the feature maps (`NEW_PARAMETER_NAMES`) train at `map_lr`, the rest at the
+    Trainer's learning rate; with `score_weight > 0` Hedgehog's attention-score loss is added."""
+
+    def __init__(
+        self, *args, teacher: nn.Module, map_lr: float | None = None, score_weight: float = 0.0, **kwargs
+    ):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.map_lr = map_lr
+        self.score_weight = score_weight
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.map_lr is not None:
+            named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+            groups = [
+                {"params": [p for n, p in named if not _is_new_parameter(n)], "weight_decay": 0.0},
+                {
+                    "params": [p for n, p in named if _is_new_parameter(n)],
+                    "weight_decay": 0.0,
+                    "lr": self.map_lr,
+                },
+            ]
+            groups = [g for g in groups if g["params"]]
+            optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            self.optimizer = optimizer_cls(groups, **kwargs)
+            return self.optimizer
+        return super().create_optimizer()
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        device = inputs["input_ids"].device
+        if next(self.teacher.parameters()).device != device:
+            self.teacher.to(device)
+        loss = layer_transfer_loss(model, self.teacher, inputs, self.score_weight)
+        return (loss, None) if return_outputs else loss

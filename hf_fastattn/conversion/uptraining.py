@@ -1,0 +1,271 @@
+"""The uptraining recipe runner: `UptrainConfig`, `uptrain` (stage 1, then LoRA or full fine-tuning with the HF
+`Trainer`), `training_arguments`, and which parameters train in each stage (`set_trainable`, `add_lora`).
+
+Stage 1 is attention transfer or layer transfer (`losses`, `trainers`); stage 2 ordinary causal-LM (or masked-LM)
+fine-tuning through LoRA adapters (`peft`) on the attention projections, or of all / attention-only weights; with
+`distill_weight > 0` (`DistillationTrainer`) the loss is (partly) the KL divergence to the original model's logits.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from .families import attention_modules, family_of
+from .losses import _unwrap
+from .trainers import (
+    NEW_PARAMETER_NAMES,
+    AttentionTransferTrainer,
+    DistillationTrainer,
+    LayerTransferTrainer,
+    _is_new_parameter,
+)
+
+STAGES = ("attention_transfer", "lora", "full", "attention")
+
+# ---------------------------------------------------------------------------------------------------------------
+# which parameters train in each stage
+
+
+def set_trainable(model: nn.Module, stage: str) -> list[str]:
+    """Freeze everything but what `stage` trains; returns the trainable parameter names.
+
+    Stages: "attention_transfer" (the new feature maps / window factors), "full" (every weight), "attention" (the
+    attention modules, with their maps), "lora" (the LoRA adapters of a peft model: call after `add_lora`).
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown training stage {stage!r}; valid stages are {list(STAGES)}")
+    base = _unwrap(model)
+    family = family_of(base)
+    attention = {id(p) for m in attention_modules(base, family) for p in m.parameters()}
+    for name, p in model.named_parameters():
+        if stage == "attention_transfer":
+            p.requires_grad_(any(part in name for part in NEW_PARAMETER_NAMES))
+        elif stage == "full":
+            p.requires_grad_(True)
+        elif stage == "attention":
+            p.requires_grad_(id(p) in attention)
+        else:
+            p.requires_grad_("lora_" in name)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"stage {stage!r} has no trainable parameters in {type(base).__name__}")
+    return trainable
+
+
+def add_lora(model: nn.Module, rank: int = 8, alpha: int | None = None, dropout: float = 0.0):
+    """Wrap `model` with peft LoRA adapters on the attention projections (q, k, v, o) of its family."""
+    from peft import LoraConfig, get_peft_model
+
+    family = family_of(model)
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha or 2 * rank,
+        lora_dropout=dropout,
+        target_modules=family.lora_targets,
+        fan_in_fan_out=family.name == "gpt2",
+    )
+    peft_model = get_peft_model(model, config)
+    set_trainable(peft_model, "lora")
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the recipe
+
+
+@dataclass
+class UptrainConfig:
+    """Args:
+    transfer_steps: stage-1 steps (0 to skip).
+    transfer_lr: stage-1 learning rate of the feature maps.
+    transfer_mode: stage 1: "attention" (Hedgehog / LoLCATs attention transfer: only the feature maps train, on the
+        MSE of the attention function's outputs against softmax on the same q, k, v; t2r and hedgehog only) or
+        "layer" (each attention module, projections and maps, regressed onto the teacher's module output, see
+        `layer_transfer`; any method, e.g. mqa; needs `uptrain(..., teacher=)`).
+    transfer_proj_lr: "layer" stage-1 learning rate of the attention projections.
+    finetune: stage 2: "lora", "full", "attention" or "none".
+    finetune_steps: stage-2 steps.
+    finetune_lr: stage-2 learning rate.
+    lora_rank: LoRA rank for finetune="lora".
+    batch_size: global batch size (split over processes under accelerate).
+    transfer_batch_size: stage-1 global batch size (None: `batch_size`).
+    seed: data order and init seed.
+    output_dir: Trainer output (safetensors checkpoints when save_steps > 0).
+    save_steps: checkpoint every N steps (0: none).
+    warmup_steps: linear warmup of each stage.
+    logging_steps: Trainer logging period.
+    distill_weight: stage 2 loss weight of the KL divergence to the teacher's logits (knowledge distillation;
+        needs `uptrain(..., teacher=)`); 0: the plain LM loss, 1: distillation only.
+    distill_hidden_weight: stage 2: weight of a hidden-state distillation term added to that loss, the normalized
+        MSE of each layer's output against the teacher's (see `DistillationTrainer`; needs the teacher); 0: none.
+    transfer_score_weight: stage 1: weight of Hedgehog's attention-score loss (`attention_score_loss`: linear
+        attention's weights against softmax's, cross-entropy) added to the output MSE, in either mode; linear
+        attention with a feature map only (t2r, hedgehog, linear), not the hybrid; 0: none.
+    weight_decay: stage 2 AdamW weight decay (stage 1, the feature maps, never decays).
+    lr_scheduler: the Trainer's `lr_scheduler_type` of both stages ("cosine", "linear", "constant_with_warmup").
+    """
+
+    transfer_steps: int = 0
+    transfer_lr: float = 1e-2
+    transfer_mode: str = "attention"
+    transfer_proj_lr: float = 1e-3
+    finetune: str = "lora"
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-3
+    lora_rank: int = 8
+    batch_size: int = 8
+    transfer_batch_size: int | None = None
+    seed: int = 0
+    output_dir: str = "fastattn-uptrain"
+    save_steps: int = 0
+    warmup_steps: int = 0
+    logging_steps: int = 10
+    distill_weight: float = 0.0
+    distill_hidden_weight: float = 0.0
+    transfer_score_weight: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+
+    def __post_init__(self):
+        if self.finetune not in ("lora", "full", "attention", "none"):
+            raise ValueError(f"finetune must be 'lora', 'full', 'attention' or 'none', got {self.finetune!r}")
+        for name in ("transfer_steps", "finetune_steps", "save_steps", "warmup_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        if self.transfer_batch_size is None:
+            self.transfer_batch_size = self.batch_size
+        for name in ("batch_size", "transfer_batch_size", "lora_rank", "logging_steps"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        for name in ("transfer_lr", "finetune_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if self.transfer_mode not in ("attention", "layer"):
+            raise ValueError(f"transfer_mode must be 'attention' or 'layer', got {self.transfer_mode!r}")
+        if not self.transfer_proj_lr > 0:
+            raise ValueError(f"transfer_proj_lr must be > 0, got {self.transfer_proj_lr!r}")
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"distill_weight must be in [0, 1], got {self.distill_weight!r}")
+        for name in ("distill_hidden_weight", "transfer_score_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+
+def training_arguments(
+    cfg: UptrainConfig,
+    steps: int,
+    lr: float,
+    subdir: str,
+    weight_decay: float = 0.0,
+    batch_size: int | None = None,
+) -> TrainingArguments:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    batch_size = batch_size or cfg.batch_size
+    if batch_size % world:
+        raise ValueError(f"batch_size={batch_size} must be divisible by the number of processes ({world})")
+    return TrainingArguments(
+        output_dir=os.path.join(cfg.output_dir, subdir),
+        max_steps=steps,
+        per_device_train_batch_size=batch_size // world,
+        learning_rate=lr,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        report_to=[],
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_drop_last=True,
+        ddp_find_unused_parameters=False,
+        remove_unused_columns=False,
+        disable_tqdm=False,
+    )
+
+
+def uptrain(
+    model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None, teacher: nn.Module | None = None
+) -> nn.Module:
+    """Run the recipe on a converted model: stage 1 (if `transfer_steps`), then stage 2 (if `finetune_steps`).
+
+    `teacher` (the original model, left untouched) is needed for `transfer_mode="layer"` and for
+    `distill_weight > 0` or `distill_hidden_weight > 0` (stage 2 then distills its logits / hidden states).
+
+    Returns the trained model with LoRA merged (a plain converted model, ready for `save_pretrained`).
+    """
+    has_maps = any(_is_new_parameter(n) for n, _ in model.named_parameters())
+    distills = cfg.distill_weight > 0 or cfg.distill_hidden_weight > 0
+    needs_teacher = (cfg.transfer_steps and cfg.transfer_mode == "layer") or (
+        cfg.finetune_steps and cfg.finetune != "none" and distills
+    )
+    if needs_teacher and teacher is None:
+        raise ValueError(
+            "transfer_mode='layer', distill_weight > 0 and distill_hidden_weight > 0 need the original model: "
+            "uptrain(..., teacher=)"
+        )
+    if cfg.transfer_steps and cfg.transfer_mode == "layer":
+        set_trainable(model, "attention")
+        args = training_arguments(
+            cfg,
+            cfg.transfer_steps,
+            cfg.transfer_proj_lr,
+            "layer_transfer",
+            batch_size=cfg.transfer_batch_size,
+        )
+        LayerTransferTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            teacher=teacher,
+            map_lr=cfg.transfer_lr if has_maps else None,
+            score_weight=cfg.transfer_score_weight,
+        ).train()
+    elif cfg.transfer_steps and has_maps:
+        set_trainable(model, "attention_transfer")
+        args = training_arguments(
+            cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer", batch_size=cfg.transfer_batch_size
+        )
+        AttentionTransferTrainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            data_collator=data_collator,
+            score_weight=cfg.transfer_score_weight,
+        ).train()
+    if cfg.finetune_steps and cfg.finetune != "none":
+        target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
+        if cfg.finetune != "lora":
+            set_trainable(model, cfg.finetune)
+        args = training_arguments(cfg, cfg.finetune_steps, cfg.finetune_lr, "finetune", cfg.weight_decay)
+        if distills:
+            trainer = DistillationTrainer(
+                model=target,
+                args=args,
+                train_dataset=train_dataset,
+                data_collator=data_collator,
+                teacher=teacher,
+                distill_weight=cfg.distill_weight,
+                hidden_weight=cfg.distill_hidden_weight,
+            )
+        else:
+            trainer = Trainer(
+                model=target, args=args, train_dataset=train_dataset, data_collator=data_collator
+            )
+        trainer.train()
+        if cfg.finetune == "lora":
+            model = target.merge_and_unload()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model
