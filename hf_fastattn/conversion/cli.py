@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args) -> int:
     from .distill import lm_dataset, perplexity, split_text
-    from .families import family_of, head_counts
+    from .families import family_of, head_counts, learned_position_limit
     from .recipes import run_plan
 
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -481,10 +481,12 @@ def run(args) -> int:
         raise ValueError(
             f"{source}: its training part has {tokens} tokens, fewer than one block of {seq_len_flag}"
         ) from e
-    if family.name in ("gpt2", "bert"):  # learned position embeddings: no position beyond the table
-        positions = getattr(config, "n_positions", None) or config.max_position_embeddings
-        if seq_len > positions:
-            raise ValueError(f"{seq_len_flag} exceeds the {positions} positions of SRC ({family.name})")
+    positions = learned_position_limit(config)  # a learned absolute position table: no position beyond it
+    if positions is not None and seq_len > positions:
+        raise ValueError(
+            f"{seq_len_flag} exceeds the {positions} positions of SRC ({family.name}), whose learned absolute "
+            f"position table has no position beyond them; use --seq-len {positions} or less"
+        )
     if plan.method == "gqa":  # the one option that depends on the model's shape
         hkv, groups = head_counts(config, family)[1], plan.options.get("num_key_value_heads")
         if groups is None or hkv % groups:

@@ -333,7 +333,8 @@ def family_of(model: nn.Module) -> Family:
     )
 
 
-def _family_of_config(config) -> Family:
+def _meta_model(config) -> nn.Module:
+    """The transformers model of `config` (AutoModel, else AutoModelForCausalLM), built on the meta device."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     for auto in (AutoModel, AutoModelForCausalLM):
@@ -343,8 +344,38 @@ def _family_of_config(config) -> Family:
     else:
         raise ValueError(f"hf_fastattn.convert: model_type {base_model_type(config)!r} has no transformers model class")
     with torch.device("meta"):
-        model = cls._from_config(config)
-    return family_of(model)
+        return cls._from_config(config)
+
+
+def _family_of_config(config) -> Family:
+    return family_of(_meta_model(config))
+
+
+# the names transformers gives a learned absolute position table: GPT-2's `wpe`, OPT's / BioGPT's `embed_positions`,
+# the BERT kind's `position_embeddings`, ...
+_POSITION_TABLE = re.compile(r"(^|_)(wpe|pos|position|positions)(_|$)")
+
+
+def learned_position_limit(model) -> int | None:
+    """How many positions a model's learned absolute position table covers (a model, or a config: the model is built
+    on the meta device), or None when its positions are not such a table (RoPE, sinusoidal, none): no sequence may be
+    longer, where RoPE models merely extrapolate.
+
+    Read from the model, not from a list of families: an `nn.Embedding` named as transformers names position tables
+    (`wpe`, `embed_positions`, `position_embeddings`, ...) outside the attention modules. Its rows, less OPT's and
+    BioGPT's `offset` (2), and less the rows up to `padding_idx` that RoBERTa-style position ids skip (they start at
+    `padding_idx + 1`): GPT-2 `n_positions`, OPT and BERT `max_position_embeddings`, RoBERTa 514 - 2 = 512.
+    """
+    if not isinstance(model, nn.Module) and hasattr(model, "model_type"):
+        model = _meta_model(model)
+    limits = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and _POSITION_TABLE.search(name.rpartition(".")[2]):
+            rows = module.num_embeddings - int(getattr(module, "offset", 0) or 0)
+            if module.padding_idx is not None:
+                rows -= module.padding_idx + 1
+            limits.append(rows)
+    return min(limits) if limits else None
 
 
 class _Families(Mapping):
