@@ -330,8 +330,8 @@ def test_learned_position_limit_is_what_the_model_accepts(model_type):
 
 def test_convert_cli_seq_len_beyond_opt_positions(tmp_path, tokenizer, train_file, capsys, monkeypatch):
     """The check is not a list of families: OPT's table (64 positions, stored as 66 rows with its offset of 2)
-    refuses --seq-len 65 before any model is loaded; a RoPE model (Llama) takes a --seq-len beyond its
-    max_position_embeddings past that check."""
+    refuses --seq-len 65 before any model is loaded; a RoPE model (Llama) passes every check with a --seq-len beyond
+    its max_position_embeddings and goes on to load the model."""
     from transformers import OPTConfig, OPTForCausalLM
 
     src = tmp_path / "opt"
@@ -347,7 +347,8 @@ def test_convert_cli_seq_len_beyond_opt_positions(tmp_path, tokenizer, train_fil
     llama = tmp_path / "llama"
     tiny_model("llama", max_position_embeddings=16).save_pretrained(llama)
     tokenizer.save_pretrained(llama)
-    cli_main(_quick_argv(llama, train_file, tmp_path / "o2", "--seq-len", "32"))
+    with pytest.raises(AssertionError, match="a model was loaded"):  # past every check, on to loading the model
+        cli_main(_quick_argv(llama, train_file, tmp_path / "o2", "--seq-len", "32"))
     assert "exceeds" not in capsys.readouterr().err
 
 
