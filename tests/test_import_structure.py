@@ -30,6 +30,7 @@ REFERENCE = f"{PACKAGE}.ops.reference"
 # cycle check). Each must do nothing but re-export: see `test_deprecated_shims_only_reexport`.
 DEPRECATED_SHIMS = {
     f"{PACKAGE}.kernels.fastmax": "moved to hf_fastattn.ops.fast (PyTorch code, not a kernel)",
+    f"{PACKAGE}.conversion.tiny": "moved to hf_fastattn.tinylm (the showcase's tiny teacher)",
 }
 
 
@@ -175,7 +176,7 @@ def test_the_graph_is_read(graph):
     assert f"{PACKAGE}.ops.linear" in graph and f"{PACKAGE}.kernels.dispatch" in graph
     assert f"{PACKAGE}.conversion" in graph[PACKAGE]  # `from .conversion import convert` in the package __init__
     assert f"{PACKAGE}.ops.feature_maps" in graph[f"{PACKAGE}.ops.linear"]  # from .feature_maps import ...
-    assert f"{PACKAGE}.kernels.dispatch" in graph[f"{PACKAGE}.ops.linear"]  # a function-local import
+    assert f"{PACKAGE}.kernels.dispatch" in graph[f"{PACKAGE}.ops.common"]  # a function-local import
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -204,6 +205,11 @@ def test_library_does_not_import_the_references(graph):
 def test_core_does_not_import_the_showcase(graph):
     bad = _violations(graph, lambda a: _layer(a) in CORE, lambda b: _layer(b) in SHOWCASE)
     assert not bad, "the core (" + ", ".join(CORE) + ") must not import the showcase:\n  " + "\n  ".join(bad)
+
+
+def test_nothing_imports_a_deprecated_shim(graph):
+    bad = _violations(graph, lambda a: True, lambda b: b in DEPRECATED_SHIMS)
+    assert not bad, "these modules re-export moved names for users; import from the new home:\n  " + "\n  ".join(bad)
 
 
 def test_deprecated_shims_only_reexport():

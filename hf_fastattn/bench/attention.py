@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..integration.variants import benchmark_entries
 from ..ops import fast_attention, linear_attention, recurrent_linear_step, sparse_attention
 from ..ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
-from ..ops.reference import fast_normalize
+from ..ops.common import fast_normalize
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
 STRIDE = 128

@@ -19,7 +19,7 @@ from ..ops.linear import (
     recurrent_linear_step,
     use_triton,
 )
-from ..ops.reference import repeat_kv
+from ..ops.common import repeat_kv
 from .common import _is_causal, _key_padding, check_backend, check_chunk_size, check_supported
 from .hybrid_attention import _hybrid_forward, _hybrid_recurrent_forward
 from .variants import variant_options

@@ -11,16 +11,19 @@ directly as f(q_hat . k_hat) in D dimensions, which is cheaper than the feature-
 
 Normalization is per token, not by the largest norm in the sequence as in the paper: a causal model cannot let a
 later token rescale earlier outputs.
+
+On CUDA (or `backend="triton"`) `fast_attention_triton` builds the features in PyTorch and runs the Triton
+linear-attention kernel (it lived in `hf_fastattn.kernels.fastmax`, which re-exports it for one release).
 """
 
 from __future__ import annotations
 
 import torch
 
+from .common import fast_normalize, fastmax_weight, repeat_kv, use_triton
 from .dropout import key_dropout
 from .feature_maps import FastmaxFeatureMap
-from .linear import _group, bidirectional_linear_attention, causal_linear_attention, use_triton
-from .reference import fast_normalize, fastmax_weight, repeat_kv
+from .linear import _group, bidirectional_linear_attention, causal_linear_attention
 
 
 def validate_fast_options(order: int, temperature: float) -> None:
@@ -138,8 +141,6 @@ def fast_attention(
     validate_fast_options(order, temperature)
     v = key_dropout(v, dropout_p)
     if use_triton(backend, q, k, v):
-        from ..kernels import fast_attention_triton
-
         rep = q.shape[1] // k.shape[1]
         if rep > 1:
             k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
@@ -161,4 +162,59 @@ def fast_attention(
     out, _ = causal_linear_attention(
         qn, kn, v, feature_map=fmap, intra_weights=intra, key_mask=padding_mask, chunk_size=chunk_size
     )
+    return out
+
+
+def fast_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    order: int,
+    temperature: float,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FAST fastmax attention on the Triton linear-attention kernel (`chunk_linear_fwd_kernel`).
+
+    f(s) = 1 + s (+ s^2 / 2) with s = q_hat . k_hat / T is a dot product of explicit features (`FastmaxFeatureMap`:
+    [1, x / sqrt(T)] and, for order 2, the upper triangle of x x^T / T, F = 1 + D + D(D+1)/2). The features are
+    built here in PyTorch (normalization, feature map, key mask) and fed to the kernel, which walks the feature
+    dimension in blocks, so any head dimension works. Gradients flow through the features by autograd.
+
+    Cost: order 2 stores q and k features of F = O(D^2) per token (D = 64: F = 2145); a dedicated kernel that built
+    the quadratic features in registers from q_hat and k_hat would avoid that memory traffic (not done yet).
+
+    Args:
+        q, k: `[B, H, N, D]` raw queries and keys (normalized here as `fast_normalize`). v: `[B, H, N, Dv]`.
+        causal: attend to j <= i (True) or all j (False).
+        order: 1 or 2. temperature: T > 0 (order 1 needs T >= 1 for non-negative weights).
+        key_mask: `[B, N]` bool, True for real tokens; masked keys get weight 0.
+
+    Returns:
+        `[B, H, N, Dv]` in v's dtype; differentiable in q, k, v.
+    """
+    from ..kernels._jit import check_dtypes
+    from ..kernels.linear_attn import linear_attention_triton
+
+    check_dtypes("fast_attention_triton", q, k, v)
+    if order not in (1, 2):
+        raise ValueError(f"fast_attention_triton: order must be 1 or 2, got {order!r}")
+    if not temperature > 0:
+        raise ValueError(f"fast_attention_triton: temperature must be > 0, got {temperature!r}")
+    if q.shape != k.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            "fast_attention_triton: expected q, k [B, H, N, D] of one shape and v [B, H, N, Dv] (same heads), "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    fmap = FastmaxFeatureMap(order, temperature)
+    # fp32 features for fp32 inputs; 16-bit features halve the prologue's memory for 16-bit inputs
+    feat_dtype = torch.float32 if q.dtype == torch.float32 else q.dtype
+    qf = fmap(fast_normalize(q.float())).to(feat_dtype)
+    kf = fmap(fast_normalize(k.float()))
+    if key_mask is not None:
+        if tuple(key_mask.shape) != (q.shape[0], q.shape[2]):
+            raise ValueError(f"fast_attention_triton: key_mask must be [B, N] = {(q.shape[0], q.shape[2])}")
+        kf = kf * key_mask.to(device=kf.device, dtype=kf.dtype)[:, None, :, None]
+    out, _ = linear_attention_triton(qf, kf.to(feat_dtype), v, causal=causal)
     return out

@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import repeat_kv
 from .feature_maps import get_feature_map
-from .reference import repeat_kv
 
 _EPS = 1e-6
 LINEAR_WEIGHTS = ("1-gamma", "1")

@@ -21,9 +21,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from .common import repeat_kv, use_triton
 from .dropout import key_dropout
 from .feature_maps import EluFeatureMap, get_feature_map
-from .reference import repeat_kv
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -37,13 +37,6 @@ _EPS = 1e-6
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
-    """Whether `backend` ("auto" | "torch" | "triton", or $HF_FASTATTN_BACKEND) picks the Triton kernels."""
-    from ..kernels.dispatch import resolve_backend
-
-    return resolve_backend(backend, *tensors) == "triton"
 
 
 def _group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):

@@ -1,6 +1,9 @@
-"""Naive quadratic references: materialize the N x N weights in fp32. For tests and debugging only.
+"""Naive quadratic references: materialize the N x N weights in fp32. For tests and debugging only: nothing in the
+library imports this module (`tests/test_import_structure.py` checks it).
 
-Every efficient operator in `hf_fastattn.ops` and `hf_fastattn.kernels` is checked against these.
+Every efficient operator in `hf_fastattn.ops` and `hf_fastattn.kernels` is checked against these. The helpers they
+share with the efficient code (`repeat_kv`, `allowed_mask`, `fast_normalize`, `fastmax_weight`, `sparse_pattern_mask`)
+live in `hf_fastattn.ops.common` and are re-exported here.
 Layout: q `[B, H, N, D]`, k `[B, Hkv, N, D]`, v `[B, Hkv, N, Dv]` with Hkv dividing H; outputs `[B, H, N, Dv]`
 in the dtype of q. `padding_mask` is `[B, N]` bool, True for real tokens; a padded key contributes nothing.
 """
@@ -11,28 +14,8 @@ import math
 
 import torch
 
+from .common import allowed_mask, fast_normalize, fastmax_weight, repeat_kv, sparse_pattern_mask
 from .feature_maps import FeatureMap, get_feature_map
-
-
-def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Repeat the K/V heads of `x` `[B, Hkv, N, D]` so that it has `num_heads` heads (GQA / MQA)."""
-    hkv = x.shape[1]
-    if num_heads % hkv != 0:
-        raise ValueError(f"the number of query heads ({num_heads}) must be a multiple of the K/V heads ({hkv})")
-    return x if hkv == num_heads else x.repeat_interleave(num_heads // hkv, dim=1)
-
-
-def allowed_mask(
-    n_q: int, n_k: int, *, causal: bool, padding_mask: torch.Tensor | None = None, device=None
-) -> torch.Tensor:
-    """`[B or 1, 1, Nq, Nk]` bool: which keys each query may see. Queries are the last `n_q` positions."""
-    i = torch.arange(n_k - n_q, n_k, device=device)[:, None]
-    j = torch.arange(n_k, device=device)[None, :]
-    allowed = (j <= i) if causal else torch.ones(n_q, n_k, dtype=torch.bool, device=device)
-    allowed = allowed[None, None]
-    if padding_mask is not None:
-        allowed = allowed & padding_mask[:, None, None, :].to(device=allowed.device, dtype=torch.bool)
-    return allowed
 
 
 def naive_weighted_attention(weights: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -91,17 +74,6 @@ def naive_feature_attention(
     return out.to(v.dtype), (s_final, z_final)
 
 
-def fast_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Mean-centre and L2-normalize each token vector over its last dimension (fastmax's q-hat / k-hat)."""
-    x = x - x.mean(-1, keepdim=True)
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(eps)
-
-
-def fastmax_weight(s: torch.Tensor, order: int) -> torch.Tensor:
-    """f(s) = sum_{l <= order} s^l / l!, the Taylor truncation of exp(s)."""
-    return 1 + s if order == 1 else 1 + s + 0.5 * s * s
-
-
 def naive_fast_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,35 +91,6 @@ def naive_fast_attention(
     weights = fastmax_weight(qn @ kn.transpose(-1, -2) / temperature, order)
     allowed = allowed_mask(q.shape[2], k.shape[2], causal=causal, padding_mask=padding_mask, device=q.device)
     return naive_weighted_attention(weights * allowed, repeat_kv(v, h), q.dtype)
-
-
-def sparse_pattern_mask(
-    n: int,
-    *,
-    causal: bool,
-    pattern: str = "strided",
-    stride: int,
-    local: int | None = None,
-    summary: int = 1,
-    device=None,
-) -> torch.Tensor:
-    """`[N, N]` bool: the Child et al. 2019 pattern, both heads merged into one allowed set.
-
-    "strided": |i - j| < local (default stride) or |i - j| a multiple of stride.
-    "fixed":   floor(i / stride) == floor(j / stride) or j mod stride >= stride - summary.
-    """
-    i = torch.arange(n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    if pattern == "strided":
-        dist = (i - j).abs()
-        allowed = (dist < (stride if local is None else local)) | (dist % stride == 0)
-    elif pattern == "fixed":
-        allowed = (i // stride == j // stride) | (j % stride >= stride - summary)
-    else:
-        raise ValueError(f"pattern must be 'strided' or 'fixed', got {pattern!r}")
-    if causal:
-        allowed = allowed & (j <= i)
-    return allowed
 
 
 def naive_softmax_attention(
@@ -299,3 +242,20 @@ def hybrid_attention_reference(
         num = num + lam * (phi_q @ s.float())
         den = den + lam * (phi_q @ z.float()[..., None])
     return (num / den.clamp_min(1e-6)).to(v.dtype)
+
+
+__all__ = [
+    "allowed_mask",
+    "fast_normalize",
+    "fastmax_weight",
+    "hybrid_attention_reference",
+    "naive_fast_attention",
+    "naive_feature_attention",
+    "naive_hybrid_attention",
+    "naive_linear_attention",
+    "naive_softmax_attention",
+    "naive_sparse_attention",
+    "naive_weighted_attention",
+    "repeat_kv",
+    "sparse_pattern_mask",
+]

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .common import repeat_kv, sparse_pattern_mask, sparse_pattern_rows, use_triton
 from .dropout import check_dropout_p
-from .linear import use_triton
-from .reference import repeat_kv, sparse_pattern_mask
 
 SPARSE_PATTERNS = ("strided", "fixed")
 
@@ -316,14 +315,10 @@ def _sparse_rows(q, k, v, valid, spec: SparsePattern, causal: bool, scale: float
 
 
 def _pattern_rows(first: int, n: int, spec: SparsePattern, causal: bool, device) -> torch.Tensor:
-    i = torch.arange(first, n, device=device)[:, None]
-    j = torch.arange(n, device=device)[None, :]
-    if spec.pattern == "strided":
-        dist = (i - j).abs()
-        allowed = (dist < spec.window) | (dist % spec.stride == 0)
-    else:
-        allowed = (i // spec.stride == j // spec.stride) | (j % spec.stride >= spec.stride - spec.summary)
-    return allowed & (j <= i) if causal else allowed
+    return sparse_pattern_rows(
+        first, n, causal=causal, pattern=spec.pattern, stride=spec.stride, local=spec.window, summary=spec.summary,
+        device=device,
+    )
 
 
 __all__ = ["SPARSE_PATTERNS", "SparsePattern", "sparse_attention", "sparse_pattern_mask"]
