@@ -1,93 +1,32 @@
-"""`convert(model, method, **options)` and the registry of conversion methods (peft's `register_peft_method` style).
+"""`convert(model, method, **options)`: convert a pretrained transformers model by a registered conversion method.
 
-A method is a config dataclass plus two functions:
-- `prepare(model, config, family)`: one-off weight surgery at conversion time (mean pooling of K/V). Optional.
-- `attach(model, config, family)`: add the new modules (learned feature maps) and set the attention implementation
-  and its options. Also run when a saved converted checkpoint is instantiated, before its weights are loaded.
-
-The method name and its options are stored in `config.fastattn_conversion`, the attention options in
-`config.fastattn`; see `hf_fastattn.conversion.modeling` for how checkpoints round-trip.
+The methods live in `methods/` (one module each) and register themselves in `registry.py`, which this module reads;
+the registry's names are re-exported here (their home before 0.2). The method name and its options are stored in
+`config.fastattn_conversion`, the attention options in `config.fastattn`; see `hf_fastattn.conversion.modeling` for
+how checkpoints round-trip.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict
 
 from torch import nn
 
-from .families import Family, attention_modules, family_of
-
-CONVERSION_KEY = "fastattn_conversion"
-
-
-@dataclass
-class MethodConfig:
-    """Base of the per-method option dataclasses: `from_options` rejects unknown keys listing the valid ones."""
-
-    @classmethod
-    def from_options(cls, method: str, options: dict[str, Any]) -> MethodConfig:
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for conversion method {method!r}; valid options are {valid}"
-            )
-        return cls(**options)
-
-    def validate(self) -> None:
-        """Raise ValueError naming the field, the value and what is allowed."""
-
-
-@dataclass(frozen=True)
-class ConversionMethod:
-    name: str
-    config_class: type[MethodConfig]
-    attach: Callable[[nn.Module, MethodConfig, Family], None]
-    prepare: Callable[[nn.Module, MethodConfig, Family], None] | None = None
-    # whether the result needs hf_fastattn to load (False: a standard transformers checkpoint, e.g. GQA Llama)
-    needs_plugin: Callable[[Family], bool] = lambda family: True
-
-
-CONVERSION_METHODS: dict[str, ConversionMethod] = {}
-
-
-def register_conversion_method(
-    name: str,
-    config_class: type[MethodConfig],
-    attach: Callable,
-    prepare: Callable | None = None,
-    needs_plugin: Callable[[Family], bool] | None = None,
-) -> None:
-    """Register a conversion method under `name` (replaces one of the same name)."""
-    CONVERSION_METHODS[name] = ConversionMethod(
-        name, config_class, attach, prepare, needs_plugin or (lambda family: True)
-    )
-
-
-def get_method(method: str) -> ConversionMethod:
-    from . import methods  # noqa: F401  (registers the built-in methods)
-
-    if method not in CONVERSION_METHODS:
-        raise ValueError(
-            f"unknown conversion method {method!r}; valid methods are {sorted(CONVERSION_METHODS)}"
-        )
-    return CONVERSION_METHODS[method]
-
-
-def method_config(method: str, **options) -> MethodConfig:
-    """The validated option dataclass of `method`."""
-    cfg = get_method(method).config_class.from_options(method, options)
-    cfg.validate()
-    return cfg
-
-
-def conversion_spec(model_or_config) -> dict[str, Any] | None:
-    """The `config.fastattn_conversion` dict of a converted model or config, or None."""
-    config = getattr(model_or_config, "config", model_or_config)
-    return getattr(config, CONVERSION_KEY, None)
+from . import methods  # noqa: F401  (registers the built-in methods)
+from .families import attention_modules, family_of
+from .modeling import ConvertedModel, mark_converted
+from .registry import (  # noqa: F401  (re-exported: their home before the registry moved below convert())
+    CONVERSION_KEY,
+    CONVERSION_METHODS,
+    ConversionMethod,
+    MethodConfig,
+    attach_from_config,
+    conversion_spec,
+    get_method,
+    method_config,
+    register_conversion_method,
+)
 
 
 def convert(
@@ -123,8 +62,6 @@ def convert(
         options = {**plan.options, **options}
     cfg = method_config(method, **options)
     family = family_of(model)
-    from .modeling import ConvertedModel, mark_converted
-
     if isinstance(model, ConvertedModel):
         raise ValueError(
             f"this model is already converted (method {conversion_spec(model)['method']!r}); convert the original"
@@ -141,13 +78,15 @@ def convert(
     return model
 
 
-def attach_from_config(model: nn.Module) -> None:
-    """Re-create the modules of a saved conversion on a freshly built model (weights are loaded afterwards)."""
-    spec = dict(conversion_spec(model) or {})
-    method = spec.pop("method", None)
-    if method is None:
-        raise ValueError(
-            "hf_fastattn: this config has no fastattn_conversion entry; it is not a converted checkpoint"
-        )
-    cfg = method_config(method, **spec)
-    get_method(method).attach(model, cfg, family_of(model))
+__all__ = [
+    "CONVERSION_KEY",
+    "CONVERSION_METHODS",
+    "ConversionMethod",
+    "MethodConfig",
+    "attach_from_config",
+    "conversion_spec",
+    "convert",
+    "get_method",
+    "method_config",
+    "register_conversion_method",
+]

@@ -164,7 +164,7 @@ def _register(base: type[PretrainedConfig], config_class: type[PretrainedConfig]
 
 
 def _converted_init(self, config, *args, **kwargs):
-    from .core import conversion_spec
+    from .registry import conversion_spec
 
     spec = conversion_spec(config)
     if not spec:
@@ -173,7 +173,7 @@ def _converted_init(self, config, *args, **kwargs):
         )
     cls = _converted_base(type(self))
     cls.__init__(self, config, *args, **kwargs)
-    from .core import attach_from_config
+    from .registry import attach_from_config
 
     attach_from_config(self)
 

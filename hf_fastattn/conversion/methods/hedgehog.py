@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...ops.feature_maps import HedgehogFeatureMap
-from ..core import register_conversion_method
 from ..families import Family, module_heads
+from ..registry import register_conversion_method
 from .hybrid import HybridOptions, attach_linear_attention
 
 

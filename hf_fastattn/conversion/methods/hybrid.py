@@ -22,8 +22,8 @@ from torch import nn
 
 from ...integration.registry import configure
 from ...ops.hybrid import LINEAR_WEIGHTS
-from ..core import MethodConfig, conversion_spec
 from ..families import Family, attention_modules
+from ..registry import MethodConfig, conversion_spec
 
 
 @dataclass

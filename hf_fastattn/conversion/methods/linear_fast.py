@@ -8,8 +8,8 @@ from torch import nn
 
 from ...integration.registry import FastAttnOptions, configure
 from ...ops.feature_maps import FEATURE_MAPS
-from ..core import MethodConfig, register_conversion_method
 from ..families import Family
+from ..registry import MethodConfig, register_conversion_method
 
 
 @dataclass

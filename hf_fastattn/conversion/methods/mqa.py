@@ -31,8 +31,8 @@ from torch import nn
 
 from ...integration.compatibility import check_compatible
 from ...integration.registry import configure
-from ..core import MethodConfig, register_conversion_method
 from ..families import Family, fit_kv, pool_kv
+from ..registry import MethodConfig, register_conversion_method
 
 INITS = ("mean", "svd")
 
