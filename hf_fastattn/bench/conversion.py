@@ -29,6 +29,7 @@ from ..conversion.recipes import (  # noqa: F401  (Recipe, convert_and_uptrain: 
     convert_with_recipe,
     get_recipe,
 )
+from . import conversion_real
 from .utils import torch_threads
 
 # the teacher: `examples/train_tiny_llama.py --steps 1000` (tinylm's own default, 500 steps, leaves it far from
@@ -253,7 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="hf-fastattn bench conversion", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smoke mode: tiny teacher, a few steps, small eval")
     p.add_argument(
-        "--methods", nargs="+", default=DEFAULT_METHODS, choices=sorted(RECIPES), help="recipes to run (default: %(default)s)"
+        "--methods",
+        nargs="+",
+        default=None,
+        choices=sorted(RECIPES),
+        help=f"recipes to run (default: {' '.join(DEFAULT_METHODS)}; with --model: "
+        f"{' '.join(conversion_real.DEFAULT_METHODS)}, after the controls {' '.join(conversion_real.CONTROLS)})",
     )
     p.add_argument("--budget", type=float, default=0.1, help="fraction of the teacher's training tokens (default: %(default)s)")
     p.add_argument(
@@ -303,9 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         "--minilm-steps", type=int, default=300, help="all-MiniLM-L6-v2 transfer steps: a third attention transfer, the rest layer transfer (default: %(default)s)"
     )
     p.add_argument("--no-minilm", action="store_true", help="skip the all-MiniLM-L6-v2 (encoder) conversion")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (0: leave as is) (default: %(default)s)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads, 0: leave as is (default: 1; with --model: 0)"
+    )
+    conversion_real.add_arguments(p)
     p.add_argument("--out", default="benchmarks/results/conversion", help="output folder (default: %(default)s)")
     args = p.parse_args(argv)
+    if args.model is not None:
+        args.methods = args.methods or conversion_real.DEFAULT_METHODS
+        args.threads = 0 if args.threads is None else args.threads
+        return conversion_real.run(args, argv)
+    args.methods = args.methods or DEFAULT_METHODS
+    args.threads = 1 if args.threads is None else args.threads
     if args.teacher_seq_len < 1:
         p.error(f"--teacher-seq-len must be a positive number of tokens, got {args.teacher_seq_len}")
     if args.quick:

@@ -169,6 +169,10 @@ RECIPES = {
     "window-only": Recipe(
         "hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 0}, finetune="none"
     ),
+    # the same plus the first 4 tokens (StreamingLLM's attention sinks): the softmax part of the hedgehog hybrid alone
+    "window-sinks": Recipe(
+        "hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 4}, finetune="none"
+    ),
 }
 
 

@@ -97,3 +97,32 @@ def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_to
         assert asked.pop() == expected
     with pytest.raises(SystemExit):
         main(["--teacher-seq-len", "0", "--out", str(tmp_path)])
+
+
+def test_bench_conversion_real_model_path(tmp_path, tokenizer):
+    """`bench conversion --model DIR`: the controls and a method through the recipes, perplexity at each length; a
+    64-token window covers 32-token validation windows, so the window controls equal the original there (and not
+    at 128 tokens, where the window cuts context)."""
+    import json
+
+    from conftest import tiny_model
+
+    from hf_fastattn.bench.conversion import main
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    out = tmp_path / "out"
+    argv = ["--model", str(src), "--methods", "mqa", "--max-tokens", "128", "--seq-len", "32"]
+    argv += ["--lengths", "32", "128", "--eval-tokens", "256", "--out", str(out)]
+    assert main(argv) == 0
+    record = json.loads((out / "conversion-real.json").read_text())
+    rows = {r["model"]: r for r in record["rows"]}
+    assert list(rows) == ["original (sdpa)", "window-only", "window-sinks", "mqa"]
+    original = rows["original (sdpa)"]["ppl"]
+    for control in ("window-only", "window-sinks"):
+        assert rows[control]["ppl"]["32"] == pytest.approx(original["32"], rel=1e-4)
+        assert rows[control]["ppl"]["128"] != pytest.approx(original["128"], rel=1e-5)
+        assert rows[control]["tokens"] == 0
+    assert 0 < rows["mqa"]["tokens"] <= 128
+    assert "mqa" in record["verdicts"] and (out / "conversion-real.png").is_file()
