@@ -8,9 +8,11 @@ activations (`attention_transfer_loss`). Layer transfer (`layer_transfer_loss`):
 and maps, is regressed onto the original model's module output on the same inputs (normalized MSE), the original's
 outputs fed forward. Hedgehog's attention-score loss (`attention_score_loss`) can be added to either.
 
-Both store a per-module loss on the attention module during the forward and read it after; with gradient
-checkpointing (`UptrainConfig.gradient_checkpointing`) the recomputed forward of a layer stores it again, which is
-harmless: the loss read is the one of the first forward, whose graph the backward recomputes identically.
+Both store a per-module loss on the attention module during the forward and read it after. With activation
+(gradient) checkpointing (`UptrainConfig.gradient_checkpointing`) the backward recomputes each checkpointed decoder
+layer's forward, which must run the same attention function, hooks and score-loss flags as the forward did:
+`stage1_step` holds that state over a whole training step (the stage-1 trainers use it), and a recomputed forward
+stores nothing (`_in_backward`), so no loss of a recomputation outlives it.
 """
 
 from __future__ import annotations
@@ -101,11 +103,13 @@ def transfer_attention_forward(
     if mask4d is not None:
         # padded queries have no meaningful target
         keep = attention_mask[:, :, None, None].to(student.dtype)
-        module.fastattn_transfer_loss = ((student.float() - teacher.float()) ** 2 * keep).sum() / (
+        loss = ((student.float() - teacher.float()) ** 2 * keep).sum() / (
             keep.sum() * student.shape[2] * student.shape[3]
         ).clamp_min(1)
     else:
-        module.fastattn_transfer_loss = F.mse_loss(student.float(), teacher.float())
+        loss = F.mse_loss(student.float(), teacher.float())
+    if not _in_backward():
+        module.fastattn_transfer_loss = loss
     _store_score_loss(module, query, key, attention_mask, scaling, causal)
     return teacher.detach(), None
 
@@ -121,9 +125,17 @@ def scored_linear_attention_forward(
     return out
 
 
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: a forward called then is an activation-checkpointed layer being
+    recomputed, whose stage-1 losses were already read (storing them again would keep the recomputation's graph)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> None:
     if getattr(module, "_fastattn_score_loss", False):
-        module.fastattn_score_loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
+        loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
+        if not _in_backward():
+            module.fastattn_score_loss = loss
 
 
 def register_transfer_attention() -> None:
@@ -169,6 +181,8 @@ def _check_scorable(model: nn.Module) -> None:
     """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
     base = _unwrap(model)
     implementation = base.config._attn_implementation
+    if implementation in (TRANSFER_IMPLEMENTATION, SCORED_LINEAR_IMPLEMENTATION):  # inside `stage1_step`
+        implementation = "linear"  # both run the model's own linear attention as the student
     if implementation != "linear" or get_options(base.config).window is not None:
         what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
         raise ValueError(
@@ -180,15 +194,20 @@ def _check_scorable(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _score_losses(modules: list[nn.Module], score_weight: float) -> Iterator[None]:
-    """With `score_weight > 0`, the attention functions of `modules` store `attention_score_loss` while inside."""
+    """With `score_weight > 0`, the attention functions of `modules` store `attention_score_loss` while inside.
+    Nested inside another (`stage1_step`), the outer one's setting is restored on exit."""
+    previous = [m.__dict__.get("_fastattn_score_loss") for m in modules]
     for m in modules:
         m._fastattn_score_loss = score_weight > 0
     try:
         yield
     finally:
-        for m in modules:
-            m.__dict__.pop("_fastattn_score_loss", None)
-            m.__dict__.pop("fastattn_score_loss", None)
+        for m, before in zip(modules, previous, strict=True):
+            if before is None:
+                m.__dict__.pop("_fastattn_score_loss", None)
+                m.__dict__.pop("fastattn_score_loss", None)
+            else:
+                m._fastattn_score_loss = before
 
 
 def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
@@ -203,7 +222,8 @@ def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
 
 def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float = 0.0) -> torch.Tensor:
     """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention), plus
-    `score_weight` times the mean of Hedgehog's `attention_score_loss`."""
+    `score_weight` times the mean of Hedgehog's `attention_score_loss`. With activation checkpointing on, call it
+    and its `backward()` inside `stage1_step(model, score_weight=...)` (torch refuses the recomputation otherwise)."""
     if score_weight > 0:
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -221,8 +241,18 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
 
     Every attention module's output is replaced by the teacher's, so the residual stream stays the teacher's: with
     the other weights frozen (they equal the teacher's), each attention module sees exactly the teacher's inputs.
+
+    Nested inside another `layer_transfer` of the same model (`stage1_step`), it reuses the outer one's hooks. With
+    activation checkpointing on, the teacher's outputs are kept until the outermost exit: the backward's
+    recomputation of a layer needs its target again.
     """
     base, tbase = _unwrap(model), _unwrap(teacher)
+    active = base.__dict__.get("_fastattn_layer_transfer")
+    if active is not None:
+        if active[0] is not tbase:
+            raise ValueError("layer_transfer is already active on this model with another teacher")
+        yield active[1]
+        return
     modules = attention_modules(base, family_of(base))
     targets = attention_modules(tbase, family_of(tbase))
     if len(modules) != len(targets):
@@ -230,6 +260,7 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             f"the teacher has {len(targets)} attention modules, the converted model {len(modules)}"
         )
     outputs: dict[int, torch.Tensor] = {}
+    keep = any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
 
     def capture(i):
         def hook(module, args, output):
@@ -240,20 +271,23 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
     def regress(i):
         def hook(module, args, output):
             student = output[0] if isinstance(output, tuple) else output
-            target = outputs.pop(i)
+            target = outputs[i] if keep else outputs.pop(i)
             mask = getattr(module, "_fastattn_token_mask", None)
             err = (student.float() - target.float()) ** 2
             ref = target.float() ** 2
             if mask is not None:
                 err, ref = err * mask[..., None], ref * mask[..., None]
             # normalized MSE: the same scale in every layer
-            module.fastattn_transfer_loss = err.sum() / ref.sum().clamp_min(1e-12)
+            loss = err.sum() / ref.sum().clamp_min(1e-12)
+            if not _in_backward():
+                module.fastattn_transfer_loss = loss
             return (target, *output[1:]) if isinstance(output, tuple) else target
 
         return hook
 
     handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(targets)]
     handles += [m.register_forward_hook(regress(i)) for i, m in enumerate(modules)]
+    base._fastattn_layer_transfer = (tbase, modules)
     try:
         yield modules
     finally:
@@ -261,6 +295,8 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             h.remove()
         for m in modules:
             m.__dict__.pop("_fastattn_token_mask", None)
+        base.__dict__.pop("_fastattn_layer_transfer", None)
+        outputs.clear()
 
 
 def layer_transfer_loss(
@@ -269,7 +305,8 @@ def layer_transfer_loss(
     """The "layer" stage-1 loss on one batch: the mean over attention modules of the normalized MSE
     `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
     outputs fed forward (see `layer_transfer`); plus `score_weight` times the mean of Hedgehog's
-    `attention_score_loss` on the converted modules' own q and k (linear attention only)."""
+    `attention_score_loss` on the converted modules' own q and k (linear attention only). With activation
+    checkpointing on, call it and its `backward()` inside `stage1_step(model, teacher, score_weight)`."""
     if score_weight > 0:
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
@@ -288,3 +325,29 @@ def layer_transfer_loss(
         ):
             model(**inputs, **extra)
         return _stage1_loss(modules, score_weight)
+
+
+@contextlib.contextmanager
+def stage1_step(
+    model: nn.Module, teacher: nn.Module | None = None, score_weight: float = 0.0
+) -> Iterator[None]:
+    """Hold a stage-1 training step's state over its forward and its backward: the transfer attention (or, with
+    `teacher`, the layer-transfer hooks and teacher outputs) and the score-loss flags. With activation checkpointing
+    the backward recomputes each checkpointed decoder layer's forward, which must run exactly what the forward ran;
+    `attention_transfer_loss` / `layer_transfer_loss` called inside reuse this state. The stage-1 trainers wrap
+    each `training_step` in it; call `loss.backward()` inside it when computing these losses by hand."""
+    if score_weight > 0:
+        _check_scorable(model)
+    if teacher is None:
+        with attention_transfer(model) as modules, _score_losses(modules, score_weight):
+            yield
+        return
+    scored = score_weight > 0
+    with (
+        layer_transfer(model, teacher) as modules,
+        _score_losses(modules, score_weight),
+        _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)
+        if scored
+        else contextlib.nullcontext(),
+    ):
+        yield

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
-from .losses import attention_transfer_loss, layer_transfer_loss
+from .losses import attention_transfer_loss, layer_transfer_loss, stage1_step
 
 # parameter-name fragments of the modules conversion adds
 NEW_PARAMETER_NAMES = ("fastattn_feature_map", "fastattn_window_factor")
@@ -91,6 +91,11 @@ class AttentionTransferTrainer(Trainer):
         loss = attention_transfer_loss(model, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # forward and backward in one stage-1 state: activation checkpointing recomputes layers in the backward
+        with stage1_step(model, score_weight=self.score_weight):
+            return super().training_step(model, inputs, num_items_in_batch)
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         with torch.no_grad():
             loss = attention_transfer_loss(model, self._prepare_inputs(inputs), self.score_weight)
@@ -133,3 +138,8 @@ class LayerTransferTrainer(Trainer):
             self.teacher.to(device)
         loss = layer_transfer_loss(model, self.teacher, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        # forward and backward in one stage-1 state: activation checkpointing recomputes layers in the backward
+        with stage1_step(model, self.teacher, self.score_weight):
+            return super().training_step(model, inputs, num_items_in_batch)

@@ -8,8 +8,10 @@ fine-tuning through LoRA adapters (`peft`) on the attention projections, or of a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +111,11 @@ class UptrainConfig:
         attention with a feature map only (t2r, hedgehog, linear), not the hybrid; 0: none.
     weight_decay: stage 2 AdamW weight decay (stage 1, the feature maps, never decays).
     lr_scheduler: the Trainer's `lr_scheduler_type` of both stages ("cosine", "linear", "constant_with_warmup").
+    gradient_checkpointing: activation checkpointing of the decoder layers in both stages (transformers'
+        `activation_checkpointing_enable`, non-reentrant `torch.utils.checkpoint`): each layer's activations are
+        recomputed in the backward instead of kept, for long blocks (see `benchmarks/bench_uptrain_memory.py`);
+        the same gradients, about one more forward of compute. Stage 2 enables the input embeddings' gradients as
+        transformers does for peft; stage 1 does not (no gradient crosses layers there). Turned off again after.
     """
 
     transfer_steps: int = 0
@@ -131,6 +138,7 @@ class UptrainConfig:
     transfer_score_weight: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
+    gradient_checkpointing: bool = False
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full", "attention", "none"):
@@ -158,6 +166,10 @@ class UptrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}"
+            )
 
 
 def training_arguments(
@@ -194,6 +206,30 @@ def training_arguments(
     )
 
 
+@contextlib.contextmanager
+def activation_checkpointing(
+    model: nn.Module, enabled: bool = True, input_grads: bool = True
+) -> Iterator[None]:
+    """Inside (if `enabled`): `model`'s decoder layers are activation-checkpointed with non-reentrant
+    `torch.utils.checkpoint` (transformers' `activation_checkpointing_enable`, which also makes the input embeddings'
+    output require grad, as peft needs for adapters on frozen layers; `input_grads=False` undoes that: stage 1 has
+    no gradient across layers, and that flag would make its backward run through every layer). Off again after."""
+    if not enabled:
+        yield
+        return
+    base = _unwrap(model)
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+    enable({"use_reentrant": False})
+    if not input_grads:
+        base.disable_input_require_grads()
+    try:
+        yield
+    finally:
+        disable()
+        base.disable_input_require_grads()
+
+
 def uptrain(
     model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator=None, teacher: nn.Module | None = None
 ) -> nn.Module:
@@ -223,7 +259,7 @@ def uptrain(
             "layer_transfer",
             batch_size=cfg.transfer_batch_size,
         )
-        LayerTransferTrainer(
+        trainer = LayerTransferTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
@@ -231,19 +267,23 @@ def uptrain(
             teacher=teacher,
             map_lr=cfg.transfer_lr if has_maps else None,
             score_weight=cfg.transfer_score_weight,
-        ).train()
+        )
+        with activation_checkpointing(model, cfg.gradient_checkpointing, input_grads=False):
+            trainer.train()
     elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
         args = training_arguments(
             cfg, cfg.transfer_steps, cfg.transfer_lr, "attention_transfer", batch_size=cfg.transfer_batch_size
         )
-        AttentionTransferTrainer(
+        trainer = AttentionTransferTrainer(
             model=model,
             args=args,
             train_dataset=train_dataset,
             data_collator=data_collator,
             score_weight=cfg.transfer_score_weight,
-        ).train()
+        )
+        with activation_checkpointing(model, cfg.gradient_checkpointing, input_grads=False):
+            trainer.train()
     if cfg.finetune_steps and cfg.finetune != "none":
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
         if cfg.finetune != "lora":
@@ -263,7 +303,8 @@ def uptrain(
             trainer = Trainer(
                 model=target, args=args, train_dataset=train_dataset, data_collator=data_collator
             )
-        trainer.train()
+        with activation_checkpointing(target, cfg.gradient_checkpointing):
+            trainer.train()
         if cfg.finetune == "lora":
             model = target.merge_and_unload()
     for p in model.parameters():
