@@ -10,16 +10,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..ops.common import repeat_kv
 from ..ops.dropout import key_dropout
 from ..ops.feature_maps import FEATURE_MAPS, get_feature_map
-from ..ops.linear import (
-    causal_linear_attention,
-    chunk_linear_attention,
-    linear_attention,
-    recurrent_linear_step,
-    use_triton,
-)
-from ..ops.common import repeat_kv
+from ..ops.linear import chunk_linear_attention, linear_attention, linear_attention_with_state
 from .common import _is_causal, _key_padding, check_backend, check_chunk_size, check_supported
 from .hybrid_attention import _hybrid_forward, _hybrid_recurrent_forward
 from .variants import variant_options
@@ -157,19 +151,11 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
     q, k = query.float(), key.float()
     if normalize is not None:
         q, k = normalize(q), normalize(k)
-    if q.shape[2] == 1 and state is not None:
-        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
-        out, state = recurrent_linear_step(phi(q), kf, value, state, backend=options.backend)
-    elif use_triton(options.backend, q, k, value):
-        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
-        out, state = chunk_linear_attention(
-            phi(q), kf, value, causal=True, initial_state=state, output_final_state=True, backend="triton"
-        )
-    else:
-        out, state = causal_linear_attention(
-            q, k, value, feature_map=phi, intra_weights=intra, key_mask=mask, initial_state=state,
-            output_final_state=True, chunk_size=options.chunk_size,
-        )
+    # one token: the recurrent step; several (prefill, Jacobi guesses): the chunked form from the stored state
+    out, state = linear_attention_with_state(
+        q, k, value, causal=True, feature_map=phi, padding_mask=mask, initial_state=state, output_final_state=True,
+        chunk_size=options.chunk_size, backend=options.backend, intra_weights=intra,
+    )
     layer.set_state(state)
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,4 +1,4 @@
-"""Helpers the operator families share, each written once: the backend choice, K/V head repetition (GQA), the
+"""Helpers the operator families share, each written once: the backend choice, K/V head grouping and repetition (GQA), the
 allowed-key mask, FAST's normalization and weight, and the Child et al. sparse pattern rule.
 
 The efficient operators (`linear.py`, `fast.py`, `sparse.py`, `hybrid.py`), the integration layer and conversion take
@@ -17,6 +17,19 @@ def use_triton(backend: str, *tensors: torch.Tensor) -> bool:
     from ..kernels.dispatch import resolve_backend
 
     return resolve_backend(backend, *tensors) == "triton"
+
+
+def group_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Split query heads into K/V groups: q -> `[B, Hkv, G, N, *]`, k/v -> `[B, Hkv, 1, N, *]`."""
+    b, h, n, _ = q.shape
+    hkv = k.shape[1]
+    if h % hkv != 0 or v.shape[1] != hkv:
+        raise ValueError(
+            f"q has {h} heads and k/v have {hkv}/{v.shape[1]}: the K/V heads must be equal and divide the query heads"
+        )
+    if k.shape[2] != n or v.shape[2] != n:
+        raise ValueError(f"q, k and v must have the same length, got {n}, {k.shape[2]} and {v.shape[2]}")
+    return q.view(b, hkv, h // hkv, n, q.shape[-1]), k.unsqueeze(2), v.unsqueeze(2)
 
 
 def repeat_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -101,6 +114,7 @@ def sparse_pattern_mask(
 
 __all__ = [
     "allowed_mask",
+    "group_heads",
     "fast_normalize",
     "fastmax_weight",
     "repeat_kv",

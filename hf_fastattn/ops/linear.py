@@ -2,13 +2,16 @@
 
     out_i = phi(q_i) . S_i / phi(q_i) . z_i,   S_i = sum_{j <= i} phi(k_j) v_j^T,   z_i = sum_{j <= i} phi(k_j)
 
-Three forms of one computation (all accumulate in fp32):
-- `chunk_linear_attention`: the parallel form for training and prefill. The sequence is cut into chunks of C
-  tokens; inside a chunk the weights phi(q) phi(k)^T are formed explicitly (C x C), across chunks the state
-  S is carried: O(N C F + N F Dv) for feature size F. All chunks of a segment are done in one batched matmul with
-  a cumulative sum of per-chunk states (no Python loop over chunks), which is what makes it fast on CPU.
-- `recurrent_linear_step`: one token against the state (S, z): O(F Dv) whatever the position. Used for decoding.
-- the bidirectional form: one state over all keys.
+The family's entry point is `linear_attention_with_state(q, k, v, ..., initial_state, output_final_state) ->
+(o, final_state)` (fla's `ops/linear_attn` signature); it picks the Triton kernels or PyTorch, once, and the form:
+- the chunked causal form for training and prefill (`causal_linear_attention`): the sequence is cut into chunks of
+  C tokens; inside a chunk the weights phi(q) phi(k)^T are formed explicitly (C x C), across chunks the state S is
+  carried: O(N C F + N F Dv) for feature size F. Without autograd, or without a state in or out, it takes the CPU
+  fast path of `linear_cpu.py` (one `bmm` over heads x chunks, segment by segment);
+- the recurrent step (one causal token against a state: O(F Dv) whatever the position), for decoding;
+- the bidirectional form (`bidirectional_linear_attention`): one state over all keys.
+`linear_attention` (output only), `chunk_linear_attention` (inputs already feature-mapped) and `recurrent_linear_step`
+(one token) are its narrower forms. All accumulate in fp32.
 
 Layout: q `[B, H, N, D]`, k `[B, Hkv, N, D]`, v `[B, Hkv, N, Dv]`, Hkv dividing H. The recurrent state has the
 K/V heads: S `[B, Hkv, F, Dv]`, z `[B, Hkv, F]` (query heads of one group share it, as in GQA).
@@ -21,9 +24,22 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .common import repeat_kv, use_triton
+from .common import group_heads as _group
+from .common import repeat_kv, use_triton  # noqa: F401  (use_triton: re-exported, its home before ops/common.py)
 from .dropout import key_dropout
-from .feature_maps import EluFeatureMap, get_feature_map
+from .feature_maps import get_feature_map
+from .linear_cpu import (  # noqa: F401  (the CPU fast path; names re-exported for tests and callers)
+    _EPS,
+    _FAST_CHUNK,
+    _FAST_SEGMENT,
+    _bidirectional_inference,
+    _CausalLinearFunction,
+    _chunk_products,
+    _elu_plus_one,
+    _fast_causal,
+    _flat_map,
+    _needs_grad,
+)
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -32,24 +48,10 @@ State = tuple[torch.Tensor, torch.Tensor]
 # every op is replayed backwards, somewhat larger segments are best (both measured with `bench attention`).
 _SEGMENT_BUDGET = 1 << 21
 _SEGMENT_BUDGET_GRAD = 1 << 23
-_EPS = 1e-6
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
-
-
-def _group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-    """Split query heads into K/V groups: q -> `[B, Hkv, G, N, *]`, k/v -> `[B, Hkv, 1, N, *]`."""
-    b, h, n, _ = q.shape
-    hkv = k.shape[1]
-    if h % hkv != 0 or v.shape[1] != hkv:
-        raise ValueError(
-            f"q has {h} heads and k/v have {hkv}/{v.shape[1]}: the K/V heads must be equal and divide the query heads"
-        )
-    if k.shape[2] != n or v.shape[2] != n:
-        raise ValueError(f"q, k and v must have the same length, got {n}, {k.shape[2]} and {v.shape[2]}")
-    return q.view(b, hkv, h // hkv, n, q.shape[-1]), k.unsqueeze(2), v.unsqueeze(2)
 
 
 def _apply_map(feature_map, x: torch.Tensor) -> torch.Tensor:
@@ -96,180 +98,6 @@ def _causal_segment(
         states = states + state.unsqueeze(3)
     out = q @ states[:, :, :, :-1] + intra @ vc  # [B, Hkv, G, nc, C, Dv + 1]
     return out.reshape(b, hkv, g, length, -1), states[:, :, :, -1]
-
-
-# The CPU fast path (`_chunk_products`): tokens per chunk and per segment (a segment's temporaries are small enough
-# to be reused from the allocator's free lists and to stay in cache). Measured at N=16K, B=1, H=8, D=64: 64 / 512
-# ties 32 / 256 on one thread and is ~8% faster on two.
-_FAST_CHUNK = 64
-_FAST_SEGMENT = 512
-
-
-def _chunk_products(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    c: torch.Tensor,
-    *,
-    chunk: int = _FAST_CHUNK,
-    segment: int = _FAST_SEGMENT,
-    reverse: bool = False,
-    maps: tuple[Callable, Callable] | None = None,
-    keep: torch.Tensor | None = None,
-    ones: bool = False,
-    normalize: bool = False,
-    state: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """out_i = sum_{j <= i} (a_i . b_j) c_j (j >= i when `reverse`) for `[BH, N, *]` tensors, without autograd.
-
-    The chunked form with every op a 3-d `bmm` over (heads x chunks), segment by segment: the weights inside a
-    chunk (C x C, masked), the state entering each chunk (a running sum carried across chunks and segments, added
-    in place: `cumsum` over a middle dimension is 20x slower on CPU), and `baddbmm` for a . state + weights . c.
-    Nothing of size N is allocated but the output, so no op page-faults fresh memory.
-
-    maps: functions applied to each segment of a and b (feature maps: phi(q), phi(k) computed where they are used).
-    keep: `[BH, N]` 0/1 multiplied into the rows of b (padded keys). ones: also the products with a column of
-    ones after c (the denominators sum_j a_i . b_j), computed on their own: a 65-wide matmul is 20% slower than
-    a 64-wide one. normalize: return the products divided by the denominators (with `ones`), else both side by
-    side. state: `[BH, F, E (+ 1 with ones)]` sum of b_j [c_j | 1]^T before the first position (after the last when
-    `reverse`). Returns `(out [BH, N, E or E + 1], the state after the last position)`.
-    """
-    bh, n, _ = a.shape
-    e = c.shape[-1]
-    out = a.new_empty(bh, n, e + 1 if ones and not normalize else e)
-    mask = torch.ones(chunk, chunk, dtype=a.dtype, device=a.device)
-    mask = mask.triu_() if reverse else mask.tril_()
-    s_state = z_state = None
-    if state is not None:
-        s_state = state[..., :e].contiguous()
-        z_state = state[..., e].contiguous() if ones else None
-    starts = range(0, n, segment)
-    for start in reversed(starts) if reverse else starts:
-        end = min(n, start + segment)
-        length = end - start
-        sa, sb, sc = a[:, start:end], b[:, start:end], c[:, start:end]
-        if maps is not None:
-            sa, sb = maps[0](sa), maps[1](sb)
-        if keep is not None:
-            sb = sb * keep[:, start:end, None]
-        pad = (-length) % chunk
-        if pad:  # zero rows of b contribute nothing; the rows of a past the end are dropped
-            sa, sb, sc = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (sa, sb, sc))
-        m = (length + pad) // chunk
-        qa, kb, vc = (x.reshape(bh * m, chunk, x.shape[-1]) for x in (sa, sb, sc))
-        f = kb.shape[-1]
-        w = torch.bmm(qa, kb.transpose(1, 2)).mul_(mask)
-        o = torch.bmm(w, vc)
-        kv = torch.bmm(kb.transpose(1, 2), vc).view(bh, m, f, e)
-        if s_state is None:
-            s_state = kv.new_zeros(bh, f, e)
-        chunks = range(m - 1, -1, -1) if reverse else range(m)
-        for i in chunks:
-            after = s_state + kv[:, i]
-            kv[:, i] = s_state  # kv now holds the state entering chunk i
-            s_state = after
-        o = o.baddbmm_(qa, kv.view(bh * m, f, e))
-        if ones:
-            ks = kb.view(bh, m, chunk, f).sum(2)
-            if z_state is None:
-                z_state = ks.new_zeros(bh, f)
-            for i in chunks:
-                after = z_state + ks[:, i]
-                ks[:, i] = z_state
-                z_state = after
-            den = torch.baddbmm(w.sum(-1, keepdim=True), qa, ks.view(bh * m, f, 1))
-            if normalize:  # divided straight into the output (one pass)
-                den = den.clamp_min_(_EPS).view(bh, m * chunk, 1)[:, :length]
-                torch.div(o.view(bh, m * chunk, e)[:, :length], den, out=out[:, start:end])
-                continue
-            o = torch.cat([o, den], dim=-1)
-        out[:, start:end] = o.view(bh, m * chunk, -1)[:, :length]
-    if s_state is None:  # n == 0
-        s_state = a.new_zeros(bh, b.shape[-1], e)
-    if ones:
-        z_state = s_state.new_zeros(bh, b.shape[-1]) if z_state is None else z_state
-        return out, torch.cat([s_state, z_state.unsqueeze(-1)], dim=-1)
-    return out, s_state
-
-
-class _CausalLinearFunction(torch.autograd.Function):
-    """Normalized causal linear attention on feature-mapped `[BH, N, F]` qf, kf and `[BH, N, Dv]` v, with a
-    backward of three more `_chunk_products` (the gradients of a causal product are causal products too):
-    with w_ij = qf_i . kf_j, out = num / den and dN = [dout / den | -(dout . out) / den]:
-    dqf_i = sum_{j <= i} (dN_i . [v_j | 1]) kf_j, dkf_j = sum_{i >= j} ([v_j | 1] . dN_i) qf_i,
-    dv_j = sum_{i >= j} (kf_j . qf_i) dout_i / den_i."""
-
-    @staticmethod
-    def forward(ctx, qf, kf, v, chunk):
-        num_den, _ = _chunk_products(qf, kf, v, chunk=chunk, ones=True)
-        den = num_den[..., -1:].clamp_min(_EPS)
-        out = num_den[..., :-1] / den
-        ctx.save_for_backward(qf, kf, v, out, den)
-        ctx.chunk = chunk
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        qf, kf, v, out, den = ctx.saved_tensors
-        chunk = ctx.chunk
-        g = grad / den
-        dn = torch.cat([g, -(g * out).sum(-1, keepdim=True)], dim=-1)
-        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        dq = _chunk_products(dn, v1, kf, chunk=chunk)[0] if ctx.needs_input_grad[0] else None
-        dk = _chunk_products(v1, dn, qf, chunk=chunk, reverse=True)[0] if ctx.needs_input_grad[1] else None
-        dv = _chunk_products(kf, qf, g, chunk=chunk, reverse=True)[0] if ctx.needs_input_grad[2] else None
-        return dq, dk, dv, None
-
-
-def _needs_grad(feature_map, *tensors: torch.Tensor) -> bool:
-    """Whether autograd must see the computation: grad mode on and an input or a feature map weight needing grad."""
-    if not torch.is_grad_enabled():
-        return False
-    params = feature_map.parameters() if isinstance(feature_map, nn.Module) else ()
-    return any(x.requires_grad for x in tensors) or any(p.requires_grad for p in params)
-
-
-def _elu_plus_one(x: torch.Tensor) -> torch.Tensor:
-    """elu(x) + 1 as exp(min(x, 0)) + max(x, 0): the same values, 1.7x faster than `F.elu` on CPU (measured)."""
-    return x.clamp(max=0).exp_().add_(x.clamp(min=0))
-
-
-def _flat_map(feature_map, b: int, h: int, inplace: bool = True):
-    """`feature_map` on `[B * H, L, D]` segments as on `[B, H, L, D]` (per-head maps see their heads); `inplace`
-    allows the in-place elu + 1 (not under autograd)."""
-    if inplace and type(feature_map) is EluFeatureMap:
-        return _elu_plus_one
-    return lambda x: feature_map(x.reshape(b, h, x.shape[1], x.shape[2])).flatten(0, 1)
-
-
-def _fast_causal(q, k, v, feature_map, key_mask, initial_state, output_final_state, chunk_size):
-    """The CPU fast path of `causal_linear_attention` (see `_chunk_products`); K/V heads repeated over the groups."""
-    b, h, n, _ = q.shape
-    hkv, dv = k.shape[1], v.shape[-1]
-    chunk = chunk_size or _FAST_CHUNK
-    segment = max(chunk, _FAST_SEGMENT // chunk * chunk)
-    q, k, v = q.float(), repeat_kv(k.float(), h), repeat_kv(v.float(), h)
-    keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(h, 0)
-    if _needs_grad(feature_map, q, k, v):  # the feature maps under autograd, the products in `_CausalLinearFunction`
-        fmap = _flat_map(feature_map, b, h, inplace=False)
-        qf, kf = fmap(q.flatten(0, 1)), fmap(k.flatten(0, 1))
-        if keep is not None:
-            kf = kf * keep[..., None]
-        out = _CausalLinearFunction.apply(qf, kf, v.flatten(0, 1), chunk)
-        return out.reshape(b, h, n, dv), None
-    fmap = _flat_map(feature_map, b, h)
-    state = None
-    if initial_state is not None:
-        s0, z0 = (repeat_kv(x.float(), h) for x in (initial_state[0], initial_state[1].unsqueeze(-1)))
-        state = torch.cat([s0, z0], dim=-1).flatten(0, 1)
-    out, state = _chunk_products(
-        q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), chunk=chunk, segment=segment, maps=(fmap, fmap),
-        keep=keep, ones=True, normalize=True, state=state,
-    )
-    out = out.reshape(b, h, n, dv)
-    if not output_final_state:
-        return out, None
-    state = state.reshape(b, hkv, h // hkv, -1, dv + 1)[:, :, 0]  # the query heads of a group share the state
-    return out, (state[..., :dv], state[..., dv])
 
 
 def causal_linear_attention(
@@ -380,72 +208,6 @@ def bidirectional_linear_attention(
     return out.reshape(b, h, n, -1).to(v.dtype)
 
 
-def _bidirectional_inference(q, k, v, feature_map, key_mask) -> torch.Tensor:
-    """`bidirectional_linear_attention` without autograd, segment by segment: the state in one pass over the keys,
-    then the outputs in one over the queries, the feature maps of a segment computed where they are used."""
-    b, h, n, _ = q.shape
-    _group(q, k, v)
-    hkv, dv = k.shape[1], v.shape[-1]
-    fmap = _flat_map(feature_map, b, hkv)
-    kflat, vflat = k.float().flatten(0, 1), v.float().flatten(0, 1)
-    keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(hkv, 0)
-    s = z = None
-    for start in range(0, n, _FAST_SEGMENT):
-        kf = fmap(kflat[:, start : start + _FAST_SEGMENT])
-        if keep is not None:
-            kf = kf * keep[:, start : start + _FAST_SEGMENT, None]
-        ds, dz = torch.bmm(kf.transpose(1, 2), vflat[:, start : start + _FAST_SEGMENT]), kf.sum(1, keepdim=True)
-        s, z = (ds, dz) if s is None else (s.add_(ds), z.add_(dz))
-    if s is None:  # n == 0
-        return v.new_zeros(b, h, 0, dv)
-    g = h // hkv
-    # the G query heads of a K/V group side by side in the rows: [B * Hkv, G * L, F] against the group's state
-    qflat = q.float().reshape(b * hkv, g, n, q.shape[-1])
-    qmap = _flat_map(feature_map, b, h)
-    out = q.new_empty(b * hkv, g, n, dv, dtype=torch.float32)
-    sz = torch.cat([s, z.transpose(1, 2)], dim=-1)  # [B * Hkv, F, Dv + 1]
-    for start in range(0, n, _FAST_SEGMENT):
-        seg = qflat[:, :, start : start + _FAST_SEGMENT]
-        length = seg.shape[2]
-        qf = qmap(seg.reshape(b * h, length, -1)).reshape(b * hkv, g * length, -1)
-        o = torch.bmm(qf, sz).view(b * hkv, g, length, dv + 1)
-        torch.div(o[..., :dv], o[..., dv:].clamp_min(_EPS), out=out[:, :, start : start + length])
-    return out.reshape(b, h, n, dv).to(v.dtype)
-
-
-def chunk_linear_attention(
-    qf: torch.Tensor,
-    kf: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    causal: bool = True,
-    initial_state: State | None = None,
-    output_final_state: bool = False,
-    chunk_size: int | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, State | None]:
-    """Linear attention on already feature-mapped inputs, with recurrent state in and out (fla's "chunk" mode).
-
-    Args:
-        qf: `[B, H, N, F]` phi(q). kf: `[B, Hkv, N, F]` phi(k), zero rows for keys to ignore. v: `[B, Hkv, N, Dv]`.
-        causal: prefix sums (True) or one state over all keys (False).
-        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])` or None.
-
-    Returns:
-        `(out [B, H, N, Dv], final state or None)`.
-    """
-    if use_triton(backend, qf, kf, v):
-        from ..kernels import linear_attention_triton
-
-        return _triton_grouped(linear_attention_triton, qf, kf, v, causal, initial_state, output_final_state)
-    if causal:
-        return causal_linear_attention(
-            qf, kf, v, initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size
-        )
-    out, state = _bidirectional_with_state(qf, kf, v, initial_state)
-    return out, (state if output_final_state else None)
-
-
 def _bidirectional_with_state(qf, kf, v, initial_state):
     qg, kg, vg = _group(qf.float(), kf.float(), v.float())
     s = kg.transpose(-1, -2) @ vg
@@ -471,26 +233,88 @@ def _triton_grouped(kernel, qf, kf, v, causal, initial_state, output_final_state
     return out, state
 
 
-def recurrent_linear_step(
-    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, state: State, *, backend: str = "auto"
-) -> tuple[torch.Tensor, State]:
-    """One decoding step: fold the new token into the state, then read it with the query. O(F Dv) per head.
+def linear_attention_with_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    feature_map: str | nn.Module | None = "elu",
+    padding_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    intra_weights: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    dropout_p: float = 0.0,
+    decode: bool | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """Linear attention with recurrent state in and out: the family's one entry point, where Triton or PyTorch is
+    chosen (`hf_fastattn.kernels.dispatch`) and then the form (chunked, recurrent step, bidirectional).
 
     Args:
-        qf: `[B, H, 1, F]`. kf: `[B, Hkv, 1, F]` (zeros for a padded token). v: `[B, Hkv, 1, Dv]`.
-        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`.
+        q: `[B, H, N, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H.
+        causal: attend to j <= i (True) or to all j (False).
+        feature_map: "elu" (elu + 1), "relu", an `nn.Module` mapping `[..., D]` to `[..., F]` (learned maps; a
+            per-head map gets K/V repeated to the query heads, and its state then has H heads), or None: q and k are
+            already feature-mapped (`chunk_linear_attention`).
+        padding_mask: `[B, N]` bool, True for real tokens; padded keys contribute nothing (nor enter the state).
+        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, keys seen before position 0, or None.
+        output_final_state: also return the state after the last token.
+        chunk_size: C, tokens per chunk of the causal form; None picks 64 (256 for feature maps over 256 wide).
+        backend: "auto" | "torch" | "triton".
+        intra_weights: optional `(q_chunk, k_chunk) -> [..., C, C]` weights equal to phi(q) phi(k)^T but cheaper
+            (fastmax's f(q.k) in D dimensions); used by the PyTorch causal form.
+        dropout_p: attention dropout as keys dropped for every query (`hf_fastattn.ops.dropout.key_dropout`).
+        decode: run the recurrent step (one causal token against `initial_state`). None: exactly when that is the
+            input; False: the chunked form even then.
 
     Returns:
-        `(out [B, H, 1, Dv], new state)`; the new state is a new tensor (the old one is not modified).
+        `(out [B, H, N, Dv]` in v's dtype, the final state `(S, z)` or None`)`. The recurrent step always returns it.
     """
-    if qf.shape[2] != 1:
-        raise ValueError(f"recurrent_linear_step takes one token, got {qf.shape[2]}; use chunk_linear_attention")
-    if use_triton(backend, qf, kf, v):
+    fmap = _identity if feature_map is None else get_feature_map(feature_map)
+    v = key_dropout(v, dropout_p)
+    if getattr(fmap, "per_head", False) and k.shape[1] != q.shape[1]:
+        # a per-head learned map has one set of weights per query head: give k those heads too
+        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
+    step = causal and q.shape[2] == 1 and initial_state is not None
+    if decode and not step:
+        raise ValueError(
+            f"decode=True runs the recurrent step: one causal token with an initial_state, got {q.shape[2]} tokens, "
+            f"causal={causal}, initial_state {'given' if initial_state is not None else 'None'}"
+        )
+    step = step if decode is None else decode
+    triton = use_triton(backend, q, k, v)  # the family's one backend choice
+
+    def key_features():
+        kf = fmap(k)
+        return kf if padding_mask is None else kf * padding_mask[:, None, :, None].to(kf.dtype)
+
+    if step:
+        return _recurrent_step(fmap(q), key_features(), v, initial_state, triton)
+    if triton:
+        from ..kernels import linear_attention_triton
+
+        return _triton_grouped(
+            linear_attention_triton, fmap(q), key_features(), v, causal, initial_state, output_final_state
+        )
+    if causal:
+        return causal_linear_attention(
+            q, k, v, feature_map=fmap, intra_weights=intra_weights, key_mask=padding_mask, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size,
+        )
+    if feature_map is not None and initial_state is None and not output_final_state:
+        return bidirectional_linear_attention(q, k, v, feature_map=fmap, key_mask=padding_mask), None
+    out, state = _bidirectional_with_state(fmap(q), key_features(), v, initial_state)
+    return out, (state if output_final_state else None)
+
+
+def _recurrent_step(qf, kf, v, state: State, triton: bool) -> tuple[torch.Tensor, State]:
+    """One decoding step on features (see `recurrent_linear_step`); the Triton kernel wants equal head counts."""
+    if triton and qf.shape[1] == kf.shape[1]:
         from ..kernels import recurrent_linear_step_triton
 
-        h, hkv = qf.shape[1], kf.shape[1]
-        if h == hkv:
-            return recurrent_linear_step_triton(qf, kf, v, state)
+        return recurrent_linear_step_triton(qf, kf, v, state)
     qg, kg, vg = _group(qf.float(), kf.float(), v.float())
     b, hkv, g, _, f = qg.shape
     dv = vg.shape[-1]
@@ -502,6 +326,54 @@ def recurrent_linear_step(
     out = torch.bmm(q_rows, s) / torch.bmm(q_rows, z.reshape(b * hkv, f, 1)).clamp_min(_EPS)
     s = s.view(b, hkv, f, dv)
     return out.reshape(qf.shape[0], qf.shape[1], 1, -1).to(v.dtype), (s, z)
+
+
+def chunk_linear_attention(
+    qf: torch.Tensor,
+    kf: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, State | None]:
+    """Linear attention on already feature-mapped inputs, with recurrent state in and out (fla's "chunk" mode):
+    `linear_attention_with_state` with `feature_map=None`, always the chunked (or bidirectional) form.
+
+    Args:
+        qf: `[B, H, N, F]` phi(q). kf: `[B, Hkv, N, F]` phi(k), zero rows for keys to ignore. v: `[B, Hkv, N, Dv]`.
+        causal: prefix sums (True) or one state over all keys (False).
+        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])` or None.
+
+    Returns:
+        `(out [B, H, N, Dv], final state or None)`.
+    """
+    return linear_attention_with_state(
+        qf, kf, v, causal=causal, feature_map=None, initial_state=initial_state,
+        output_final_state=output_final_state, chunk_size=chunk_size, backend=backend, decode=False,
+    )
+
+
+def recurrent_linear_step(
+    qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, state: State, *, backend: str = "auto"
+) -> tuple[torch.Tensor, State]:
+    """One decoding step: fold the new token into the state, then read it with the query. O(F Dv) per head.
+    `linear_attention_with_state` with `feature_map=None` and `decode=True`.
+
+    Args:
+        qf: `[B, H, 1, F]`. kf: `[B, Hkv, 1, F]` (zeros for a padded token). v: `[B, Hkv, 1, Dv]`.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`.
+
+    Returns:
+        `(out [B, H, 1, Dv], new state)`; the new state is a new tensor (the old one is not modified).
+    """
+    if qf.shape[2] != 1:
+        raise ValueError(f"recurrent_linear_step takes one token, got {qf.shape[2]}; use chunk_linear_attention")
+    return linear_attention_with_state(
+        qf, kf, v, feature_map=None, initial_state=state, output_final_state=True, backend=backend, decode=True
+    )
 
 
 def linear_attention(
@@ -516,7 +388,8 @@ def linear_attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Linear attention with feature map phi applied to q and k as given (no scaling).
+    """Linear attention with feature map phi applied to q and k as given (no scaling): the output of
+    `linear_attention_with_state` without a state.
 
     Args:
         q: `[B, H, N, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H.
@@ -530,16 +403,7 @@ def linear_attention(
     Returns:
         `[B, H, N, Dv]` in v's dtype.
     """
-    fmap = get_feature_map(feature_map)
-    v = key_dropout(v, dropout_p)
-    if getattr(fmap, "per_head", False) and k.shape[1] != q.shape[1]:
-        # a per-head learned map has one set of weights per query head: give k those heads too
-        k, v = repeat_kv(k, q.shape[1]), repeat_kv(v, q.shape[1])
-    if use_triton(backend, q, k, v):
-        qf, kf = fmap(q), fmap(k)
-        if padding_mask is not None:
-            kf = kf * padding_mask[:, None, :, None].to(kf.dtype)
-        return chunk_linear_attention(qf, kf, v, causal=causal, backend="triton")[0]
-    if causal:
-        return causal_linear_attention(q, k, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)[0]
-    return bidirectional_linear_attention(q, k, v, feature_map=fmap, key_mask=padding_mask)
+    return linear_attention_with_state(
+        q, k, v, causal=causal, feature_map=feature_map, padding_mask=padding_mask, chunk_size=chunk_size,
+        backend=backend, dropout_p=dropout_p,
+    )[0]

@@ -23,7 +23,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import AttentionMaskInterface
 
 import hf_fastattn
-from hf_fastattn.integration import hybrid_attention, linear_attention
+from hf_fastattn.integration import hybrid_attention
 from hf_fastattn.integration.common import padding_mask
 
 VOCAB, PAD = 96, 0
@@ -221,13 +221,15 @@ def test_generate_makes_a_recurrent_cache_of_constant_size(case, monkeypatch):
     model = make(case)
     ids = torch.tensor(prompts([7])[0:1])
     steps = []
-    real_step = linear_attention.recurrent_linear_step
+    from hf_fastattn.ops import linear as linear_ops  # the recurrent step of `linear_attention_with_state`
 
-    def spy(qf, kf, v, state, **kw):
+    real_step = linear_ops._recurrent_step
+
+    def spy(qf, kf, v, state, *args):
         steps.append(kf.shape[2])
-        return real_step(qf, kf, v, state, **kw)
+        return real_step(qf, kf, v, state, *args)
 
-    monkeypatch.setattr(linear_attention, "recurrent_linear_step", spy)
+    monkeypatch.setattr(linear_ops, "_recurrent_step", spy)
     short = gen(model, ids, max_new_tokens=4)
     steps.clear()
     long = gen(model, ids, max_new_tokens=40)

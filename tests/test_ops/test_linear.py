@@ -235,14 +235,16 @@ def test_many_segments_equal_reference(monkeypatch, grad):
 
 
 def _spy_products(monkeypatch):
+    from hf_fastattn.ops import linear_cpu  # the CPU fast path's home
+
     calls = []
-    real = linear_module._chunk_products
+    real = linear_cpu._chunk_products
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("reverse", False))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(linear_module, "_chunk_products", spy)
+    monkeypatch.setattr(linear_cpu, "_chunk_products", spy)
     return calls
 
 
