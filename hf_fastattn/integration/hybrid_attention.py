@@ -67,16 +67,16 @@ _HYBRID_PREFILL_PIECE = 256
 
 
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, options=(0, "1-gamma", None, None)):
-    from ..ops.hybrid import empty_sinks, hybrid_decode_step, leave_window, sliding_window_linear_attention
+    """One piece of new tokens on the layer's held state (`hf_fastattn.ops.hybrid.hybrid_attention_with_state`)."""
+    from ..ops.hybrid import HybridState, empty_hybrid_state, hybrid_attention_with_state
 
     sinks, linear_weight, chunk_size, key_map = options
     if layer.window_kv is None:
         # `window` empty slots (masked out) to start with, and `sinks` empty sink slots: the bytes held never change
-        b, hkv = key.shape[:2]
-        layer.set_window(key.new_zeros(b, hkv, window, key.shape[-1]), value.new_zeros(b, hkv, window, value.shape[-1]),
-                         torch.zeros(b, window, dtype=torch.bool, device=key.device))
-        layer.set_sinks(*empty_sinks(key, value, sinks) if sinks else (None, None, None))
-    old_k, old_v, old_mask = layer.window_kv
+        empty = empty_hybrid_state(key, value, window, sinks)
+        layer.set_window(*empty.window)
+        layer.set_sinks(*empty.sinks if empty.sinks is not None else (None, None, None))
+    old_k = layer.window_kv[0]
     if old_k.shape[0] != key.shape[0] or old_k.shape[1] != key.shape[1]:
         raise ValueError(
             f"RecurrentCache: the stored window has batch {old_k.shape[0]} and {old_k.shape[1]} K/V heads, but this "
@@ -88,33 +88,13 @@ def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, 
             f"RecurrentCache: the layer holds {0 if sink_kv is None else sink_kv[0].shape[2]} sink slots but the "
             f"model's fastattn option sinks is {sinks}: start a new cache after changing it."
         )
-    key_map = fmap if key_map is None else key_map
-    if key.shape[2] == 1 and layer.state is not None:  # one decoding step
-        out, kept, state, *held = hybrid_decode_step(
-            query, key, value, mask, layer.window_kv, layer.state, feature_map=fmap, window_factor=factor,
-            scaling=scaling, sink_kv=sink_kv, key_feature_map=key_map, linear_weight=linear_weight,
-        )
-        layer.set_state(state)
-        layer.set_window(*kept)
-        if held:
-            layer.set_sinks(*held[0])
-        return out
-    key, value = torch.cat([old_k, key], dim=2), torch.cat([old_v, value], dim=2)
-    mask = torch.cat([old_mask, mask], dim=1)
-    state = layer.state
-    out = sliding_window_linear_attention(
-        query, key, value, feature_map=fmap, window=window, scaling=scaling, padding_mask=mask,
-        window_factor=factor, initial_state=state, sinks=sinks, sink_kv=sink_kv, key_feature_map=key_map,
-        linear_weight=linear_weight, chunk_size=chunk_size,
+    out, state = hybrid_attention_with_state(
+        query, key, value, feature_map=fmap, window=window, window_factor=factor, scaling=scaling, padding_mask=mask,
+        sinks=sinks, key_feature_map=key_map, linear_weight=linear_weight, chunk_size=chunk_size,
+        initial_state=HybridState(layer.window_kv, layer.state, sink_kv), output_final_state=True,
     )
-    leaving = key.shape[2] - window  # the oldest keys: beyond the window of every later query
-    state, sink_kv = leave_window(
-        key[:, :, :leaving], value[:, :, :leaving], mask[:, :leaving], feature_map=key_map,
-        num_heads=query.shape[1], state=state, sink_kv=sink_kv,
-    )
-    layer.set_state(state)
-    if sink_kv is not None:
-        layer.set_sinks(*sink_kv)
-    key, value, mask = key[:, :, leaving:], value[:, :, leaving:], mask[:, leaving:]
-    layer.set_window(key, value, mask)
+    layer.set_state(state.linear)
+    layer.set_window(*state.window)
+    if state.sinks is not None:
+        layer.set_sinks(*state.sinks)
     return out

@@ -23,7 +23,13 @@ import torch
 from .common import fast_normalize, fastmax_weight, repeat_kv, use_triton
 from .dropout import key_dropout
 from .feature_maps import FastmaxFeatureMap
-from .linear import _group, bidirectional_linear_attention, causal_linear_attention
+from .linear import (
+    State,
+    _group,
+    bidirectional_linear_attention,
+    causal_linear_attention,
+    linear_attention_with_state,
+)
 
 
 def validate_fast_options(order: int, temperature: float) -> None:
@@ -110,6 +116,81 @@ def _causal_order2_inference(qn, kn, v, temperature: float, key_mask, chunk: int
     return out.reshape(b, h, n, dv).to(v.dtype)
 
 
+def fast_attention_with_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    order: int = 2,
+    temperature: float = 1.0,
+    padding_mask: torch.Tensor | None = None,
+    initial_state: State | None = None,
+    output_final_state: bool = False,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+    decode: bool | None = None,
+) -> tuple[torch.Tensor, State | None]:
+    """FAST fastmax attention in O(N) with recurrent state in and out: the family's one entry point, where Triton or
+    PyTorch is chosen. The state is linear attention's (S, z) over fastmax's F features (`FastmaxFeatureMap`: F = 1 + D
+    for order 1, 1 + D + D(D+1)/2 for order 2) of the normalized keys.
+
+    Args:
+        q: `[B, H, N, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H.
+        causal: attend to j <= i (True) or to all j (False).
+        order: 1 or 2, the Taylor order of f.
+        temperature: T > 0 dividing q_hat . k_hat (order 1 needs T >= 1).
+        padding_mask: `[B, N]` bool, True for real tokens; padded keys get weight 0.
+        initial_state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, keys seen before position 0, or None.
+        output_final_state: also return the state after the last token.
+        chunk_size: tokens per chunk of the causal form (None: the form's own default).
+        backend: "auto" | "torch" | "triton".
+        dropout_p: attention dropout, as keys dropped for every query (`hf_fastattn.ops.dropout.key_dropout`);
+            pass 0 outside training.
+        decode: as in `linear_attention_with_state` (one causal token with a state: the recurrent step).
+
+    Returns:
+        `(out [B, H, N, Dv]` in v's dtype, the final state or None`)`.
+    """
+    validate_fast_options(order, temperature)
+    v = key_dropout(v, dropout_p)
+    triton = use_triton(backend, q, k, v)  # the family's one backend choice
+    if initial_state is not None or output_final_state:
+        # with a state: linear attention with fastmax's features of the normalized q and k
+        def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+            return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
+
+        return linear_attention_with_state(
+            fast_normalize(q.float()), fast_normalize(k.float()), v, causal=causal,
+            feature_map=FastmaxFeatureMap(order, temperature), padding_mask=padding_mask, initial_state=initial_state,
+            output_final_state=output_final_state, chunk_size=chunk_size, backend="triton" if triton else "torch",
+            intra_weights=intra if causal else None, decode=decode,
+        )
+    if triton:
+        rep = q.shape[1] // k.shape[1]
+        if rep > 1:
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+        return fast_attention_triton(
+            q, k, v, causal=causal, order=order, temperature=temperature, key_mask=padding_mask
+        ), None
+    qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
+    fmap = FastmaxFeatureMap(order, temperature)
+    if not causal:
+        return bidirectional_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask), None
+    if order == 1:  # phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
+        return causal_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)
+    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+        return _causal_order2_inference(qn, kn, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK), None
+
+    def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
+        return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
+
+    return causal_linear_attention(
+        qn, kn, v, feature_map=fmap, intra_weights=intra, key_mask=padding_mask, chunk_size=chunk_size
+    )
+
+
 def fast_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,7 +204,7 @@ def fast_attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """FAST fastmax attention in O(N).
+    """FAST fastmax attention in O(N): the output of `fast_attention_with_state` without a state.
 
     Args:
         q: `[B, H, N, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H.
@@ -138,31 +219,10 @@ def fast_attention(
     Returns:
         `[B, H, N, Dv]` in v's dtype.
     """
-    validate_fast_options(order, temperature)
-    v = key_dropout(v, dropout_p)
-    if use_triton(backend, q, k, v):
-        rep = q.shape[1] // k.shape[1]
-        if rep > 1:
-            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        return fast_attention_triton(
-            q, k, v, causal=causal, order=order, temperature=temperature, key_mask=padding_mask
-        )
-    qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
-    fmap = FastmaxFeatureMap(order, temperature)
-    if not causal:
-        return bidirectional_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask)
-    if order == 1:  # phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
-        return causal_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)[0]
-    if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
-        return _causal_order2_inference(qn, kn, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK)
-
-    def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
-        return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
-
-    out, _ = causal_linear_attention(
-        qn, kn, v, feature_map=fmap, intra_weights=intra, key_mask=padding_mask, chunk_size=chunk_size
-    )
-    return out
+    return fast_attention_with_state(
+        q, k, v, causal=causal, order=order, temperature=temperature, padding_mask=padding_mask,
+        chunk_size=chunk_size, backend=backend, dropout_p=dropout_p,
+    )[0]
 
 
 def fast_attention_triton(

@@ -157,6 +157,55 @@ def _summary(q, k, v, valid, stride: int, summary: int, causal: bool, scale: flo
     return _masked_part(scores, allowed, v[:, :, cols], dropout_p)
 
 
+KVState = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
+
+
+def sparse_attention_with_state(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool,
+    pattern: str = "strided",
+    stride: int,
+    local: int | None = None,
+    summary: int = 1,
+    scaling: float | None = None,
+    padding_mask: torch.Tensor | None = None,
+    initial_state: KVState | None = None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, KVState | None]:
+    """Sparse softmax attention with state in and out: the family's one entry point, where Triton or PyTorch is
+    chosen. Softmax attention's state is its K/V cache: `(keys [B, Hkv, P, D], values [B, Hkv, P, Dv], padding mask
+    [B, P] or None)` of the P positions seen before `k`; the new keys follow them and the queries are the last Nq of
+    all P + N positions.
+
+    Args:
+        q, k, v, causal, pattern, stride, local, summary, scaling, backend, dropout_p: as `sparse_attention`.
+        padding_mask: `[B, N]` bool for the new keys (None: all real).
+        initial_state: the keys, values and padding mask seen before, or None.
+        output_final_state: also return the state after the new keys (all P + N of them).
+
+    Returns:
+        `(out [B, H, Nq, Dv]` in v's dtype, the final state or None`)`.
+    """
+    if initial_state is not None:
+        pk, pv, pmask = initial_state
+        if pmask is not None or padding_mask is not None:
+            ones = torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
+            pones = torch.ones(pk.shape[0], pk.shape[2], dtype=torch.bool, device=k.device)
+            padding_mask = torch.cat([pones if pmask is None else pmask.to(torch.bool),
+                                      ones if padding_mask is None else padding_mask.to(torch.bool)], dim=1)
+        k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+    out = _sparse_attention(
+        q, k, v, causal=causal, pattern=pattern, stride=stride, local=local, summary=summary, scaling=scaling,
+        padding_mask=padding_mask, backend=backend, dropout_p=dropout_p,
+    )
+    return out, ((k, v, padding_mask) if output_final_state else None)
+
+
 def sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -172,7 +221,8 @@ def sparse_attention(
     backend: str = "auto",
     dropout_p: float = 0.0,
 ) -> torch.Tensor:
-    """Softmax attention restricted to a Child et al. 2019 sparse pattern.
+    """Softmax attention restricted to a Child et al. 2019 sparse pattern: the output of
+    `sparse_attention_with_state` without a state.
 
     Args:
         q: `[B, H, Nq, D]`. k: `[B, Hkv, N, D]`. v: `[B, Hkv, N, Dv]`; Hkv divides H. When Nq < N the queries
@@ -189,6 +239,14 @@ def sparse_attention(
     Returns:
         `[B, H, Nq, Dv]` in v's dtype. When the pattern allows every key it equals dense softmax attention.
     """
+    return sparse_attention_with_state(
+        q, k, v, causal=causal, pattern=pattern, stride=stride, local=local, summary=summary, scaling=scaling,
+        padding_mask=padding_mask, backend=backend, dropout_p=dropout_p,
+    )[0]
+
+
+def _sparse_attention(q, k, v, *, causal, pattern, stride, local, summary, scaling, padding_mask, backend, dropout_p):
+    """The body of `sparse_attention_with_state` on all keys (the state already prepended)."""
     spec = SparsePattern(pattern, stride, local, summary)
     check_dropout_p(dropout_p)
     b, h, nq, d = q.shape
@@ -321,4 +379,4 @@ def _pattern_rows(first: int, n: int, spec: SparsePattern, causal: bool, device)
     )
 
 
-__all__ = ["SPARSE_PATTERNS", "SparsePattern", "sparse_attention", "sparse_pattern_mask"]
+__all__ = ["SPARSE_PATTERNS", "SparsePattern", "sparse_attention", "sparse_attention_with_state", "sparse_pattern_mask"]
