@@ -42,20 +42,12 @@ POOLING_REFUSED = {
     "minimax_m2",
     "neomme",
 }
-# where the pooled model is not what the run-time "mqa" computes on the original: "mqa" pools the keys after the
-# attention's per-head key normalization (its pre-norm hook covers modules' `k_norm`, before or after the head
-# transpose: Qwen3, Gemma 3, Apertus, EXAONE 4; not other names, nor Gemma 4's extra norms) or after Llama 4's L2 norm,
-# while the pooled checkpoint normalizes the pooled keys (integration/registry.py, not conversion, decides this)
-MQA_DIFFERS = {
-    "gemma4_unified_text",
-    "hunyuan_v1_dense",
-    "hunyuan_v1_moe",
-    "hy_v3",
-    "lfm2",
-    "llama4_text",
-    "nanochat",
-    "persimmon",
-}
+# where the pooled model is not what the run-time "mqa" computes on the original: none. "mqa" pools the keys (and
+# values) before the attention's per-head norms, whatever their name (`mqa_attention.head_norms` reads them from the
+# forward's code: `k_norm`; HunYuan's `key_layernorm`, after RoPE; LFM2's and Persimmon's `k_layernorm`; Llama 4's
+# `qk_norm`, shared with the queries; Gemma 4's `k_norm` and `v_norm`), so it equals the pooled checkpoint, which
+# normalizes the pooled keys. A family whose norm cannot be hooked so would be listed here, with the reason.
+MQA_DIFFERS = set()
 
 
 def _model(family, masked):
@@ -154,6 +146,29 @@ def test_kv_pooling(family, masked):
             hf_fastattn.configure(model, kv_groups=1)
             model.set_attn_implementation("mqa")
             torch.testing.assert_close(out, _logits(model, ids, masked), **TOL)
+
+
+# the families whose attention normalizes each key (or value) head under a name other than k_norm, or shares it
+HEAD_NORM_FAMILIES = ["hunyuan_v1_dense", "lfm2", "persimmon", "llama4_text", "gemma4_unified_text", "qwen3"]
+
+
+@pytest.mark.parametrize("family", HEAD_NORM_FAMILIES)
+def test_mqa_pools_before_the_head_norms_in_every_layout(family):
+    """Run-time "mqa" equals the pooled checkpoint where the key norm cannot tell heads from tokens by shape (as many
+    tokens as K/V heads; one token), and decodes with the cache as without."""
+    model = _model(family, False)
+    hkv = family_of(model).heads[1]
+    pooled = convert(model, "mqa")
+    hf_fastattn.configure(model, kv_groups=1)
+    model.set_attn_implementation("mqa")
+    with torch.no_grad():
+        for n in sorted({hkv, 1}):
+            ids = _ids(1, n)
+            torch.testing.assert_close(_logits(model, ids, False), _logits(pooled, ids, False), **TOL)
+        ids = _ids(1, 5)
+        cached = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert torch.equal(cached, model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False, pad_token_id=0))
+        assert torch.equal(cached, pooled.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0))
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3", "gpt_neox", "opt", "gpt2"])

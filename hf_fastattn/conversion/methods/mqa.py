@@ -15,12 +15,12 @@ On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts 
 where "mean" starts at 2.7x, and uptrains to a lower perplexity on the same tokens.
 
 The run-time "mqa" implementation (`configure(model, kv_groups=G)`, `set_attn_implementation("mqa")`) on the
-original model computes the same model as mean pooling here where the keys reach the attention function without a
-norm in between, and on Qwen3, where it pools the projected keys before the per-head key norm (`k_norm`), as the
-pooled checkpoint does (see `registry.mqa_attention_forward`): 85 of the 104 tiny families pooled in
-`tests/test_families/test_conversion_families.py`. It differs where the keys are normalized another way (Gemma 3,
-Apertus, EXAONE 4, HunYuan, LFM2, Llama 4, NanoChat, Persimmon ...: `MQA_DIFFERS` there); the pooled checkpoint
-normalizes the pooled keys.
+original model computes the same model as mean pooling here: where the keys reach the attention function without a
+norm in between, and where the attention normalizes each key (or value) head (Qwen3's `k_norm`, HunYuan's
+`key_layernorm`, LFM2's and Persimmon's `k_layernorm`, Llama 4's shared `qk_norm`, Gemma 4's `v_norm` ...), because
+it pools the projected keys before those norms, as the pooled checkpoint does (see
+`integration.mqa_attention.mqa_attention_forward`; checked on every family pooled in
+`tests/test_families/test_conversion_families.py`, whose `MQA_DIFFERS` is now empty).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ...integration.compatibility import check_compatible
+from ...integration.mqa_attention import enable_mqa_key_pooling
 from ...integration.registry import configure
 from ..families import Family, fit_kv, pool_kv
 from ..registry import MethodConfig, register_conversion_method
@@ -90,6 +91,7 @@ def attach_pool(model: nn.Module, cfg: MQAConfig | GQAConfig, family: Family) ->
     if not family.native_gqa:
         configure(model, kv_groups=cfg.groups)
         model.config._attn_implementation = "mqa"
+        enable_mqa_key_pooling(model)  # per-head key norms (Persimmon's k_layernorm): pooled before the norm
 
 
 def _needs_plugin(family: Family) -> bool:
