@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -61,16 +62,22 @@ def set_trainable(model: nn.Module, stage: str) -> list[str]:
 
 
 def add_lora(model: nn.Module, rank: int = 8, alpha: int | None = None, dropout: float = 0.0):
-    """Wrap `model` with peft LoRA adapters on the attention projections (q, k, v, o) of its family."""
+    """Wrap `model` with peft LoRA adapters on the attention projections (q, k, v, o) of its family.
+
+    `fan_in_fan_out` (peft: the base weight is stored [in, out]) is set when the targeted projections are
+    transformers' `Conv1D` (GPT-2 and the models built on its blocks), whatever the family is called."""
     from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
 
     family = family_of(model)
+    # peft matches a string `target_modules` against full module names with re.fullmatch
+    targets = [m for name, m in model.named_modules() if re.fullmatch(family.lora_targets, name)]
     config = LoraConfig(
         r=rank,
         lora_alpha=alpha or 2 * rank,
         lora_dropout=dropout,
         target_modules=family.lora_targets,
-        fan_in_fan_out=family.name == "gpt2",
+        fan_in_fan_out=bool(targets) and all(isinstance(m, Conv1D) for m in targets),
     )
     peft_model = get_peft_model(model, config)
     set_trainable(peft_model, "lora")
