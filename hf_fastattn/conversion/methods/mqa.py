@@ -9,7 +9,7 @@ from the model (`families.kv_layout`); layouts it cannot read (CodeGen's model-p
 of attention heads) raise a ValueError listing the supported ones.
 
 Two initializations (option `init`): "mean" (Ainslie et al.: each group's K and V projections averaged; Q and O
-untouched) and "svd" (`families.fit_kv`: the shared K and V heads are fit to the query-key and value-output
+untouched) and "svd" (`kv_pooling.fit_kv`: the shared K and V heads are fit to the query-key and value-output
 circuits of the group's heads by truncated SVD, and Q and O are refit to them; exact when nothing is pooled).
 On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts at 1.4x the teacher's perplexity
 where "mean" starts at 2.7x, and uptrains to a lower perplexity on the same tokens.
@@ -32,7 +32,8 @@ from torch import nn
 from ...integration.compatibility import check_compatible
 from ...integration.mqa_attention import enable_mqa_key_pooling
 from ...integration.registry import configure
-from ..families import Family, fit_kv, pool_kv
+from ..families import Family
+from ..kv_pooling import fit_kv, pool_kv
 from ..registry import MethodConfig, register_conversion_method
 
 INITS = ("mean", "svd")

@@ -1,0 +1,325 @@
+"""K/V pooling of the attention modules that `families.Family` describes, in place: mean pooling (`pool_kv`, the
+"mean" init of "mqa" / "gqa") and the circuit-preserving fit (`fit_kv`, the "svd" init). Split from `families.py`:
+that module reads a model, this one rewrites its K/V projections.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .families import (
+    K_NAMES,
+    POOLING_SUPPORTED,
+    Q_NAMES,
+    V_NAMES,
+    Family,
+    _child,
+    _forward_owner,
+    _fused_projection,
+    _output_projection,
+    _text_config,
+    attention_modules,
+    module_heads,
+)
+
+# ---------------------------------------------------------------------------------------------------------------
+# the K/V projections of one attention module, as rows [out, in + 1] (the bias, zeros if none, as a last column)
+
+
+def _rows(proj: nn.Module) -> torch.Tensor:
+    w = proj.weight.t() if isinstance(proj, Conv1D) else proj.weight  # Conv1D: [in, out]
+    bias = proj.bias if proj.bias is not None else w.new_zeros(w.shape[0])
+    return torch.cat([w, bias[:, None]], 1)
+
+
+def _set_rows(proj: nn.Module, rows: torch.Tensor) -> None:
+    w = rows[:, :-1].to(proj.weight.dtype)
+    proj.weight.copy_(w.t() if isinstance(proj, Conv1D) else w)
+    if proj.bias is not None:
+        proj.bias.copy_(rows[:, -1].to(proj.bias.dtype))
+
+
+def _new_linear(old: nn.Module, rows: torch.Tensor) -> nn.Linear:
+    """A Linear with `rows` (fewer outputs than `old`), on `old`'s device and dtype."""
+    new = nn.Linear(rows.shape[1] - 1, rows.shape[0], bias=old.bias is not None)
+    new.to(device=old.weight.device, dtype=old.weight.dtype)
+    _set_rows(new, rows)
+    return new
+
+
+def _fused_index(layout: str, h: int, hkv: int, d: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row indices of q, k and v in a fused projection."""
+    if layout == "blocks":
+        q = torch.arange(h * d)
+        k = h * d + torch.arange(hkv * d)
+        return q, k, h * d + hkv * d + torch.arange(hkv * d)
+    if h != hkv:
+        raise ValueError(
+            f"hf_fastattn: a per-head fused q/k/v projection needs as many K/V heads as heads ({hkv} != {h})"
+        )
+    per = torch.arange(h)[:, None] * 3 * d + torch.arange(d)  # [H, D]
+    return per.flatten(), (per + d).flatten(), (per + 2 * d).flatten()
+
+
+def _kv_check(model: nn.Module, family: Family) -> None:
+    if family.kv_layout is None:
+        raise ValueError(
+            f'hf_fastattn: K/V pooling ("mqa" / "gqa") does not support {family.name!r}: {family.kv_refusal}. '
+            f"Supported: {POOLING_SUPPORTED}"
+        )
+
+
+def _read_qkv(module: nn.Module, family: Family, heads) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q [H D, E+1], k [Hkv D, E+1], v [Hkv Dv, E+1]) rows of one attention module."""
+    h, hkv, d = heads
+    if family.kv_layout == "separate":
+        q = _child(module, Q_NAMES)
+        k, v = _child(module, K_NAMES)[1], _child(module, V_NAMES)[1]
+        return (_rows(q[1]) if q else None), _rows(k), _rows(v)
+    rows = _rows(_fused_projection(module)[1])
+    qi, ki, vi = _fused_index(family.kv_layout, h, hkv, d)
+    return rows[qi], rows[ki], rows[vi]
+
+
+def _write_qkv(module: nn.Module, family: Family, heads, q, k, v) -> None:
+    """Write q, k, v rows back; k and v with fewer heads than the module has (native GQA) replace the projections
+    by smaller ones and update the module's head attributes."""
+    h, hkv, d = heads
+    groups = k.shape[0] // d
+    if family.kv_layout == "separate":
+        found = _child(module, Q_NAMES)
+        if q is not None and found is not None:
+            _set_rows(found[1], q)
+        for names, rows in ((K_NAMES, k), (V_NAMES, v)):
+            name, proj = _child(module, names)
+            if rows.shape[0] == proj.weight.shape[0 if isinstance(proj, nn.Linear) else 1]:
+                _set_rows(proj, rows)
+            else:
+                setattr(module, name, _new_linear(proj, rows))
+    else:
+        name, proj = _fused_projection(module)
+        if groups == hkv:
+            full = _rows(proj).clone()
+            qi, ki, vi = _fused_index(family.kv_layout, h, hkv, d)
+            full[qi], full[ki], full[vi] = q.to(full.dtype), k.to(full.dtype), v.to(full.dtype)
+            _set_rows(proj, full)
+        else:  # blocks, fewer K/V heads
+            setattr(module, name, _new_linear(proj, torch.cat([q, k, v]).to(proj.weight.dtype)))
+    if groups != hkv:
+        for attr in ("num_key_value_heads", "num_kv_heads"):
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, groups)
+        if isinstance(getattr(module, "num_key_value_groups", None), int):
+            module.num_key_value_groups = h // groups
+
+
+def _check_groups(model: nn.Module, groups: int) -> list[tuple[nn.Module, tuple[int, int, int]]]:
+    modules = [(m, module_heads(m, model.config)) for m in attention_modules(model)]
+    for _, (_, hkv, _) in modules:
+        if not isinstance(groups, int) or groups < 1 or hkv % groups != 0:
+            raise ValueError(
+                f"num_key_value_heads={groups} must divide the model's {hkv} key/value heads "
+                f"(valid: {[g for g in range(1, hkv + 1) if hkv % g == 0]})"
+            )
+    return modules
+
+
+def _pool_rows(w: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
+    """Rows `[heads * D, ...]` -> `[groups * D, ...]`: the mean over each run of heads / groups consecutive heads."""
+    rest = w.shape[1:]
+    return w.reshape(groups, heads // groups, head_dim, *rest).mean(1).reshape(groups * head_dim, *rest)
+
+
+def _tie_rows(w: torch.Tensor, heads: int, groups: int, head_dim: int) -> torch.Tensor:
+    """Like `_pool_rows` but each group's mean is written back to all its heads (same shape as `w`)."""
+    rest = w.shape[1:]
+    pooled = w.reshape(groups, heads // groups, head_dim, *rest).mean(1, keepdim=True)
+    return pooled.expand(groups, heads // groups, head_dim, *rest).reshape(w.shape)
+
+
+def _set_config_kv_heads(model: nn.Module, groups: int) -> None:
+    _text_config(model.config).num_key_value_heads = groups
+    if model.config is not _text_config(model.config) and hasattr(model.config, "num_key_value_heads"):
+        model.config.num_key_value_heads = groups
+
+
+@torch.no_grad()
+def pool_kv(model: nn.Module, family: Family, groups: int) -> None:
+    """Mean-pool the K and V projections (weights and biases) into `groups` heads, in place.
+
+    Native-GQA families get smaller K/V projections and `config.num_key_value_heads = groups` (a standard model).
+    The others keep their shapes: every head of a group gets the group's mean, so the model equals the pooled one
+    and the "mqa" attention function (kv_groups = groups) computes it with `groups` K/V heads.
+    """
+    _kv_check(model, family)
+    for module, heads in _check_groups(model, groups):
+        _, hkv, _ = heads
+        q, k, v = _read_qkv(module, family, heads)
+        dk, dv = k.shape[0] // hkv, v.shape[0] // hkv
+        pool = _pool_rows if family.native_gqa else _tie_rows
+        _write_qkv(module, family, heads, q, pool(k, hkv, groups, dk), pool(v, hkv, groups, dv))
+    if family.native_gqa:
+        _set_config_kv_heads(model, groups)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# circuit-preserving K/V pooling (init="svd" of "mqa" / "gqa")
+
+
+def _rope_pairs(model: nn.Module, d: int) -> tuple[list[tuple[int, int]], list[int]] | None:
+    """None without a rotary embedding in q and k; else (the pairs of head dims RoPE rotates together, the dims it
+    leaves alone). Read from the config (partial rotary: `partial_rotary_factor`, `rotary_dim`, `rotary_pct`) and from
+    the modeling code's rotation: Llama's `rotate_half` pairs (j, j + R/2), the interleaved forms (`x[..., ::2]` or
+    `x[..., 0::2]`: Cohere, GLM, GPT-J's `rotate_every_two`) pair (2j, 2j + 1); the first R dims of each head are rotated. A ValueError otherwise."""
+    text = _text_config(model.config)
+    rope = getattr(text, "rope_parameters", None)
+    rotary_dim = getattr(text, "rotary_dim", None)
+    if rope is None and rotary_dim is None and getattr(text, "position_embedding_type", None) != "rotary":
+        return None
+    factors = [getattr(text, "partial_rotary_factor", None), getattr(text, "rotary_pct", None)]
+    if isinstance(rope, dict):
+        nested = [p for p in rope.values() if isinstance(p, dict)] or [rope]
+        factors += [p.get("partial_rotary_factor") for p in nested]
+    factors = {f for f in factors if f is not None}
+    if len(factors) > 1:
+        raise ValueError(
+            f"its rotary embedding covers different fractions of the head per layer type {sorted(factors)}"
+        )
+    r = rotary_dim if rotary_dim is not None else int(d * factors.pop()) if factors else d
+    if r % 2 or not 0 < r <= d:
+        raise ValueError(f"its rotary embedding covers {r} of the {d} head dims, not an even number of them")
+    module = sys.modules.get(_forward_owner(type(attention_modules(model)[0])).__module__)
+    apply = getattr(module, "apply_rotary_pos_emb", None)
+    source = inspect.getsource(apply) if apply is not None else ""
+    rotate = next((getattr(module, n) for n in ("rotate_half", "rotate_every_two") if f"{n}(" in source), None)
+    rotate_source = inspect.getsource(rotate) if rotate is not None else ""
+    if any(f"x[{lead}{start}::2]" in rotate_source for lead in ("..., ", ":, :, :, ") for start in ("", "0")):
+        return [(2 * j, 2 * j + 1) for j in range(r // 2)], list(range(r, d))
+    if "x[..., : x.shape[-1] // 2]" in rotate_source:
+        return [(j, j + r // 2) for j in range(r // 2)], list(range(r, d))
+    raise ValueError("its rotary embedding's rotation is not one the per-pair fit knows (rotate_half, interleaved)")
+
+
+def _split_svd(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left [M, r], right [r, N]) with left @ right the best rank-r approximation of `stack`, the singular values
+    split evenly (sqrt each side) so that both factors keep the scale of the weights they replace."""
+    u, s, vh = torch.linalg.svd(stack, full_matrices=False)
+    root = s[:rank].sqrt()
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
+
+
+@torch.no_grad()
+def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope):
+    """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns.
+    `rope`: None, or (pairs of dims rotated together, dims not rotated) from `_rope_pairs`."""
+    n, e = q.shape[-1], o.shape[0]
+    # values: the output-value circuits O_h V_h of the group's heads, stacked, at rank D: V' shared, O_h' per head
+    left, v_new = _split_svd(torch.cat([o[:, h] @ v[kv_of[h]] for h in heads]), d)
+    o_new = {h: left[i * e : (i + 1) * e] for i, h in enumerate(heads)}
+    q_new = {h: q[h].clone() for h in heads}
+    k_new = torch.empty(d, n, dtype=q.dtype)
+    pairs, plain = rope if rope is not None else ([], list(range(d)))
+    if plain:
+        # scores x_q^T Q_h^T K_h x_k over the dims RoPE leaves alone: the circuits Q_h^T K_h stacked, at their rank
+        left, k_new[plain] = _split_svd(torch.cat([q[h, plain].t() @ k[kv_of[h], plain] for h in heads]), len(plain))
+        for i, h in enumerate(heads):
+            q_new[h][plain] = left[i * n : (i + 1) * n].t()
+    # RoPE rotates each pair of dims (a, b) as one complex number z = x_a + i x_b; a complex factor per head and pair
+    # commutes with it, so each pair gets a shared key row and per-head query rows from a complex rank-1 fit of the
+    # circuits conj(q_h) k_h^T (score = Re(conj(z_q) z_k e^{i(theta_k - theta_q)})).
+    for a, b in pairs:
+        qz = {h: torch.complex(q[h, a], q[h, b]) for h in heads}
+        kz = {h: torch.complex(k[kv_of[h], a], k[kv_of[h], b]) for h in heads}
+        left, right = _split_svd(torch.cat([torch.outer(qz[h].conj(), kz[h]) for h in heads]), 1)
+        k_new[a], k_new[b] = right[0].real, right[0].imag
+        for i, h in enumerate(heads):
+            qh = left[i * n : (i + 1) * n, 0].conj()
+            q_new[h][a], q_new[h][b] = qh.real, qh.imag
+    return q_new, k_new, v_new, o_new
+
+
+def _svd_refusal(model: nn.Module, family: Family, module: nn.Module, heads) -> str | None:
+    """Why the circuit fit cannot refit this module, or None."""
+    h, hkv, d = heads
+    if family.kv_layout == "separate" and _child(module, Q_NAMES) is None:
+        return "no separate query projection was found"
+    out = _output_projection(model, module)
+    if out is None:
+        return "no output projection was found"
+    q, k, v = _read_qkv(module, family, heads)
+    if v.shape[0] != hkv * d or q.shape[0] != h * d:
+        return "its value (or query) heads are not of the key head size"
+    if (out[1].weight.shape[1] if isinstance(out[1], nn.Linear) else out[1].weight.shape[0]) != h * d:
+        return "its output projection does not take the H * D attention outputs"
+    projections = {id(p) for m in (*_projection_modules(module, family), out[1]) for p in m.parameters()}
+    other = [n for n, p in module.named_parameters() if id(p) not in projections]
+    other += [n for n, _ in module.named_children() if "norm" in n.lower() and n not in other]  # parameter-free norms
+    if other:
+        return (
+            f"its attention has parameters or norms beside the q/k/v/o projections ({', '.join(other[:4])}: norms, "
+            "gates or sinks), which do not commute with the refit of the query and output rows"
+        )
+    return None
+
+
+def _projection_modules(module: nn.Module, family: Family) -> list[nn.Module]:
+    if family.kv_layout == "separate":
+        found = [_child(module, names) for names in (Q_NAMES, K_NAMES, V_NAMES)]
+        return [child for _, child in filter(None, found)]
+    return [_fused_projection(module)[1]]
+
+
+@torch.no_grad()
+def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
+    """Pool K/V into `groups` heads keeping the attention circuits, in place (the "svd" init of mqa / gqa).
+
+    Mean pooling (`pool_kv`) averages the K and V projections of a group's heads. This fit instead keeps what the
+    heads compute as closely as a shared K/V head allows, from the weights alone: per group, the value-output
+    circuits `O_h V_h` of its heads are stacked and factored at rank D (truncated SVD), giving the shared V
+    projection and new per-head output columns; the query-key circuits `Q_h^T K_h` likewise give the shared K
+    projection and new per-head query rows. With rotary embeddings the fit is per rotary pair, a complex rank-1
+    factorization (a complex factor commutes with the rotation); half-split, interleaved and partial RoPE. Exact when nothing is pooled (groups = K/V heads);
+    Q, K, V and O change (biases included), the shapes are those of `pool_kv`. Not for attention with other
+    parameters between the projections (Qwen3's q_norm / k_norm, output gates, sinks), rotations it does not
+    recognize, or value heads of another size: a ValueError says which.
+    """
+    _kv_check(model, family)
+    modules = _check_groups(model, groups)
+    for module, heads in modules:
+        reason = _svd_refusal(model, family, module, heads)
+        if reason is None:
+            try:
+                _rope_pairs(model, heads[2])
+            except ValueError as err:
+                reason = str(err)
+        if reason is not None:
+            raise ValueError(f"init='svd' does not apply to {family.name!r}: {reason}; use init='mean'")
+    for module, (h, hkv, d) in modules:
+        q, k, v = (x.double() for x in _read_qkv(module, family, (h, hkv, d)))
+        out = _output_projection(model, module)[1]
+        o = (out.weight.t() if isinstance(out, Conv1D) else out.weight).double()  # [E, H D]
+        n = q.shape[-1]
+        q, k, v, o = q.view(h, d, n), k.view(hkv, d, n), v.view(hkv, d, n), o.view(o.shape[0], h, d)
+        per = h // groups
+        kv_of = [i // (h // hkv) for i in range(h)]
+        rope = _rope_pairs(model, d)
+        new_q, new_o = q.clone(), o.clone()
+        new_k = torch.empty(groups, d, n, dtype=q.dtype)
+        new_v = torch.empty(groups, d, n, dtype=q.dtype)
+        for g in range(groups):
+            members = list(range(g * per, (g + 1) * per))
+            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, members, kv_of, d, rope)
+            for i in members:
+                new_q[i], new_o[:, i] = qg[i], og[i]
+        if not family.native_gqa:  # one K/V row block per head: every head of a group gets the group's shared rows
+            new_k, new_v = new_k.repeat_interleave(hkv // groups, 0), new_v.repeat_interleave(hkv // groups, 0)
+        _write_qkv(module, family, (h, hkv, d), new_q.reshape(h * d, n), new_k.reshape(-1, n), new_v.reshape(-1, n))
+        o2 = new_o.reshape(o.shape[0], h * d)
+        out.weight.copy_((o2.t() if isinstance(out, Conv1D) else o2).to(out.weight.dtype))
+    if family.native_gqa:
+        _set_config_kv_heads(model, groups)
