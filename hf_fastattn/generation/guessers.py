@@ -1,47 +1,103 @@
 """Guessers: where a pass's guesses come from (step 1 of the loop in `jacobi.py`).
 
-In the spirit of transformers' `CandidateGenerator`, a guesser has a small interface:
+A guesser is a `Guesser`, an interface in the spirit of transformers' `CandidateGenerator` (assisted generation,
+prompt lookup), with the same two calls:
 
-    start(ids)                      the prompts, before the first pass
-    candidates(ids, max_depth)      per row, candidate continuations `(tokens, source)`, the most trusted first
-    max_nodes                       at most this many guesses per row and pass
-    observe(ids, draft, logits, n, path)
-                                    what the pass showed: the model's predictions at every fed position
+    start(input_ids)                the prompts, before the first pass
+    get_candidates(input_ids, max_depth)
+                                    per row, candidate continuations `(tokens, source)`, the most trusted first
+    update_candidate_strategy(input_ids, draft, scores, num_committed, path)
+                                    what the pass showed: the model's scores at every fed position
+    max_nodes                       at most this many guesses per row and pass (read after get_candidates)
 
-It proposes; it does not decide how much to verify. `speculation.plan` keeps the nodes worth their cost, from the
-acceptance observed so far per `source` and depth. Sources: "text:m" (a copy of what followed an earlier occurrence
-of the text's last m tokens: prompt lookup), "predicted" (the model's own predictions after each context, chained),
-"jacobi" (the previous pass's predictions past the accepted tokens), "fill" (a position never predicted yet).
+Unlike a `CandidateGenerator` it proposes and does not decide how much to verify, nor returns a tensor: several
+candidates per row may share prefixes (a tree, `draft.build_draft`), and `speculation.plan` keeps the nodes worth
+their cost from the acceptance observed so far per `source` and depth. Sources: "text:m" (a copy of what followed an
+earlier occurrence of the text's last m tokens: prompt lookup), "predicted" (the model's own predictions after each
+context, chained), "jacobi" (the previous pass's predictions past the accepted tokens), "fill" (a position never
+predicted yet). The former method names `candidates` and `observe` remain as aliases for one release.
+
+The modes (`make_guesser`) differ only in their guesser:
+
+    "jacobi"     (`JacobiGuesser`) the window covers all remaining new tokens (up to `max_new_tokens`, or
+                 `block_size`); each pass re-guesses the unconverged part with the previous pass's predictions
+                 (plain Jacobi iteration, Santilli et al. 2023).
+    "gs_jacobi"  Gauss-Seidel-Jacobi: blocks of `block_size` tokens; Jacobi iterations on one block until it has
+                 converged (it is then in the cache), then the next block starts.
+    "hybrid"     a sliding window of `block_size` guesses that moves on as soon as a prefix converges and stops at
+                 EOS or any stopping criterion: GS-Jacobi for outputs of unknown length. (The name predates the
+                 library's other "hybrid"s and means neither: not the LoLCATs sliding-window + linear attention,
+                 `integration/hybrid_attention.py`, nor transformers' hybrid caches; kept for compatibility.)
+    "lookahead"  (`LookaheadGuesser`, after Fu et al. 2024): guesses come from an n-gram pool and several candidates
+                 are verified in the same forward, as one token tree (their verification branch). The pool
+                 (`NGramPool`) holds the committed text itself (prompt and output so far: the continuations after
+                 earlier occurrences of its own suffix, "prompt lookup") and the model's own predictions after every
+                 context it has seen (every guess, rejected ones included: the n-grams their Jacobi trajectories
+                 yield), plus the Jacobi update (the predictions below the last accepted node). There is no separate
+                 2D Jacobi "lookahead branch" spending extra positions. (Predictions after prompt positions are not
+                 learned by default: each costs an LM-head row, 49152 x 576 on SmolLM2, more than it saves.)
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 
 import torch
 
+from .draft import Draft, build_draft  # noqa: F401  (re-exported: they lived here until this release)
 
-@dataclass
-class Draft:
-    """The guesses of one pass. `tokens[b, i]` is node i of row b: a chain (node i follows node i - 1, node 0 follows
-    the last committed token) unless `ancestors` is given, which makes it a tree.
-
-    Tree fields, per row: `depth` `[B, q]` (1 for a child of the last committed token), `ancestors` `[B, q, q]`
-    (`[b, i, j]` iff node j is node i or one of its ancestors), `children` ({(node, token): child}, node -1 the last
-    committed token) and `parents` (each node's parent, -1 the last committed token). `sources[b][i]`: where node i
-    of row b came from (None for padding), when known.
-    """
-
-    tokens: torch.LongTensor
-    depth: torch.LongTensor | None = None
-    ancestors: torch.BoolTensor | None = None
-    children: list[dict] | None = None
-    parents: list[list[int]] | None = None
-    sources: list[list[str | None]] | None = None
+MODES = ("jacobi", "gs_jacobi", "hybrid", "lookahead")
+Candidates = list[list[tuple[list[int], str]]]  # per row: (tokens, source), the most trusted first
 
 
-class JacobiGuesser:
+class Guesser:
+    """The interface of a guesser (see the module docstring); subclasses implement `get_candidates` and, if they
+    learn from the passes, `update_candidate_strategy`."""
+
+    max_nodes: int = 0  # at most this many guesses per row in the pass just proposed
+    learns_from: int = 0  # predictions wanted after committed tokens other than the last one
+
+    def start(self, input_ids: torch.LongTensor) -> None:
+        """Called once with the prompts `[B, P]` before the first pass."""
+
+    def get_candidates(self, input_ids: torch.LongTensor, max_depth: int) -> Candidates:
+        """Per row of `input_ids` (the committed tokens `[B, L]`), candidate continuations of at most `max_depth`
+        tokens with their source, the most trusted first; an empty list: no guess (a plain greedy step)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement get_candidates")
+
+    def update_candidate_strategy(
+        self, input_ids: torch.LongTensor, draft: Draft, scores: torch.Tensor, num_committed: int, path
+    ) -> None:
+        """What the pass showed. `input_ids`: the committed tokens after it `[B, L']`; `draft`: the guesses
+        verified; `scores`: the logits `[B, u + q, V]` of the fed positions (the last committed token's row, then
+        one per guess; earlier committed tokens first when the forward fed them); `num_committed`: the tokens the
+        pass committed (transformers' `num_matches` + 1: the accepted guesses and the model's own next token);
+        `path[b]`: the accepted nodes of row b, in order."""
+
+    # the former names, kept for one release
+    def candidates(self, ids, max_depth: int) -> Candidates:
+        return self.get_candidates(ids, max_depth)
+
+    def observe(self, ids, draft, logits, n, path) -> None:
+        return self.update_candidate_strategy(ids, draft, logits, n, path)
+
+
+def make_guesser(mode: str, block_size=None, max_iterations=None, ngram_size: int = 4, num_candidates: int = 4):
+    """The guesser of a Jacobi decoding `mode` (one of `MODES`), with a ValueError naming any bad option."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is not a Jacobi decoding mode; choose one of {MODES}")
+    if block_size is not None and block_size < 1:
+        raise ValueError(f"block_size={block_size} must be a positive integer")
+    if ngram_size < 2:
+        raise ValueError(f"ngram_size={ngram_size} must be at least 2")
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates={num_candidates} must be a positive integer")
+    if mode == "lookahead":
+        return LookaheadGuesser(block_size or 12, ngram_size - 1, num_candidates)
+    return JacobiGuesser(mode, block_size, max_iterations)
+
+
+class JacobiGuesser(Guesser):
     """Guesses for "jacobi", "gs_jacobi" and "hybrid": last pass's predictions, shifted past the accepted tokens.
 
     `trajectory[:, i]` is the current guess for position `L + i` (L = committed length): the prediction the model
@@ -77,7 +133,7 @@ class JacobiGuesser:
             k = 0
         return max(0, min(k, max_depth))
 
-    def candidates(self, ids, max_depth: int):
+    def get_candidates(self, ids, max_depth: int) -> Candidates:
         k = self.max_nodes = self.num_guesses(ids.shape[1], max_depth)
         if k == 0:
             return [[] for _ in range(ids.shape[0])]
@@ -90,7 +146,7 @@ class JacobiGuesser:
             out.append(chain)
         return out
 
-    def observe(self, ids, draft, logits, n, path):
+    def update_candidate_strategy(self, ids, draft, logits, n, path):
         q = draft.tokens.shape[1]
         # the predictions past the accepted ones (none when every guess was accepted: the window was too short)
         self.trajectory = logits[:, n:].argmax(-1) if n <= q else ids[:, :0]
@@ -164,7 +220,7 @@ class NGramPool:
         return chain
 
 
-class LookaheadGuesser:
+class LookaheadGuesser(Guesser):
     """Lookahead decoding: candidate continuations from each row's `NGramPool` and the Jacobi trajectory.
 
     Per row: the model's predicted chain, up to `num_candidates` continuations copied from the text (prompt
@@ -186,7 +242,7 @@ class LookaheadGuesser:
             pool.text.extend(row)
         self.trajectory = [[] for _ in self.pools]
 
-    def candidates(self, ids, max_depth: int):
+    def get_candidates(self, ids, max_depth: int) -> Candidates:
         depth = min(self.depth, max_depth)
         self.max_nodes = 2 * depth
         if depth == 0:
@@ -204,7 +260,7 @@ class LookaheadGuesser:
             out.append(found)
         return out
 
-    def observe(self, ids, draft, logits, n, path):
+    def update_candidate_strategy(self, ids, draft, logits, n, path):
         q, predictions = draft.tokens.shape[1], logits.argmax(-1)
         parents = draft.parents or [list(range(-1, q - 1))] * len(self.pools)  # a chain: node i follows i - 1
         rows = zip(
@@ -238,59 +294,3 @@ def _lineage(node: int, tokens: list[int], parents: list[int], limit: int) -> li
         node = parents[node]
         lineage.append(tokens[node])
     return lineage[::-1]
-
-
-def build_draft(
-    candidates: list[list[list[int]]], filler: list[int], device=None, sources: list[list[str]] | None = None
-) -> Draft:
-    """Merge each row's candidate continuations into a token tree (shared prefixes once) and pad the rows to one
-    size; a single candidate per row gives a chain. Node order: the first candidate's tokens are nodes 0, 1, ...
-    `sources[b][i]` (optional) is where candidate i of row b came from; a node keeps its first candidate's."""
-    batch = len(candidates)
-    if all(len(rows) <= 1 for rows in candidates):
-        width = max((len(rows[0]) for rows in candidates if rows), default=0)
-        chains = [(rows[0] if rows else []) for rows in candidates]
-        tokens = [chain + [fill] * (width - len(chain)) for chain, fill in zip(chains, filler, strict=True)]
-        node_sources = None
-        if sources is not None:
-            node_sources = [
-                ([src[0]] * len(chain) if chain else []) + [None] * (width - len(chain))
-                for chain, src in zip(chains, sources, strict=True)
-            ]
-        return Draft(torch.tensor(tokens, dtype=torch.long, device=device).view(batch, width), sources=node_sources)
-    trees = []  # per row: (tokens, depths, ancestor lists, children, parents, sources)
-    for b, rows in enumerate(candidates):
-        tokens, depths, lineage, children, parents, node_sources = [], [], [], {}, [], []
-        for c, candidate in enumerate(rows):
-            node = -1
-            for token in candidate:
-                child = children.get((node, token))
-                if child is None:
-                    child = len(tokens)
-                    children[(node, token)] = child
-                    tokens.append(token)
-                    parents.append(node)
-                    depths.append(depths[node] + 1 if node >= 0 else 1)
-                    lineage.append((lineage[node] if node >= 0 else []) + [child])
-                    node_sources.append(sources[b][c] if sources is not None else None)
-                node = child
-        trees.append((tokens, depths, lineage, children, parents, node_sources))
-    width = max(len(tree[0]) for tree in trees)
-    ancestors = torch.zeros(batch, width, width, dtype=torch.bool)
-    token_rows, depth_rows = [], []
-    for b, (tokens, depths, lineage, _, _, _) in enumerate(trees):
-        pad = width - len(tokens)  # padding nodes: children of the root that no token ever leads to
-        token_rows.append(tokens + [filler[b]] * pad)
-        depth_rows.append(depths + [1] * pad)
-        lineage = lineage + [[i] for i in range(len(tokens), width)]
-        node_index = [i for i, line in enumerate(lineage) for _ in line]
-        ancestor_index = [j for line in lineage for j in line]
-        ancestors[b, node_index, ancestor_index] = True
-    return Draft(
-        tokens=torch.tensor(token_rows, dtype=torch.long, device=device),
-        depth=torch.tensor(depth_rows, dtype=torch.long, device=device),
-        ancestors=ancestors.to(device),
-        children=[tree[3] for tree in trees],
-        parents=[tree[4] + [-1] * (width - len(tree[4])) for tree in trees],
-        sources=[tree[5] + [None] * (width - len(tree[5])) for tree in trees] if sources is not None else None,
-    )

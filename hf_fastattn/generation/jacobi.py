@@ -25,22 +25,11 @@ One *pass* of every mode is the same (`verify.accept_greedy`, `rollback.py`):
        recurrent state);
     5. show the guesser the model's predictions at every position: the next guesses.
 
-The modes differ only in step 1:
-
-    "jacobi"     the window covers all remaining new tokens (up to `max_new_tokens`, or `block_size`); each pass
-                 re-guesses the unconverged part with the previous pass's predictions (plain Jacobi iteration).
-    "gs_jacobi"  Gauss-Seidel-Jacobi: blocks of `block_size` tokens; Jacobi iterations on one block until it has
-                 converged (it is then in the cache), then the next block starts.
-    "hybrid"     a sliding window of `block_size` guesses that moves on as soon as a prefix converges and stops at
-                 EOS or any stopping criterion: GS-Jacobi for outputs of unknown length.
-    "lookahead"  after Fu et al. (2024): guesses come from an n-gram pool and several candidates are verified in
-                 the same forward, as one token tree (their verification branch). The pool (`NGramPool`) holds the
-                 committed text itself (prompt and output so far: the continuations after earlier occurrences of
-                 its own suffix, "prompt lookup") and the model's own predictions after every context it has
-                 seen (every guess, rejected ones included: the n-grams their Jacobi trajectories yield), plus the
-                 Jacobi update (the predictions below the last accepted node). There is no separate 2D Jacobi
-                 "lookahead branch" spending extra positions. (Predictions after prompt positions are not learned
-                 by default: each costs an LM-head row, 49152 x 576 on SmolLM2, more than it saves.)
+The modes differ only in step 1, their guesser (`guessers.py`, behind an interface in the spirit of transformers'
+`CandidateGenerator`): "jacobi" (plain Jacobi iteration over the remaining tokens), "gs_jacobi" (Gauss-Seidel
+blocks of `block_size`), "hybrid" (a sliding window of `block_size` guesses; a Jacobi mode, unrelated to the
+LoLCATs hybrid attention) and "lookahead" (after Fu et al. 2024: candidates from an n-gram pool and the committed
+text, verified together as one token tree).
 
 No mode needs the output length in advance; every mode checks EOS and stopping criteria token by token, so all of
 them stop exactly where greedy decoding stops.
@@ -70,7 +59,6 @@ next pass (in a separate forward, since a recurrent layer only returns its final
 from __future__ import annotations
 
 import dataclasses
-import operator
 import time
 from dataclasses import dataclass
 
@@ -78,9 +66,12 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..integration.cache import cache_argument, pop_cache
+from ..integration.cache import pop_cache
+from .checks import check_config, check_inputs, check_model
+from .draft import Draft, build_draft
 from .fastpath import fast_verification
-from .guessers import Draft, JacobiGuesser, LookaheadGuesser, NGramPool, SuffixIndex, build_draft
+from .forward import Forward, guess_mask, timed_forward
+from .guessers import MODES, Guesser, JacobiGuesser, LookaheadGuesser, NGramPool, SuffixIndex, make_guesser
 from .rollback import keep_path, needs_snapshot, rollback, snapshot, supports_tree
 from .speculation import AcceptanceStats, ForwardCost, Tree, plan
 from .verify import accept_greedy, accept_sampled, processor_function
@@ -88,6 +79,7 @@ from .verify import accept_greedy, accept_sampled, processor_function
 __all__ = [
     "MODES",
     "Draft",
+    "Guesser",
     "JacobiDecoderOutput",
     "JacobiGuesser",
     "LookaheadGuesser",
@@ -96,9 +88,9 @@ __all__ = [
     "build_draft",
     "jacobi_decoding",
     "jacobi_generate",
+    "make_guesser",
 ]
 
-MODES = ("jacobi", "gs_jacobi", "hybrid", "lookahead")
 # transformers 5.24 renamed the output's `past_key_values` field to `cache`
 _CACHE_FIELD = (
     "cache"
@@ -177,8 +169,8 @@ def jacobi_decoding(
         `generate(do_sample=True)`'s), or a `JacobiDecoderOutput` with
         `num_forward_passes` and `accepted_per_pass` when `return_dict_in_generate=True`.
     """
-    _check_model(model)
-    _check_inputs(input_ids, block_size)
+    check_model(model)
+    check_inputs(input_ids, block_size)
     if generation_config is None:  # called directly: let generate prepare everything and call us back
         return model.generate(
             input_ids,
@@ -196,7 +188,7 @@ def jacobi_decoding(
             stopping_criteria=stopping_criteria,
             **model_kwargs,
         )
-    _check_config(generation_config, mode)
+    check_config(generation_config, mode)
     if streamer is None and jacobi_streamer is not None:
         streamer = jacobi_streamer
         streamer.put(input_ids.cpu())  # generate() does this only for its own `streamer` argument
@@ -230,7 +222,7 @@ def jacobi_decoding(
     for key in ("use_cache", "logits_to_keep", "cache_position"):
         model_kwargs.pop(key, None)
     cached = 0  # committed tokens whose K/V (or state) is in the cache; the rest are fed again
-    forward = _Forward(model, cache, model_kwargs)
+    forward = Forward(model, cache, model_kwargs)
     # trees (and our own 4D masks) need K/V we can gather and plain causal attention that takes an additive 4D mask
     trees = (
         supports_tree(cache)
@@ -242,7 +234,7 @@ def jacobi_decoding(
     pad_token_id = generation_config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
-    guesser = _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
+    guesser = make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
     guesser.start(ids[:, :length])
     stats = AcceptanceStats.for_model(model)  # what guesses of each source and depth have been accepted so far
     cost = ForwardCost.for_model(model, batch)  # seconds of a forward over n tokens per row, on this machine
@@ -254,7 +246,7 @@ def jacobi_decoding(
             # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
             # positions, which must fit)
             max_depth = max(max_length - length - 1, 0)
-            proposals = guesser.candidates(ids[:, :length], max_depth)
+            proposals = guesser.get_candidates(ids[:, :length], max_depth)
             draft = _plan_draft(
                 proposals, stats, cost, length - cached, guesser.max_nodes, not trees, adaptive, ids[:, :length]
             )
@@ -280,7 +272,7 @@ def jacobi_decoding(
                     [positions[:, cached:length], positions[:, length - 1 : length] + draft.depth], -1
                 )
             if trees and q > 0:
-                fed_mask = _guess_mask(mask, cached, length, q, draft.ancestors, batch, model.dtype, ids.device)
+                fed_mask = guess_mask(mask, cached, length, q, draft.ancestors, batch, model.dtype, ids.device)
             else:  # transformers builds the causal mask (one token, or an attention we do not know)
                 fed_mask = None if mask is None else mask[:, : length + q]
             # logits after the guesses and the last committed token, and after up to `learns_from` earlier tokens
@@ -323,7 +315,7 @@ def jacobi_decoding(
                 cached = length - 1
 
             # 5. the model's own predictions at every position are the next guesses (the Jacobi update)
-            guesser.observe(ids[:, :length], draft, logits, n, path)
+            guesser.update_candidate_strategy(ids[:, :length], draft, logits, n, path)
             if jacobi_trace is not None:
                 jacobi_trace.append(_trace_record(old_len, draft, logits[:, -(q + 1) :], path, n))
 
@@ -331,7 +323,7 @@ def jacobi_decoding(
             if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
                 if unfinished.max() > 0:
                     cost.calibrate(
-                        lambda k, at=length: _timed_forward(forward, cache, ids, positions, mask, at, k, trees, model.dtype)
+                        lambda k, at=length: timed_forward(forward, cache, ids, positions, mask, at, k, trees, model.dtype)
                     )
 
     stats.merge_into_model(model)
@@ -355,46 +347,8 @@ def jacobi_generate(model, input_ids, *, streamer=None, **kwargs):
     `generate` fails inside the model on one), a `block_size` below 1, and, from `generate`'s own checks,
     `max_new_tokens` below 1 (transformers refuses `max_new_tokens=0` rather than returning the prompt; so do we).
     """
-    _check_inputs(input_ids, kwargs.get("block_size"))
+    check_inputs(input_ids, kwargs.get("block_size"))
     return model.generate(input_ids, custom_generate=jacobi_decoding, jacobi_streamer=streamer, **kwargs)
-
-
-class _Forward:
-    """One model forward with the cache; returns the fp32 logits of the last `num_logits` positions `[B, n, V]`."""
-
-    def __init__(self, model, cache, extra_kwargs):
-        self.model = model
-        self.kwargs = dict(extra_kwargs, use_cache=True, return_dict=True)
-        self.kwargs[cache_argument(model)] = cache  # looked up once: inspecting the signature costs ~0.1 ms
-        self.keep_logits = (
-            model._supports_logits_to_keep() if hasattr(model, "_supports_logits_to_keep") else False
-        )
-
-    def __call__(self, tokens, positions, mask, num_logits: int) -> torch.Tensor:
-        keep = {"logits_to_keep": num_logits} if self.keep_logits else {}
-        out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, **keep, **self.kwargs)
-        return out.logits[:, -num_logits:].float()
-
-
-def _guess_mask(
-    padding, cached: int, length: int, q: int, ancestors, batch: int, dtype, device
-) -> torch.Tensor:
-    """The additive 4D attention mask `[B, 1, u + q, length + q]` of a forward over the u = length - cached uncached
-    committed tokens and q guesses: committed tokens attend causally; a guess attends to every committed token and
-    to its ancestors (`ancestors` `[B, q, q]`; None for a chain: the guesses before it). `padding` `[B, >= length]`
-    is the padding mask (None: no padding). Building it here skips transformers' mask construction (~0.1 ms)."""
-    blocked = torch.finfo(dtype).min
-    u = length - cached
-    additive = torch.zeros(batch, 1, u + q, length + q, dtype=dtype, device=device)
-    additive[:, :, :, cached:] = torch.full((u + q, u + q), blocked, dtype=dtype, device=device).triu_(
-        1
-    )  # causal
-    if ancestors is not None:
-        tree = torch.zeros(ancestors.shape, dtype=dtype, device=device).masked_fill_(~ancestors, blocked)
-        additive[:, 0, u:, length:] = tree
-    if padding is not None:
-        additive[:, :, :, :length].masked_fill_(~padding[:, None, None, :length].bool(), blocked)
-    return additive
 
 
 def _trace_record(start, draft, logits, path, n) -> dict:
@@ -435,74 +389,9 @@ def _streamer_from_generate():
     return None
 
 
-def _check_model(model) -> None:
-    """Jacobi decoding reproduces greedy decoding of a decoder-only model; refuse anything else loudly."""
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ValueError(
-            "Jacobi decoding is not applicable to encoder-decoder models: it needs a decoder-only LM"
-        )
-    can_generate = getattr(model, "can_generate", None)
-    if can_generate is None or not can_generate():
-        raise ValueError(
-            f"Jacobi decoding is not applicable to {type(model).__name__}: it needs a causal LM that can generate"
-        )
-
-
-def _check_inputs(input_ids, block_size) -> None:
-    """Refuse what would otherwise fail deep inside the decoding loop with a shape error."""
-    if input_ids is not None:  # None: `generate` starts from the BOS token
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-            raise ValueError(f"input_ids must be a LongTensor of shape [batch, prompt_length], got {shape}")
-        if input_ids.shape[1] == 0:
-            raise ValueError(
-                f"input_ids has no tokens (shape {tuple(input_ids.shape)}): Jacobi decoding continues a prompt of at "
-                "least one token (e.g. the BOS token; or pass input_ids=None to start from generation_config's BOS); "
-                "prompts given as inputs_embeds alone are not supported"
-            )
-    if block_size is not None:
-        try:
-            valid = not isinstance(block_size, bool) and operator.index(block_size) >= 1
-        except TypeError:  # 2.5, "4": not an integer
-            valid = False
-        if not valid:
-            raise ValueError(
-                f"block_size={block_size!r} must be a positive integer (or None for the mode's default)"
-            )
-
-
-def _check_config(generation_config, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode={mode!r} is not a Jacobi decoding mode; choose one of {MODES}")
-    if generation_config.num_beams > 1:
-        raise ValueError(
-            f"Jacobi decoding does greedy decoding or sampling, not beam search: num_beams="
-            f"{generation_config.num_beams} must be 1 (use do_sample=False for greedy, do_sample=True to sample)"
-        )
-    if generation_config.num_return_sequences > 1:
-        raise ValueError(
-            f"Jacobi decoding returns one sequence per prompt: num_return_sequences="
-            f"{generation_config.num_return_sequences} must be 1 (repeat the prompt in the batch instead)"
-        )
-    if getattr(generation_config, "assistant_model", None) is not None:
-        raise ValueError("Jacobi decoding does not combine with assisted generation")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Planning the guesses of a pass (cost-aware), and learning from what was accepted
 # --------------------------------------------------------------------------------------------------------------------
-
-
-def _make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates):
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size={block_size} must be a positive integer")
-    if ngram_size < 2:
-        raise ValueError(f"ngram_size={ngram_size} must be at least 2")
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates={num_candidates} must be a positive integer")
-    if mode == "lookahead":
-        return LookaheadGuesser(block_size or 12, ngram_size - 1, num_candidates)
-    return JacobiGuesser(mode, block_size, max_iterations)
 
 
 def _plan_draft(proposals, stats, cost, uncached, max_nodes, chain_only, adaptive, ids) -> Draft:
@@ -552,17 +441,3 @@ def _learn_acceptance(stats, draft, ids, start, path, running) -> None:
             depth = depths[b][node]
             if depth <= len(committed[b]):
                 stats.update(source, depth, guesses[b][node] == committed[b][depth - 1])
-
-
-def _timed_forward(forward, cache, ids, positions, mask, length, k, trees, dtype) -> None:
-    """A forward over the last committed token and k - 1 dummy guesses (a chain), then taken back out of the cache:
-    the shape of a real pass, for `ForwardCost.calibrate`."""
-    batch = ids.shape[0]
-    fed = ids[:, length - 1 : length].expand(-1, k)
-    fed_positions = positions[:, length - 1 : length] + torch.arange(k, device=ids.device)
-    if trees and k > 1:
-        fed_mask = _guess_mask(mask, length - 1, length, k - 1, None, batch, dtype, ids.device)
-    else:
-        fed_mask = None if mask is None else torch.cat([mask[:, :length], mask.new_ones(batch, k - 1)], -1)
-    forward(fed, fed_positions, fed_mask, 1)
-    rollback(cache, k)
