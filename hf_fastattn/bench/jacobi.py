@@ -36,7 +36,7 @@ from .utils import format_table, machine_line, torch_threads
 def load_model(quick: bool):
     """The trained tiny Llama and its held-out text; with `quick`, a random tiny model on random text (offline)."""
     if quick:
-        from ..conversion.tiny import tiny_llama
+        from ..tinylm import tiny_llama
 
         torch.manual_seed(0)
         model = tiny_llama(vocab_size=128, hidden_size=32, layers=2, heads=2).eval()
