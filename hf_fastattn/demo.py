@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 import hf_fastattn  # noqa: F401  (registers the attention implementations and the generate hook)
 
 from .bench.utils import format_table, machine_line, torch_threads
-from .conversion.recipes import convert_with_recipe, get_recipe
+from .conversion.recipes import get_recipe
+from .conversion.runner import convert_with_recipe
 from .demo_measure import (
     JACOBI_MODES,  # noqa: F401  (part of the demo's API, used by its tests)
     architecture_models,
@@ -172,7 +173,7 @@ def load_teacher(model_name: str | None, sizes: Sizes):
 def convert_all(teacher, tokenizer, train_text: str, sizes: Sizes, workdir: str) -> dict:
     """{name: (converted model, training tokens, seconds)}: each of `METHODS` converted and uptrained with its
     default recipe on `sizes.uptrain_tokens` tokens, and each of `CONTROLS` converted untrained (0 tokens): the code
-    path of `hf-fastattn convert` (`recipes.convert_with_recipe`), the recipes' own settings."""
+    path of `hf-fastattn convert` (`runner.convert_with_recipe`), the recipes' own settings."""
     dataset = lm_dataset(train_text, tokenizer, sizes.seq_len)
     converted = {}
     for name in (*METHODS, *CONTROLS):

