@@ -23,6 +23,8 @@ PACKAGE = "hf_fastattn"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 
 CORE = ("ops", "kernels", "integration", "conversion", "generation")
+# the core's layers, bottom to top: a module imports only from its own layer or lower ones
+RANKS = {"kernels": 0, "ops": 1, "integration": 2, "conversion": 3, "generation": 3}
 SHOWCASE = ("bench", "demo", "demo_measure", "demo_report", "tinylm")
 REFERENCE = f"{PACKAGE}.ops.reference"
 
@@ -202,8 +204,49 @@ def test_library_does_not_import_the_references(graph):
     )
 
 
-def test_core_does_not_import_the_showcase(graph):
-    bad = _violations(graph, lambda a: _layer(a) in CORE, lambda b: _layer(b) in SHOWCASE)
+def test_core_layers_import_downward_only(graph):
+    def upward(a: str, b: str) -> bool:
+        return _layer(a) in RANKS and _layer(b) in RANKS and RANKS[_layer(b)] > RANKS[_layer(a)]
+
+    bad = [
+        f"{a} imports {b} (line {line})"
+        for a, targets in sorted(graph.items())
+        if a not in DEPRECATED_SHIMS
+        for b, line in sorted(targets.items())
+        if upward(a, b)
+    ]
+    assert not bad, f"upward imports between the core's layers {RANKS}:\n  " + "\n  ".join(bad)
+
+
+def _path_to(graph, start: str, goal) -> list[str] | None:
+    """The first import path (breadth-first) from `start` to a module for which `goal` holds, not passing through
+    a deprecated shim (nothing may import one: `test_nothing_imports_a_deprecated_shim`)."""
+    parents = {start: None}
+    queue = [start]
+    while queue:
+        node = queue.pop(0)
+        if node != start and goal(node):
+            path = [node]
+            while parents[path[-1]] is not None:
+                path.append(parents[path[-1]])
+            return path[::-1]
+        if node in DEPRECATED_SHIMS and node != start:
+            continue
+        for child in sorted(graph.get(node, ())):
+            if child not in parents:
+                parents[child] = node
+                queue.append(child)
+    return None
+
+
+def test_core_does_not_reach_the_showcase(graph):
+    """Not directly, nor through any chain of imports."""
+    paths = [
+        _path_to(graph, a, lambda b: _layer(b) in SHOWCASE)
+        for a in sorted(graph)
+        if _layer(a) in CORE and a not in DEPRECATED_SHIMS
+    ]
+    bad = [" -> ".join(p) for p in paths if p]
     assert not bad, "the core (" + ", ".join(CORE) + ") must not import the showcase:\n  " + "\n  ".join(bad)
 
 
@@ -224,3 +267,17 @@ def test_deprecated_shims_only_reexport():
             assert is_doc or is_all or isinstance(node, (ast.Import, ast.ImportFrom)), (
                 f"{name} (line {node.lineno}) is a re-export shim ({why}) and must hold only imports"
             )
+
+
+def test_the_layer_checks_catch_violations():
+    """Each check fails on a small made-up graph that breaks its rule (so a green run means something)."""
+    upward = {"hf_fastattn.ops.x": {"hf_fastattn.integration.y": 3}, "hf_fastattn.integration.y": {}}
+    with pytest.raises(AssertionError, match="hf_fastattn.ops.x imports hf_fastattn.integration.y"):
+        test_core_layers_import_downward_only(upward)
+    chain = {"hf_fastattn.ops.a": {"hf_fastattn.ops.b": 1}, "hf_fastattn.ops.b": {"hf_fastattn.bench.c": 2}}
+    with pytest.raises(AssertionError, match="hf_fastattn.ops.a -> hf_fastattn.ops.b -> hf_fastattn.bench.c"):
+        test_core_does_not_reach_the_showcase({**chain, "hf_fastattn.bench.c": {}})
+    with pytest.raises(AssertionError, match="hf_fastattn.kernels.k imports hf_fastattn.ops.o"):
+        test_kernels_do_not_import_ops({"hf_fastattn.kernels.k": {"hf_fastattn.ops.o": 1}})
+    with pytest.raises(AssertionError, match="hf_fastattn.integration.i imports hf_fastattn.ops.reference"):
+        test_library_does_not_import_the_references({"hf_fastattn.integration.i": {REFERENCE: 1}})
