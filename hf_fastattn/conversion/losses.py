@@ -34,7 +34,7 @@ from ..integration.registry import (
     linear_attention_forward,
     padding_mask,
 )
-from ..ops.reference import allowed_mask, repeat_kv
+from ..ops.common import allowed_mask, repeat_kv
 from .families import attention_modules, family_of
 
 TRANSFER_IMPLEMENTATION = "fastattn_transfer"
