@@ -15,6 +15,7 @@ core never imports. `ops/reference.py` holds the naive references for the tests:
 from __future__ import annotations
 
 import ast
+import importlib
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,38 @@ def test_the_layer_checks_catch_violations():
         test_kernels_do_not_import_ops({"hf_fastattn.kernels.k": {"hf_fastattn.ops.o": 1}})
     with pytest.raises(AssertionError, match="hf_fastattn.integration.i imports hf_fastattn.ops.reference"):
         test_library_does_not_import_the_references({"hf_fastattn.integration.i": {REFERENCE: 1}})
+
+
+MOVED = [  # (old home, new home, name): names that moved in issue 13 keep working from where they were
+    ("hf_fastattn.kernels", "hf_fastattn.ops.fast", "fast_attention_triton"),
+    ("hf_fastattn.kernels.fastmax", "hf_fastattn.ops.fast", "fast_attention_triton"),
+    *(
+        ("hf_fastattn.ops.reference", "hf_fastattn.ops.common", name)
+        for name in ("repeat_kv", "allowed_mask", "fast_normalize", "fastmax_weight", "sparse_pattern_mask")
+    ),
+    ("hf_fastattn.ops.sparse", "hf_fastattn.ops.common", "sparse_pattern_mask"),
+    ("hf_fastattn.ops.linear", "hf_fastattn.ops.common", "use_triton"),
+    ("hf_fastattn.ops.linear", "hf_fastattn.ops.linear_cpu", "_chunk_products"),
+    *(
+        ("hf_fastattn.ops.hybrid", "hf_fastattn.ops.hybrid_chunked", name)
+        for name in ("sliding_window_linear_attention", "LINEAR_WEIGHTS", "check_hybrid_options", "sink_positions")
+    ),
+    *(
+        ("hf_fastattn.conversion.core", "hf_fastattn.conversion.registry", name)
+        for name in (
+            "CONVERSION_KEY",
+            "CONVERSION_METHODS",
+            "MethodConfig",
+            "attach_from_config",
+            "conversion_spec",
+            "get_method",
+            "method_config",
+            "register_conversion_method",
+        )
+    ),
+]
+
+
+@pytest.mark.parametrize("old,new,name", MOVED, ids=[f"{o.split('.')[-1]}.{n}" for o, _, n in MOVED])
+def test_moved_names_still_import_from_their_old_home(old, new, name):
+    assert getattr(importlib.import_module(old), name) is getattr(importlib.import_module(new), name)
