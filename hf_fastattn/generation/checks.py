@@ -9,6 +9,8 @@ import torch
 
 from .guessers import MODES
 
+_GUESSER_API = ("start", "get_candidates", "update_candidate_strategy", "max_nodes", "learns_from")
+
 
 def check_model(model) -> None:
     """Jacobi decoding reproduces greedy decoding of a decoder-only model; refuse anything else loudly."""
@@ -21,8 +23,14 @@ def check_model(model) -> None:
         )
 
 
-def check_inputs(input_ids, block_size) -> None:
+def check_inputs(input_ids, block_size, guesser=None) -> None:
     """Refuse what would otherwise fail deep inside the decoding loop with a shape error."""
+    missing = [name for name in _GUESSER_API if guesser is not None and not hasattr(guesser, name)]
+    if missing:
+        raise ValueError(
+            f"guesser={type(guesser).__name__!r} lacks {missing}: a guesser has the interface of "
+            f"hf_fastattn.generation.guessers.Guesser ({', '.join(_GUESSER_API)}); subclass it"
+        )
     if input_ids is not None:  # None: `generate` starts from the BOS token
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__

@@ -136,6 +136,7 @@ def jacobi_decoding(
     jacobi_streamer=None,
     jacobi_trace: list | None = None,
     fast_path: bool = True,
+    guesser: Guesser | None = None,
     **model_kwargs,
 ):
     """Greedy decoding (or sampling) by Jacobi iteration; pass it as `model.generate(..., custom_generate=jacobi_decoding)`.
@@ -163,6 +164,9 @@ def jacobi_decoding(
             it up from the calling `generate` frame; this argument is the explicit way).
         jacobi_trace (`list`, *optional*): if given, one dict per forward is appended (positions, guesses,
             predictions, confidences, accepted count): the data DDGviz draws.
+        guesser (`Guesser`, *optional*): where the guesses come from, instead of `mode`'s (`guessers.make_guesser`):
+            any object with the `Guesser` interface (`start`, `get_candidates`, `update_candidate_strategy`,
+            `max_nodes`, `learns_from`); it is started afresh. The output does not depend on it, only the speed.
 
     Returns:
         `torch.LongTensor` `[B, P + new]` equal to `generate(do_sample=False)` (with `do_sample=True`: distributed as
@@ -170,7 +174,7 @@ def jacobi_decoding(
         `num_forward_passes` and `accepted_per_pass` when `return_dict_in_generate=True`.
     """
     check_model(model)
-    check_inputs(input_ids, block_size)
+    check_inputs(input_ids, block_size, guesser)
     if generation_config is None:  # called directly: let generate prepare everything and call us back
         return model.generate(
             input_ids,
@@ -184,6 +188,7 @@ def jacobi_decoding(
             jacobi_streamer=jacobi_streamer or streamer,
             jacobi_trace=jacobi_trace,
             fast_path=fast_path,
+            guesser=guesser,
             logits_processor=logits_processor,
             stopping_criteria=stopping_criteria,
             **model_kwargs,
@@ -234,7 +239,8 @@ def jacobi_decoding(
     pad_token_id = generation_config._pad_token_tensor
     has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
     unfinished = torch.ones(batch, dtype=torch.long, device=ids.device)
-    guesser = make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
+    if guesser is None:
+        guesser = make_guesser(mode, block_size, max_iterations, ngram_size, num_candidates)
     guesser.start(ids[:, :length])
     stats = AcceptanceStats.for_model(model)  # what guesses of each source and depth have been accepted so far
     cost = ForwardCost.for_model(model, batch)  # seconds of a forward over n tokens per row, on this machine
@@ -347,7 +353,7 @@ def jacobi_generate(model, input_ids, *, streamer=None, **kwargs):
     `generate` fails inside the model on one), a `block_size` below 1, and, from `generate`'s own checks,
     `max_new_tokens` below 1 (transformers refuses `max_new_tokens=0` rather than returning the prompt; so do we).
     """
-    check_inputs(input_ids, kwargs.get("block_size"))
+    check_inputs(input_ids, kwargs.get("block_size"), kwargs.get("guesser"))
     return model.generate(input_ids, custom_generate=jacobi_decoding, jacobi_streamer=streamer, **kwargs)
 
 
