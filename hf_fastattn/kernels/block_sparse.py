@@ -10,9 +10,8 @@ Forward: one program per (query block, batch * head), running max / sum in fp32,
 Backward (as FlashAttention-2): delta = rowsum(dO * O) in PyTorch; one kernel per key block accumulates dK, dV
 over the query blocks that list it (transposed table); one kernel per query block accumulates dQ.
 
-The token-level pattern rule is `hf_fastattn.ops.common.sparse_pattern_rows` (its one PyTorch statement; kernels do not
-import ops) written in Triton in the forward and the backward kernel: a shared `@triton.jit` helper would be decorated at
-import, in whatever mode was set then, which the per-mode lazy decoration of `_jit.lazy_jit` exists to avoid.
+The token rule is `ops.common.sparse_pattern_rows` in Triton, in both kernels (a shared `@triton.jit` helper would be
+decorated at import, the mode `_jit.lazy_jit` avoids freezing). Over 450 lines: one kernel, its table, ops and autograd.
 """
 
 from __future__ import annotations
