@@ -17,8 +17,7 @@ import torch
 from hf_fastattn.bench.conversion import TEACHER_STEPS, _split
 from hf_fastattn.conversion.distill import lm_dataset, perplexity
 from hf_fastattn.conversion.recipes import convert_with_recipe
-from hf_fastattn.conversion.tiny import corpus
-from hf_fastattn.tinylm import get_tiny_llama
+from hf_fastattn.tinylm import corpus, get_tiny_llama
 
 
 def main(argv=None) -> int:
