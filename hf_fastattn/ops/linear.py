@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .common import group_heads as _group
-from .common import repeat_kv, use_triton  # noqa: F401  (use_triton: re-exported, its home before ops/common.py)
+from .common import repeat_kv, use_triton
 from .dropout import key_dropout
 from .feature_maps import get_feature_map
 from .linear_cpu import (  # noqa: F401  (the CPU fast path; names re-exported for tests and callers)
