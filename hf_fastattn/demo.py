@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 import hf_fastattn  # noqa: F401  (registers the attention implementations and the generate hook)
 
 from .bench.utils import format_table, machine_line, torch_threads
-from .conversion.recipes import get_recipe
+from .conversion.recipes import recipe_seq_len
 from .conversion.runner import convert_with_recipe
 from .demo_measure import (
     JACOBI_MODES,  # noqa: F401  (part of the demo's API, used by its tests)
@@ -180,7 +180,7 @@ def convert_all(teacher, tokenizer, train_text: str, sizes: Sizes, workdir: str)
         what = "untrained control" if name in CONTROLS else f"uptraining on {sizes.uptrain_tokens} tokens"
         print(f"\n== {name}: converting with recipe {name!r} ({what})", flush=True)
         start = time.perf_counter()
-        overrides = {} if get_recipe(name).seq_len == sizes.seq_len else {"seq_len": sizes.seq_len}
+        overrides = {} if recipe_seq_len(name, teacher.config) == sizes.seq_len else {"seq_len": sizes.seq_len}
         model, plan = convert_with_recipe(
             teacher,
             None,

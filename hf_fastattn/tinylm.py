@@ -157,7 +157,8 @@ def train_tiny_llama(
 
     A plain loop: AdamW, linear warm-up then cosine decay, random `seq_len` blocks. Saves model and tokenizer with
     `save_pretrained` when `out_dir` is given. Returns the model in eval mode; `config.tinylm_train_tokens` records
-    the tokens it was trained on (conversion budgets are a fraction of it).
+    the tokens it was trained on (conversion budgets are a fraction of it), `config.max_position_embeddings` the
+    length it was trained at (RoPE runs longer; the conversion recipes train at the model's context).
     """
     from tqdm.auto import tqdm
 
@@ -167,7 +168,8 @@ def train_tiny_llama(
     ids = torch.tensor(tokenizer(train_text, add_special_tokens=False)["input_ids"])
     if len(ids) <= seq_len:
         raise ValueError(f"the training text has {len(ids)} tokens, fewer than seq_len={seq_len} + 1")
-    config = tiny_llama_config(len(tokenizer), **(config_overrides or {}))
+    # its context is what it was trained on: max_position_embeddings = seq_len (conversion recipes read it)
+    config = tiny_llama_config(len(tokenizer), **{"max_position_embeddings": seq_len, **(config_overrides or {})})
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
 

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, Recipe, get_recipe  # noqa: F401  (Recipe: re-exported)
+from ..conversion.recipes import RECIPES, Recipe, get_recipe, recipe_seq_len  # noqa: F401  (Recipe, get_recipe: re-exported)
 from ..conversion.runner import convert_and_uptrain, convert_with_recipe  # noqa: F401  (convert_and_uptrain: re-exported)
 from . import conversion_real
 from .utils import torch_threads
@@ -95,7 +95,7 @@ def run_lm(args, text):
     teacher, tok, teacher_tokens = _teacher(args, train_text)
     budget = int(args.budget * teacher_tokens)
     # teacher and students: the same function, text and windows (--seq-len, else the first row's recipe's)
-    eval_len = args.eval_len = args.seq_len or get_recipe(args.methods[0]).seq_len
+    eval_len = args.eval_len = args.seq_len or recipe_seq_len(args.methods[0], teacher.config)
     base_ppl = perplexity(teacher, tok, val_text, eval_len)
     rows = [
         (
@@ -110,7 +110,7 @@ def run_lm(args, text):
     datasets = {}  # training blocks by length
     overrides = {} if args.seq_len is None else {"seq_len": args.seq_len}
     for method in args.methods:
-        seq_len = args.seq_len or get_recipe(method).seq_len
+        seq_len = args.seq_len or recipe_seq_len(method, teacher.config)
         if seq_len not in datasets:
             datasets[seq_len] = lm_dataset(train_text, tok, seq_len)
         start = time.perf_counter()
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=None,
         help="uptraining blocks and validation windows in tokens, replacing the recipes' (default: the recipes' own, "
-        "128; validation windows: the first row's)",
+        "the model's context: 128 for the small teacher; validation windows: the first row's)",
     )
     p.add_argument(
         "--teacher-seq-len",

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, get_recipe
+from ..conversion.recipes import RECIPES, recipe_seq_len
 from ..conversion.runner import convert_with_recipe
 from .utils import format_table, machine_line, torch_threads
 
@@ -82,7 +82,7 @@ def run(args, argv) -> int:
         rows = [{"model": "original (sdpa)", "ppl": base, "tokens": 0, "minutes": 0.0}]
         datasets = {}
         for name in CONTROLS + methods:
-            seq_len = args.seq_len or get_recipe(name).seq_len
+            seq_len = args.seq_len or recipe_seq_len(name, teacher.config)
             if seq_len not in datasets:
                 datasets[seq_len] = lm_dataset(train_text, tokenizer, seq_len)
             began = time.perf_counter()

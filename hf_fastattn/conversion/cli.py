@@ -319,7 +319,7 @@ def recipe_overrides(args, method: str) -> tuple[dict, dict]:
     return overrides, sources
 
 
-def make_cli_plan(args, method: str, causal: bool = True):
+def make_cli_plan(args, method: str, causal: bool = True, context: int | None = None):
     """The `RecipePlan` of this command line: the recipe, the flags given, the budget; checks the combination."""
     from .core import method_config
     from .recipes import make_plan
@@ -334,6 +334,7 @@ def make_cli_plan(args, method: str, causal: bool = True):
         overrides=overrides,
         sources=sources,
         causal=causal,
+        context=context,
     )
     if plan.recipe.score and plan.options.get("hybrid"):
         raise ValueError(
@@ -436,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from .distill import lm_dataset, perplexity, split_text
     from .families import family_of, head_counts, learned_position_limit
+    from .recipes import context_length
     from .runner import run_plan
 
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -470,8 +472,9 @@ def run(args) -> int:
     except ValueError as e:
         raise ValueError(f"SRC {args.src!r}: {e}") from e
     causal = family.causal
-    if not causal:  # an encoder: the plan drops what needs a causal LM (stage 2, the hybrid), saying so
-        plan = make_cli_plan(args, method, causal=False)
+    # the plan again, knowing the model: an encoder's drops what needs a causal LM (stage 2, the hybrid), saying so;
+    # the recipe's default block length is the model's context (at most recipes.MAX_SEQ_LEN)
+    plan = make_cli_plan(args, method, causal=causal, context=context_length(config))
     seq_len = plan.recipe.seq_len
     seq_len_flag = f"--seq-len {seq_len}" + ("" if args.seq_len else f" ({plan.source('seq_len')})")
     try:

@@ -35,7 +35,8 @@ class Recipe:
         score: stage-1 weight of Hedgehog's attention-score loss (`UptrainConfig.transfer_score_weight`).
         warmup: warm-up of each stage, as a share of the stage-2 steps.
         lora_rank: LoRA rank of stage 2 with finetune="lora".
-        seq_len: tokens per training block (the budget is counted in these blocks).
+        seq_len: tokens per training block (the budget is counted in these blocks); None (the default): the
+            model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
     """
 
     method: str
@@ -53,7 +54,7 @@ class Recipe:
     score: float = 0.0
     warmup: float = 0.1
     lora_rank: int = 16
-    seq_len: int = 128
+    seq_len: int | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed (the rest is checked by
@@ -62,8 +63,10 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
                 raise ValueError(f"recipe setting {name} must be a share in [0, 1], got {value!r}")
-        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
-            raise ValueError(f"recipe setting seq_len must be an int >= 2, got {self.seq_len!r}")
+        if self.seq_len is not None and (
+            isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2
+        ):
+            raise ValueError(f"recipe setting seq_len must be an int >= 2 or None (the model's context), got {self.seq_len!r}")
         if not isinstance(self.options, dict):
             raise ValueError(f"recipe setting options must be a dict, got {self.options!r}")
 
@@ -175,6 +178,36 @@ RECIPES = {
         "hedgehog", {"hybrid": True, "window": 64, "window_init": 100.0, "sinks": 4}, finetune="none"
     ),
 }
+
+
+# the longest default training block: the recipes train at the model's context up to this many tokens (SmolLM2-135M:
+# 2048 of its 8192 positions; the small teacher of `bench conversion`: the 128 it was trained at)
+MAX_SEQ_LEN = 2048
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(config) -> int | None:
+    """The model's context in tokens as its config states it (`max_position_embeddings`, `n_positions`, ...; a
+    multimodal config's `text_config`), or None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        for name in _CONTEXT_FIELDS:
+            value = getattr(cfg, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
+                return value
+    return None
+
+
+def default_seq_len(context: int | None) -> tuple[int, str]:
+    """(training block length, where it comes from) for a model whose context is `context` tokens (None: unknown)."""
+    if context is None:
+        return MAX_SEQ_LEN, f"the model states no context length: {MAX_SEQ_LEN}"
+    return min(context, MAX_SEQ_LEN), f"the model's context ({context} positions), at most {MAX_SEQ_LEN}"
+
+
+def recipe_seq_len(name: str, config) -> int:
+    """The training block length of recipe `name` for a model with this config."""
+    seq_len = get_recipe(name).seq_len
+    return seq_len if seq_len is not None else default_seq_len(context_length(config))[0]
 
 
 # the methods with learned feature maps, which "attention" transfer trains
@@ -314,6 +347,7 @@ def make_plan(
     overrides: dict[str, Any] | None = None,
     sources: dict[str, str] | None = None,
     causal: bool = True,
+    context: int | None = None,
 ) -> RecipePlan:
     """The plan of a conversion: `RECIPES[recipe]` (default: `method`'s default recipe) with `overrides` applied
     (recipe fields such as `lr=`, `batch=`, `seq_len=`; `options=` is merged into the recipe's options), and the
@@ -325,7 +359,8 @@ def make_plan(
     `transfer_steps` stage-1 steps (default: as many as give stage 1 the recipe's share of the tokens).
     `sources` names where each override came from (the CLI passes its flags; default "override").
     `causal=False` (an encoder) drops what needs a causal LM: stage 2 (no LM head to fine-tune; asking for it is
-    an error) and the sliding-window hybrid (unless asked for).
+    an error) and the sliding-window hybrid (unless asked for). `context`: the model's context in tokens
+    (`context_length(config)`), which sets a recipe's default block length (`default_seq_len`).
     """
     if recipe is None:
         if method is None:
@@ -360,6 +395,9 @@ def make_plan(
             sources["hybrid"] = "encoder: the sliding-window hybrid is for causal models"
     r = dataclasses.replace(base, options=options, **overrides)
     r.validate()
+    if r.seq_len is None:
+        seq_len, sources["seq_len"] = default_seq_len(context)
+        r = dataclasses.replace(r, seq_len=seq_len)
     if (max_tokens is None) == (steps is None):
         raise ValueError("give the budget as max_tokens (tokens, every stage counted) or as steps, not both")
     if max_tokens is not None:

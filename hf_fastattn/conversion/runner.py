@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .recipes import RecipePlan, get_recipe, make_plan
+from .recipes import RecipePlan, context_length, make_plan, recipe_seq_len
 
 
 def run_plan(
@@ -62,7 +62,8 @@ def convert_with_recipe(
     from .families import family_of
 
     causal = family_of(teacher).causal
-    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal)
+    context = context_length(teacher.config)
+    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal, context=context)
     return run_plan(teacher, plan, dataset, output_dir, seed=seed), plan
 
 
@@ -72,7 +73,7 @@ def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: i
     the returned steps are counted in batches of `batch_size` (0 for a recipe that does not train), so
     `steps * batch_size * seq_len` stays the number of training tokens used. Kept for callers that count in steps;
     `convert_with_recipe` takes the budget in tokens."""
-    seq_len = len(dataset[0]["input_ids"]) if dataset is not None else get_recipe(method).seq_len
+    seq_len = len(dataset[0]["input_ids"]) if dataset is not None else recipe_seq_len(method, teacher.config)
     plan = make_plan(recipe=method, max_tokens=steps * batch_size * seq_len, overrides={"seq_len": seq_len})
     model = run_plan(teacher, plan, dataset, output_dir)
     return model, -(-plan.tokens // (batch_size * seq_len))

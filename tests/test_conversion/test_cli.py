@@ -356,11 +356,11 @@ def test_convert_cli_seq_len_beyond_opt_positions(tmp_path, tokenizer, train_fil
 # the recipes are the CLI's defaults
 
 
-def _plan_of(*argv):
+def _plan_of(*argv, context=None):
     from hf_fastattn.conversion import cli
 
     args = cli.build_parser().parse_args(["SRC", "--train-file", "t.txt", "--out", "o", *argv])
-    return cli.make_cli_plan(args, cli.method_of(args))
+    return cli.make_cli_plan(args, cli.method_of(args), context=context)
 
 
 @pytest.mark.parametrize("method", ["t2r", "hedgehog", "linear", "fast", "mqa", "gqa"])
@@ -371,9 +371,10 @@ def test_each_method_defaults_to_its_recipe(method):
 
     from hf_fastattn.conversion.recipes import RECIPES
 
-    recipe = RECIPES[method]
-    plan = _plan_of("--method", method, "--max-tokens", "204800")
-    assert plan.name == method and plan.sources == {}
+    # the recipe's blocks are the model's context: 256 positions here (the tiny models'), at most MAX_SEQ_LEN
+    recipe = dataclasses.replace(RECIPES[method], seq_len=256)
+    plan = _plan_of("--method", method, "--max-tokens", "204800", context=256)
+    assert plan.name == method and plan.sources == {"seq_len": "the model's context (256 positions), at most 2048"}
     assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(recipe)
     blocks = 204800 // recipe.seq_len
     transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
@@ -383,6 +384,8 @@ def test_each_method_defaults_to_its_recipe(method):
 
 
 def test_flags_override_the_recipe_and_say_so():
+    import dataclasses
+
     from hf_fastattn.conversion.recipes import RECIPES
 
     plan = _plan_of("--method", "hedgehog", "--max-tokens", "10k", "--lr", "0.01", "--batch-size", "4",
@@ -396,14 +399,19 @@ def test_flags_override_the_recipe_and_say_so():
     blocks = 10_000 // 64
     assert plan.transfer_steps == int(blocks * 0.3) // 4 and plan.max_tokens == 10_000
     # --recipe picks another, --method may then be left out
-    other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000")
-    assert other.method == "t2r" and other.recipe == RECIPES["t2r-hybrid"]
+    other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000", context=128)
+    assert other.method == "t2r" and other.recipe == dataclasses.replace(RECIPES["t2r-hybrid"], seq_len=128)
+    # the context sets the default block length, at most MAX_SEQ_LEN; an explicit --seq-len wins
+    assert _plan_of("--method", "mqa", "--max-tokens", "1000", context=8192).recipe.seq_len == 2048
+    assert _plan_of("--method", "mqa", "--max-tokens", "1000").source("seq_len").startswith("the model states no")
+    assert _plan_of("--method", "mqa", "--max-tokens", "1000", "--seq-len", "64", context=8192).recipe.seq_len == 64
 
 
 def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, train_file, capsys, monkeypatch):
     """`hf-fastattn convert SRC --method t2r --train-file TEXT --max-tokens N --out DIR`: t2r's default recipe (a
     "layer" transfer stage and distillation, both against the original model kept in memory) runs through the CLI;
     every setting is printed with its source and saved beside the weights; an explicit flag overrides its value."""
+    import dataclasses
     import json
 
     import hf_fastattn.conversion.distill as distill
@@ -419,27 +427,30 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
     monkeypatch.setattr(distill.DistillationTrainer, "compute_loss", spy)
     before = _hashes(src)
     out = tmp_path / "out"
-    # 12 blocks of 128 tokens: 6 steps of layer transfer at batch 1, then 6 of distillation at batch 1
+    # blocks of the model's context (256 positions): 6 blocks, 3 steps of layer transfer at batch 1, then 3 of
+    # distillation at batch 1
     argv = ["convert", str(src), "--method", "t2r", "--train-file", str(train_file), "--max-tokens", "1536",
             "--feature-dim", "16", "--out", str(out)]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    recipe = RECIPES["t2r"]
-    for name in RECIPE_FIELDS:  # each setting on its line, from the recipe
-        assert any(line.split()[:2] == [name, repr(getattr(recipe, name))] and "recipe 't2r'" in line
+    recipe = dataclasses.replace(RECIPES["t2r"], seq_len=256)
+    context = "the model's context (256 positions), at most 2048"
+    for name in RECIPE_FIELDS:  # each setting on its line, from the recipe (the block length from the model)
+        source = context if name == "seq_len" else "recipe 't2r'"
+        assert any(line.split()[:2] == [name, repr(getattr(recipe, name))] and source in line
                    for line in printed.splitlines()), name
     assert any(line.split()[:2] == ["feature_dim", "16"] and "--feature-dim" in line for line in printed.splitlines())
     saved = json.loads((out / "fastattn_recipe.json").read_text())
     assert saved["recipe"] == "t2r" and saved["method"] == "t2r"
     assert {name: saved[name] for name in RECIPE_FIELDS} == {name: getattr(recipe, name) for name in RECIPE_FIELDS}
     assert saved["options"] == {**recipe.options, "feature_dim": 16}
-    assert saved["sources"] == {"feature_dim": "--feature-dim"}
+    assert saved["sources"] == {"feature_dim": "--feature-dim", "seq_len": context}
     split = (saved["max_tokens"], saved["transfer_steps"], saved["finetune_steps"], saved["tokens"])
-    assert split == (1536, 6, 6, 1536)
+    assert split == (1536, 3, 3, 1536)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.fastattn_conversion == {**model.config.fastattn_conversion, "method": "t2r", "feature_dim": 16}
     # stage 2 distilled from the original model, which was neither converted nor trained (SRC untouched on disk)
-    assert len(teachers) == 6 and all(t is teachers[0] for t in teachers)
+    assert len(teachers) == 3 and all(t is teachers[0] for t in teachers)
     original = AutoModelForCausalLM.from_pretrained(src)
     assert type(teachers[0]).__name__ == "LlamaForCausalLM"
     for (name, p), q in zip(teachers[0].named_parameters(), original.parameters(), strict=True):
@@ -472,7 +483,8 @@ def test_convert_cli_encoder_runs_stage_one_of_the_default_recipe(tmp_path, toke
     assert "encoder: no LM head to fine-tune" in printed and "encoder: the sliding-window hybrid" in printed
     saved = json.loads((out / "fastattn_recipe.json").read_text())
     assert (saved["finetune"], saved["options"]["hybrid"], saved["transfer_steps"], saved["finetune_steps"]) == (
-        "none", False, 2, 0)  # 4 blocks of 128 tokens at batch 2
+        "none", False, 1, 0)  # 2 blocks of the model's context (256 positions) at batch 2
+    assert saved["seq_len"] == 256
     from transformers import AutoModel
 
     assert AutoModel.from_pretrained(out).config.fastattn_conversion["method"] == "hedgehog"

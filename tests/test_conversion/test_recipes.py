@@ -152,6 +152,8 @@ def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
 def test_every_method_has_a_default_recipe_and_plans_split_token_budgets():
     """Each conversion method's default is the `RECIPES` entry named after it; a plan spends at most its tokens
     (exactly, when the blocks divide evenly), stage 1 getting the recipe's share."""
+    import dataclasses
+
     from hf_fastattn.conversion.core import CONVERSION_METHODS, get_method
     from hf_fastattn.conversion.recipes import RECIPES, default_recipe, make_plan
 
@@ -159,7 +161,8 @@ def test_every_method_has_a_default_recipe_and_plans_split_token_budgets():
     for method in CONVERSION_METHODS:
         assert RECIPES[default_recipe(method)].method == method
     for name, recipe in RECIPES.items():
-        plan = make_plan(recipe=name, max_tokens=40 * recipe.seq_len)
+        recipe = dataclasses.replace(recipe, seq_len=recipe.seq_len or 128)  # the default: the model's context
+        plan = make_plan(recipe=name, max_tokens=40 * recipe.seq_len, context=128)
         stage1 = plan.transfer_steps * recipe.transfer_batch * recipe.seq_len
         assert plan.tokens <= 40 * recipe.seq_len, name
         if recipe.finetune == "none":
@@ -187,11 +190,13 @@ def test_make_plan_errors_and_encoders():
         make_plan("mqa", max_tokens=100, overrides={"transfer": 1.5})
     with pytest.raises(ValueError, match="method 'mqa' has none: use transfer_mode 'layer'"):
         make_plan("mqa", max_tokens=1000, overrides={"transfer_mode": "attention"})
-    assert make_plan("mqa", max_tokens=1000, overrides={"transfer_mode": "attention", "transfer": 0}).finetune_steps
+    assert make_plan(
+        "mqa", max_tokens=1000, overrides={"transfer_mode": "attention", "transfer": 0}, context=128
+    ).finetune_steps
     with pytest.raises(ValueError, match="recipe 't2r-hybrid' converts with method 't2r', not 'hedgehog'"):
         make_plan("hedgehog", "t2r-hybrid", max_tokens=100)
     # an encoder: no stage 2, no hybrid; the whole budget goes to stage 1, and the plan says why
-    plan = make_plan("hedgehog", max_tokens=10 * 128, causal=False)
+    plan = make_plan("hedgehog", max_tokens=10 * 128, causal=False, context=128)
     assert plan.recipe.finetune == "none" and plan.options["hybrid"] is False
     assert plan.source("finetune").startswith("encoder") and plan.transfer_steps == 10 // plan.recipe.transfer_batch
     with pytest.raises(ValueError, match=r"finetune 'lora' \(--finetune\): stage 2 fine-tunes a causal LM"):
@@ -215,7 +220,8 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
     assert model.config.fastattn_conversion == {"method": "mqa", "init": "svd"} and not model.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
-    with pytest.raises(ValueError, match="the dataset's blocks have 32 tokens; the plan's seq_len is 128"):
+    # without the override the blocks are the model's context (its 256 positions)
+    with pytest.raises(ValueError, match="the dataset's blocks have 32 tokens; the plan's seq_len is 256"):
         convert_with_recipe(teacher, "mqa", data, 16 * 32, output_dir=str(tmp_path))
 
 
@@ -253,3 +259,21 @@ def test_run_plan_starts_new_maps_from_its_seed():
                            a.model.layers[0].self_attn.fastattn_feature_map.weight)
     torch.manual_seed(1)
     assert torch.equal(torch.rand(3), after_a)
+
+
+def test_default_block_length_is_the_models_context():
+    """A recipe without its own `seq_len` trains at the model's context as the config states it (Llama's
+    max_position_embeddings, GPT-2's n_positions, a multimodal config's text_config), at most MAX_SEQ_LEN."""
+    from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+
+    from hf_fastattn.conversion.recipes import MAX_SEQ_LEN, context_length, recipe_seq_len
+
+    assert context_length(LlamaConfig(max_position_embeddings=128)) == 128
+    assert context_length(GPT2Config(n_positions=300)) == 300
+    assert context_length(PretrainedConfig()) is None
+    wrapper = PretrainedConfig()
+    wrapper.text_config = LlamaConfig(max_position_embeddings=4096)
+    assert context_length(wrapper) == 4096
+    assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=128)) == 128
+    assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=8192)) == MAX_SEQ_LEN == 2048
+    assert recipe_seq_len("mqa", PretrainedConfig()) == MAX_SEQ_LEN
