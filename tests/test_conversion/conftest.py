@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import pathlib
 
 import pytest
 import torch
@@ -13,18 +12,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import hf_fastattn  # noqa: E402,F401
 import hf_fastattn.conversion  # noqa: E402,F401
 
-DATA = pathlib.Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "tinyshakespeare.txt"
-FALLBACK_TEXT = (
-    "First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. "
-    "First Citizen: You are all resolved rather to die than to famish? All: Resolved. resolved. "
-) * 200
-
 
 def corpus_text(chars: int = 60_000) -> str:
-    for path in (DATA, pathlib.Path("/work/shared/data/tinyshakespeare.txt")):
-        if path.is_file():
-            return path.read_text(encoding="utf-8")[:chars]
-    return FALLBACK_TEXT[:chars]
+    """The first `chars` characters of the corpus packaged with hf_fastattn (tinyshakespeare)."""
+    from hf_fastattn.tinylm import load_corpus
+
+    return load_corpus()[:chars]
 
 
 @pytest.fixture(scope="session")
