@@ -58,10 +58,32 @@ class FastmaxFeatureMap(FeatureMap):
         return _SymmetricQuadraticFeatures.apply(x)
 
 
+# at most this many rows (tokens x heads) take the gather form of `_quadratic_features`: a decoding step's few rows
+# are op-bound (the slice form runs 2 D small ops), long sequences bandwidth-bound (the gather is ~4x slower there)
+GATHER_ROWS = 256
+_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _pairs(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b, weight) over the upper triangle a <= b in row order, weight 1/sqrt(2) on the diagonal, else 1."""
+    key = (d, device)
+    if key not in _PAIRS:
+        a, b = torch.triu_indices(d, d, device=device)
+        weight = torch.ones(a.shape, dtype=torch.float64, device=device)
+        weight[a == b] = 1 / math.sqrt(2)  # float64, cast to the input's dtype on use
+        _PAIRS[key] = (a, b, weight)
+    return _PAIRS[key]
+
+
 def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
     """[1, x, x_a x_b for a <= b (diagonal / sqrt 2)]: row a of the upper triangle is x_a * x[a:], built by slices
-    (an index gather over the D^2 / 2 columns is ~4x slower on CPU)."""
+    (an index gather over the D^2 / 2 columns is ~4x slower on CPU), or for at most `GATHER_ROWS` rows (a decoding
+    step) by one gather of the pairs, a few ops instead of 2 D."""
     d = x.shape[-1]
+    if x.numel() // max(d, 1) <= GATHER_ROWS and not torch.compiler.is_compiling():
+        a, b, weight = _pairs(d, x.device)
+        quadratic = x.index_select(-1, a) * x.index_select(-1, b) * weight.to(x.dtype)
+        return torch.cat([torch.ones_like(x[..., :1]), x, quadratic], dim=-1)
     out = x.new_empty(*x.shape[:-1], 1 + d + d * (d + 1) // 2)
     out[..., 0] = 1
     out[..., 1 : d + 1] = x

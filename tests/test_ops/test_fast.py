@@ -71,8 +71,17 @@ def test_fast_padding(causal):
     )
 
 
+@pytest.fixture(params=["gather", "slices"])
+def quadratic_form(request, monkeypatch):
+    """Both ways of building the order-2 features: one gather (few rows: decoding) and D slices (many rows)."""
+    from hf_fastattn.ops import feature_maps
+
+    monkeypatch.setattr(feature_maps, "GATHER_ROWS", 10**9 if request.param == "gather" else -1)
+    return request.param
+
+
 @pytest.mark.parametrize("order", [1, 2])
-def test_fastmax_features_factorize_the_weight(order):
+def test_fastmax_features_factorize_the_weight(order, quadratic_form):
     x, y = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64)
     fmap = FastmaxFeatureMap(order, temperature=1.7)
     s = (x * y).sum(-1) / 1.7
@@ -81,9 +90,27 @@ def test_fastmax_features_factorize_the_weight(order):
     assert fmap(x).shape[-1] == fmap.feature_dim(7) == (1 + 7 + (28 if order == 2 else 0))
 
 
-def test_fastmax_feature_gradient():
+def test_fastmax_feature_gradient(quadratic_form):
     x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(FastmaxFeatureMap(2, 1.3), (x,))
+
+
+def test_fastmax_feature_forms_agree_bitwise():
+    """The gather form (a decoding step's few rows) and the slice form give the same features, bit for bit in fp32 /
+    fp64 (the same products, the same diagonal scale); which one runs depends only on the row count."""
+    from hf_fastattn.ops import feature_maps
+
+    fmap = FastmaxFeatureMap(2, 1.0)
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(1, 8, 3, 64, dtype=dtype)
+        gathered = fmap(x)
+        before = feature_maps.GATHER_ROWS
+        try:
+            feature_maps.GATHER_ROWS = -1
+            sliced = fmap(x)
+        finally:
+            feature_maps.GATHER_ROWS = before
+        assert torch.equal(gathered, sliced)
 
 
 @pytest.mark.parametrize("order", [1, 2])
