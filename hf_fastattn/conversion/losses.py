@@ -18,9 +18,11 @@ stores nothing (`_in_backward`), so no loss of a recomputation outlives it.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
@@ -131,6 +133,22 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def data_parallel_mean(x: torch.Tensor) -> torch.Tensor:
+    """`x`, a statistic of this process's batch, averaged over the data-parallel processes (itself in one process,
+    and when no gradient is taken: then only the loss's value is wanted, perhaps on one process only). A loss
+    normalized by a sum over its batch (`|s - t|^2 / |t|^2`, or by a token count) divides by this mean instead of
+    its own sum: DDP's average of the processes' gradients is then the gradient of the loss over the global batch,
+    which is what one process computes on it."""
+    if not torch.is_grad_enabled() or not dist.is_available() or not dist.is_initialized():
+        return x
+    world = dist.get_world_size()
+    if world == 1:
+        return x
+    total = x.detach().clone()
+    dist.all_reduce(total)
+    return total / world
+
+
 def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> None:
     if getattr(module, "_fastattn_score_loss", False):
         loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
@@ -220,6 +238,16 @@ def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
     return loss
 
 
+def _stage1_forward_kwargs(model: nn.Module) -> dict:
+    """Forward arguments of a stage-1 pass: no cache, and (where the model takes it) the LM head on one position
+    only: stage 1 never reads the logits, which at 2 x 2048 tokens and a 49K vocabulary are 0.8 GB."""
+    base = _unwrap(model)
+    if not family_of(base).causal:
+        return {}
+    keep = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return {"use_cache": False, **({"logits_to_keep": 1} if keep else {})}
+
+
 def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float = 0.0) -> torch.Tensor:
     """The stage-1 loss on one batch: the mean over layers of MSE(linear attention, softmax attention), plus
     `score_weight` times the mean of Hedgehog's `attention_score_loss`. With activation checkpointing on, call it
@@ -227,7 +255,7 @@ def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float 
     if score_weight > 0:
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    extra = _stage1_forward_kwargs(model)
     with attention_transfer(model) as modules, _score_losses(modules, score_weight):
         model(**inputs, **extra)
         return _stage1_loss(modules, score_weight)
@@ -278,7 +306,13 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             if mask is not None:
                 err, ref = err * mask[..., None], ref * mask[..., None]
             # normalized MSE: the same scale in every layer
-            loss = err.sum() / ref.sum().clamp_min(1e-12)
+            if (
+                _in_backward()
+            ):  # a checkpointed layer recomputed: the forward's normalizer, no collective here
+                norm = module.__dict__["_fastattn_norm"]
+            else:
+                norm = module._fastattn_norm = data_parallel_mean(ref.sum()).clamp_min(1e-12)
+            loss = err.sum() / norm
             if not _in_backward():
                 module.fastattn_transfer_loss = loss
             return (target, *output[1:]) if isinstance(output, tuple) else target
@@ -295,6 +329,7 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             h.remove()
         for m in modules:
             m.__dict__.pop("_fastattn_token_mask", None)
+            m.__dict__.pop("_fastattn_norm", None)
         base.__dict__.pop("_fastattn_layer_transfer", None)
         outputs.clear()
 
@@ -310,13 +345,13 @@ def layer_transfer_loss(
     if score_weight > 0:
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-    extra = {"use_cache": False} if family_of(_unwrap(model)).causal else {}
+    extra = _stage1_forward_kwargs(model)
     with layer_transfer(model, teacher) as modules, _score_losses(modules, score_weight):
         mask = inputs.get("attention_mask")
         for m in modules:
             m._fastattn_token_mask = None if mask is None else mask.float()
         with torch.no_grad():
-            teacher(**inputs, **extra)
+            teacher(**inputs, **_stage1_forward_kwargs(teacher))
         scored = score_weight > 0
         with (
             _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import random_ids, tiny_model
 from transformers import TrainingArguments
 
@@ -14,7 +15,7 @@ from hf_fastattn.conversion import convert
 from hf_fastattn.conversion.data import lm_dataset
 from hf_fastattn.conversion.families import attention_modules, family_of
 from hf_fastattn.conversion.losses import attention_transfer_loss, layer_transfer_loss, stage1_step
-from hf_fastattn.conversion.trainers import DistillationTrainer
+from hf_fastattn.conversion.trainers import DistillationTrainer, distillation_kl
 from hf_fastattn.conversion.uptraining import (
     UptrainConfig,
     activation_checkpointing,
@@ -87,7 +88,9 @@ def test_stage1_gradients_equal_with_checkpointing(case):
     _assert_same(_grads(model, step, False, False), _grads(model, step, True, False))
     # nothing of the step is left on the modules or the model
     for m in attention_modules(model, family_of(model)):
-        assert not [k for k in m.__dict__ if k.startswith(("fastattn_", "_fastattn_score", "_fastattn_token"))]
+        assert not [
+            k for k in m.__dict__ if k.startswith(("fastattn_", "_fastattn_score", "_fastattn_token"))
+        ]
     assert "_fastattn_layer_transfer" not in model.__dict__
     assert model.config._attn_implementation == implementation
 
@@ -120,7 +123,11 @@ def test_stage2_gradients_equal_with_checkpointing(tmp_path, finetune):
         set_trainable(model, "full")
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
     trainer = DistillationTrainer(
-        model=model, args=args, teacher=teacher, distill_weight=0.5, hidden_weight=1.0 if finetune == "full" else 0
+        model=model,
+        args=args,
+        teacher=teacher,
+        distill_weight=0.5,
+        hidden_weight=1.0 if finetune == "full" else 0,
     )
     batch = {**_batch(), "labels": random_ids(n=N)}
 
@@ -142,14 +149,23 @@ def test_uptrain_weights_equal_with_checkpointing(tmp_path, text, tokenizer, rec
     else:
         method, options = "t2r", {"feature_dim": 16}
         stages = dict(
-            transfer_mode="layer", finetune="full", distill_weight=1.0, distill_hidden_weight=1.0,
+            transfer_mode="layer",
+            finetune="full",
+            distill_weight=1.0,
+            distill_hidden_weight=1.0,
             transfer_score_weight=1.0,
         )
     trained = []
     for checkpointing in (False, True):
         cfg = UptrainConfig(
-            transfer_steps=3, finetune_steps=3, batch_size=2, finetune_lr=1e-2, output_dir=str(tmp_path),
-            logging_steps=1, gradient_checkpointing=checkpointing, **stages,
+            transfer_steps=3,
+            finetune_steps=3,
+            batch_size=2,
+            finetune_lr=1e-2,
+            output_dir=str(tmp_path),
+            logging_steps=1,
+            gradient_checkpointing=checkpointing,
+            **stages,
         )
         torch.manual_seed(0)  # t2r's feature maps start random
         model = uptrain(convert(teacher, method, **options), data, cfg, teacher=teacher)
@@ -167,3 +183,25 @@ def test_uptrain_weights_equal_with_checkpointing(tmp_path, text, tokenizer, rec
 def test_gradient_checkpointing_option_is_validated():
     with pytest.raises(ValueError, match="gradient_checkpointing"):
         UptrainConfig(gradient_checkpointing="yes")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_kl_in_checkpointed_pieces_equals_the_formula(temperature):
+    """Stage 2's KL term computed a few positions at a time (each piece recomputed in the backward): the value and
+    the gradient of the one-piece formula, padded positions excluded."""
+    torch.manual_seed(0)
+    student = torch.randn(2, 11, 50, requires_grad=True)
+    teacher = torch.randn(2, 11, 50)
+    mask = torch.ones(2, 11)
+    mask[1, :3] = 0
+    t = temperature
+    kl = F.kl_div(
+        F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="none"
+    ).sum(-1) * (t * t)
+    want = (kl * mask).sum()
+    (want_grad,) = torch.autograd.grad(want, student)
+    got = distillation_kl(student, teacher, mask, t, chunk=4)  # 22 positions: 6 pieces, the last partial
+    (got_grad,) = torch.autograd.grad(got, student)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-6, atol=1e-7)
+    assert got_grad[1, :3].abs().max() == 0
