@@ -38,7 +38,8 @@ def _grads(model, step, checkpointing: bool, input_grads: bool):
     and how many times the first attention module ran (2 with checkpointing: the backward recomputes it)."""
     model.train()
     model.zero_grad(set_to_none=True)
-    torch.manual_seed(0)  # the same dropout masks in both runs (checkpointing replays the RNG in the recompute)
+    # the same dropout masks in both runs (checkpointing replays the RNG in the recompute)
+    torch.manual_seed(0)
     calls = []
     first = attention_modules(model, family_of(model))[0]
     handle = first.register_forward_pre_hook(lambda *_: calls.append(1))
