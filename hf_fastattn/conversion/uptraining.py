@@ -27,6 +27,7 @@ from .trainers import (
     DistillationTrainer,
     LayerTransferTrainer,
     _is_new_parameter,
+    refuse_fsdp,
 )
 
 STAGES = ("attention_transfer", "lora", "full", "attention")
@@ -310,6 +311,8 @@ def uptrain(
             trainer = Trainer(
                 model=target, args=args, train_dataset=train_dataset, data_collator=data_collator
             )
+        if cfg.finetune == "lora":
+            refuse_fsdp(trainer, "finetune='lora' (its adapters are merged after training)")
         with activation_checkpointing(target, cfg.gradient_checkpointing):
             trainer.train()
         if cfg.finetune == "lora":

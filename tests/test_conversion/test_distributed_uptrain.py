@@ -81,3 +81,42 @@ def test_fsdp_request_on_cpu_falls_back_to_ddp(tmp_path):
     shards on CPU: extend `test_two_processes_match_one` to FSDP and update the README."""
     run = _run(_torchrun(WORKER, tmp_path, "--only", "attention-lora"), tmp_path, ACCELERATE_USE_FSDP="true")
     assert run["distributed_type"] == "MULTI_CPU" and run["wrapped"] == "DistributedDataParallel"
+
+
+def _blocks():
+    import datasets
+
+    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 4, "labels": ids})
+
+
+@pytest.mark.parametrize("stage", ["attention", "layer", "lora"])
+def test_fsdp_is_refused_where_it_cannot_work(monkeypatch, tmp_path, stage):
+    """Under FSDP stage 1 would get no gradient (attention transfer) or fail in the backward (layer transfer): checked
+    by hand with torch's fully_shard on 2 CPU processes, which accelerate does not use on CPU. The trainers refuse
+    up front, naming the data-parallel alternative; so does `uptrain` before a LoRA stage 2, whose adapters cannot
+    be merged into sharded weights."""
+    from conftest import tiny_model
+    from transformers import Trainer, TrainingArguments
+
+    from hf_fastattn.conversion import convert
+    from hf_fastattn.conversion.trainers import AttentionTransferTrainer, LayerTransferTrainer
+    from hf_fastattn.conversion.uptraining import UptrainConfig, uptrain
+
+    init = Trainer.__init__
+
+    def fsdp_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.is_fsdp_enabled = True  # what Trainer sets when accelerate shards with FSDP
+
+    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
+    teacher = tiny_model("llama")
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="does not run under FSDP.*ddp_8gpu"):
+        if stage == "attention":
+            AttentionTransferTrainer(model=convert(teacher, "hedgehog"), args=args)
+        elif stage == "layer":
+            LayerTransferTrainer(model=convert(teacher, "hedgehog"), args=args, teacher=teacher)
+        else:
+            cfg = UptrainConfig(finetune="lora", finetune_steps=1, batch_size=2, output_dir=str(tmp_path))
+            uptrain(convert(teacher, "hedgehog"), _blocks(), cfg)
