@@ -44,6 +44,7 @@ RECIPE_FLAGS = {
     "score_weight": ("score", "--score-weight"),
     "warmup": ("warmup", "--warmup"),
     "lora_rank": ("lora_rank", "--lora-rank"),
+    "gradient_checkpointing": ("gradient_checkpointing", "--gradient-checkpointing"),
 }
 # argparse dest -> (method option, flag, the methods that take it)
 OPTION_FLAGS = {
@@ -215,6 +216,13 @@ def build_parser() -> ArgumentParser:
         help=f"LoRA rank (--finetune lora) ({RECIPE_DEFAULT})",
     )
     p.add_argument(
+        "--gradient-checkpointing",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="recompute each decoder layer in the backward instead of keeping its activations (less memory, about "
+        "one more forward per step) (default: on for blocks of 1024 tokens or more)",
+    )
+    p.add_argument(
         "--feature-dim",
         type=int_at_least(1),
         default=None,
@@ -314,6 +322,8 @@ def recipe_overrides(args, method: str) -> tuple[dict, dict]:
             options[option], sources[option] = getattr(args, dest), flag
     if args.hybrid is False:
         sources["hybrid"] = "--no-hybrid"
+    if args.gradient_checkpointing is False:
+        sources["gradient_checkpointing"] = "--no-gradient-checkpointing"
     if options:
         overrides["options"] = options
     return overrides, sources

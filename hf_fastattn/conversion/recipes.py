@@ -37,6 +37,9 @@ class Recipe:
         lora_rank: LoRA rank of stage 2 with finetune="lora".
         seq_len: tokens per training block (the budget is counted in these blocks); None (the default): the
             model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
+        gradient_checkpointing: activation checkpointing of the decoder layers in both stages; None (the default):
+            on for blocks of `CHECKPOINT_FROM` tokens or more (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
+            with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`).
     """
 
     method: str
@@ -55,6 +58,7 @@ class Recipe:
     warmup: float = 0.1
     lora_rank: int = 16
     seq_len: int | None = None
+    gradient_checkpointing: bool | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed (the rest is checked by
@@ -67,6 +71,11 @@ class Recipe:
             isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2
         ):
             raise ValueError(f"recipe setting seq_len must be an int >= 2 or None (the model's context), got {self.seq_len!r}")
+        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(
+                f"recipe setting gradient_checkpointing must be True, False or None (auto), got "
+                f"{self.gradient_checkpointing!r}"
+            )
         if not isinstance(self.options, dict):
             raise ValueError(f"recipe setting options must be a dict, got {self.options!r}")
 
@@ -183,6 +192,10 @@ RECIPES = {
 # the longest default training block: the recipes train at the model's context up to this many tokens (SmolLM2-135M:
 # 2048 of its 8192 positions; the small teacher of `bench conversion`: the 128 it was trained at)
 MAX_SEQ_LEN = 2048
+# from this block length on, gradient checkpointing is on unless a recipe or flag says otherwise: at 1024 tokens stage
+# 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
+# one more forward per step
+CHECKPOINT_FROM = 1024
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
@@ -329,6 +342,7 @@ class RecipePlan:
             logging_steps=max(1, (self.transfer_steps + self.finetune_steps) // 10),
             warmup_steps=int(r.warmup * self.finetune_steps),
             lora_rank=r.lora_rank,
+            gradient_checkpointing=r.gradient_checkpointing,
             distill_weight=r.distill,
             distill_hidden_weight=r.hidden,
             transfer_score_weight=r.score,
@@ -398,6 +412,11 @@ def make_plan(
     if r.seq_len is None:
         seq_len, sources["seq_len"] = default_seq_len(context)
         r = dataclasses.replace(r, seq_len=seq_len)
+    if r.gradient_checkpointing is None:
+        on = r.seq_len >= CHECKPOINT_FROM
+        relation = ">=" if on else "<"
+        sources["gradient_checkpointing"] = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
+        r = dataclasses.replace(r, gradient_checkpointing=on)
     if (max_tokens is None) == (steps is None):
         raise ValueError("give the budget as max_tokens (tokens, every stage counted) or as steps, not both")
     if max_tokens is not None:

@@ -374,8 +374,11 @@ def test_each_method_defaults_to_its_recipe(method):
     # the recipe's blocks are the model's context: 256 positions here (the tiny models'), at most MAX_SEQ_LEN
     recipe = dataclasses.replace(RECIPES[method], seq_len=256)
     plan = _plan_of("--method", method, "--max-tokens", "204800", context=256)
-    assert plan.name == method and plan.sources == {"seq_len": "the model's context (256 positions), at most 2048"}
-    assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(recipe)
+    assert plan.name == method and plan.sources == {
+        "seq_len": "the model's context (256 positions), at most 2048",
+        "gradient_checkpointing": "blocks of 256 tokens (< 1024)",
+    }
+    assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(dataclasses.replace(recipe, gradient_checkpointing=False))
     blocks = 204800 // recipe.seq_len
     transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
     assert plan.transfer_steps == transfer
@@ -394,13 +397,22 @@ def test_flags_override_the_recipe_and_say_so():
     assert (r.lr, r.batch, r.transfer_batch, r.seq_len) == (0.01, 4, 4, 64)
     assert plan.options == {**RECIPES["hedgehog"].options, "window": 16, "hybrid": False}
     assert plan.sources == {"lr": "--lr", "batch": "--batch-size", "transfer_batch": "--batch-size",
-                            "seq_len": "--seq-len", "window": "--window", "hybrid": "--no-hybrid"}
+                            "seq_len": "--seq-len", "window": "--window", "hybrid": "--no-hybrid",
+                            "gradient_checkpointing": "blocks of 64 tokens (< 1024)"}
     assert plan.source("transfer_lr") == "recipe 'hedgehog'" and r.transfer_lr == RECIPES["hedgehog"].transfer_lr
     blocks = 10_000 // 64
     assert plan.transfer_steps == int(blocks * 0.3) // 4 and plan.max_tokens == 10_000
     # --recipe picks another, --method may then be left out
     other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000", context=128)
-    assert other.method == "t2r" and other.recipe == dataclasses.replace(RECIPES["t2r-hybrid"], seq_len=128)
+    assert other.method == "t2r"
+    assert other.recipe == dataclasses.replace(RECIPES["t2r-hybrid"], seq_len=128, gradient_checkpointing=False)
+    # gradient checkpointing: on from 1024-token blocks, a flag either way wins
+    assert _plan_of("--method", "mqa", "--max-tokens", "1000", context=1024).recipe.gradient_checkpointing is True
+    off = _plan_of("--method", "mqa", "--max-tokens", "1000", "--no-gradient-checkpointing", context=2048)
+    assert off.recipe.gradient_checkpointing is False
+    assert off.source("gradient_checkpointing") == "--no-gradient-checkpointing"
+    on = _plan_of("--method", "mqa", "--max-tokens", "1000", "--gradient-checkpointing", context=128)
+    assert on.recipe.gradient_checkpointing is True and on.uptrain_config().gradient_checkpointing is True
     # the context sets the default block length, at most MAX_SEQ_LEN; an explicit --seq-len wins
     assert _plan_of("--method", "mqa", "--max-tokens", "1000", context=8192).recipe.seq_len == 2048
     assert _plan_of("--method", "mqa", "--max-tokens", "1000").source("seq_len").startswith("the model states no")
@@ -433,10 +445,11 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
             "--feature-dim", "16", "--out", str(out)]
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
-    recipe = dataclasses.replace(RECIPES["t2r"], seq_len=256)
+    recipe = dataclasses.replace(RECIPES["t2r"], seq_len=256, gradient_checkpointing=False)
     context = "the model's context (256 positions), at most 2048"
+    checkpointing = "blocks of 256 tokens (< 1024)"
     for name in RECIPE_FIELDS:  # each setting on its line, from the recipe (the block length from the model)
-        source = context if name == "seq_len" else "recipe 't2r'"
+        source = {"seq_len": context, "gradient_checkpointing": checkpointing}.get(name, "recipe 't2r'")
         assert any(line.split()[:2] == [name, repr(getattr(recipe, name))] and source in line
                    for line in printed.splitlines()), name
     assert any(line.split()[:2] == ["feature_dim", "16"] and "--feature-dim" in line for line in printed.splitlines())
@@ -444,7 +457,7 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
     assert saved["recipe"] == "t2r" and saved["method"] == "t2r"
     assert {name: saved[name] for name in RECIPE_FIELDS} == {name: getattr(recipe, name) for name in RECIPE_FIELDS}
     assert saved["options"] == {**recipe.options, "feature_dim": 16}
-    assert saved["sources"] == {"feature_dim": "--feature-dim", "seq_len": context}
+    assert saved["sources"] == {"feature_dim": "--feature-dim", "seq_len": context, "gradient_checkpointing": checkpointing}
     split = (saved["max_tokens"], saved["transfer_steps"], saved["finetune_steps"], saved["tokens"])
     assert split == (1536, 3, 3, 1536)
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -216,7 +216,8 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     model, plan = convert_with_recipe(
         teacher, "mqa", data, 16 * 32, overrides={"seq_len": 32}, output_dir=str(tmp_path)
     )
-    assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr and plan.sources == {"seq_len": "override"}
+    assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr
+    assert plan.sources == {"seq_len": "override", "gradient_checkpointing": "blocks of 32 tokens (< 1024)"}
     assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
     assert model.config.fastattn_conversion == {"method": "mqa", "init": "svd"} and not model.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
