@@ -2,7 +2,7 @@
 
 import sys
 
-from hf_fastattn.bench.attention import main
+from hf_fastattn.showcase.bench.attention import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

@@ -5,7 +5,7 @@ Same as `hf-fastattn bench decode`.
 
 import sys
 
-from hf_fastattn.bench.decode import main
+from hf_fastattn.showcase.bench.decode import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

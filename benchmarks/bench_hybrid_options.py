@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from hf_fastattn.bench.conversion import TEACHER_STEPS, _split
 from hf_fastattn.conversion.distill import lm_dataset, perplexity
 from hf_fastattn.conversion.recipes import convert_with_recipe
-from hf_fastattn.tinylm import corpus, get_tiny_llama
+from hf_fastattn.showcase.bench.conversion import TEACHER_STEPS, _split
+from hf_fastattn.showcase.tinylm import corpus, get_tiny_llama
 
 
 def main(argv=None) -> int:

@@ -17,10 +17,10 @@ import time
 
 import torch
 
-from hf_fastattn.bench.quality import held_out_ids
-from hf_fastattn.bench.utils import with_attention
 from hf_fastattn.conversion.distill import perplexity_of_ids
 from hf_fastattn.loading import load_causal_lm
+from hf_fastattn.showcase.bench.quality import held_out_ids
+from hf_fastattn.showcase.bench.utils import with_attention
 
 
 def main(argv=None) -> int:

@@ -168,7 +168,7 @@ def main(argv=None):
         )
         return 0
 
-    from hf_fastattn.bench.utils import format_table, machine_line
+    from hf_fastattn.showcase.bench.utils import format_table, machine_line
 
     rows = []
     for stage in args.stages:

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 import hf_fastattn  # noqa: E402,F401
 from hf_fastattn.conversion import convert  # noqa: E402
 from hf_fastattn.conversion.distill import UptrainConfig, lm_dataset, perplexity, split_text, uptrain  # noqa: E402
-from hf_fastattn.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
+from hf_fastattn.showcase.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments  # noq
 import hf_fastattn  # noqa: E402,F401
 from hf_fastattn.conversion import convert  # noqa: E402
 from hf_fastattn.conversion.distill import lm_dataset, perplexity, split_text  # noqa: E402
-from hf_fastattn.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
+from hf_fastattn.showcase.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

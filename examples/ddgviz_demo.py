@@ -26,7 +26,7 @@ def main():
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     if args.tiny:
-        from hf_fastattn.tinylm import corpus, tiny_llama, tiny_tokenizer
+        from hf_fastattn.showcase.tinylm import corpus, tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(corpus(20_000), vocab_size=256)
         model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32).eval()
@@ -36,7 +36,7 @@ def main():
             AutoTokenizer.from_pretrained(args.model),
         )
     else:
-        from hf_fastattn.tinylm import get_tiny_llama
+        from hf_fastattn.showcase.tinylm import get_tiny_llama
 
         model, tokenizer = get_tiny_llama()
     paths = ddgviz(

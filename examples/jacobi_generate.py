@@ -19,7 +19,7 @@ from hf_fastattn.generation import jacobi_decoding
 
 def load(args):
     if args.tiny:
-        from hf_fastattn.tinylm import corpus, tiny_llama, tiny_tokenizer
+        from hf_fastattn.showcase.tinylm import corpus, tiny_llama, tiny_tokenizer
 
         tokenizer = tiny_tokenizer(corpus(20_000), vocab_size=256)
         return tiny_llama(vocab_size=len(tokenizer), hidden_size=32).eval(), tokenizer
@@ -27,7 +27,7 @@ def load(args):
         return AutoModelForCausalLM.from_pretrained(args.model).eval(), AutoTokenizer.from_pretrained(
             args.model
         )
-    from hf_fastattn.tinylm import get_tiny_llama
+    from hf_fastattn.showcase.tinylm import get_tiny_llama
 
     return get_tiny_llama()
 

@@ -25,7 +25,7 @@ from hf_fastattn.conversion.distill import (  # noqa: E402
     split_text,
     training_arguments,
 )
-from hf_fastattn.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
+from hf_fastattn.showcase.tinylm import corpus, tiny_llama, tiny_tokenizer  # noqa: E402
 
 
 def main() -> None:

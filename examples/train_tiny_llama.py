@@ -7,7 +7,7 @@ python examples/train_tiny_llama.py --tiny          # seconds: a smoke run
 
 import argparse
 
-from hf_fastattn.tinylm import load_corpus, perplexity, split_corpus, train_tiny_llama
+from hf_fastattn.showcase.tinylm import load_corpus, perplexity, split_corpus, train_tiny_llama
 
 
 def main():

@@ -22,7 +22,7 @@ import sys
 # sub-command -> ("module:function", one-line description); each function takes the remaining argv and returns
 # an exit code. The descriptions live here so that `hf-fastattn --help` imports none of the modules.
 COMMANDS = {
-    "demo": ("hf_fastattn.demo:main", "what the library does, offline, in one command: convert, uptrain, decode, report"),
+    "demo": ("hf_fastattn.showcase.demo:main", "what the library does, offline, in one command: convert, uptrain, decode, report"),
     "convert": (
         "hf_fastattn.conversion.cli:main",
         "convert a checkpoint to fast attention (t2r, hedgehog, mqa, ...), uptrain it and save it",
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"hf-fastattn bench: error: {given}choose one of {', '.join(BENCHMARKS)} (see --help)",
                   file=sys.stderr)
             return 2
-        target = f"hf_fastattn.bench.{rest[0]}:main"
+        target = f"hf_fastattn.showcase.bench.{rest[0]}:main"
         rest = rest[1:]
     elif command in COMMANDS:
         target = COMMANDS[command][0]

@@ -1,8 +1,8 @@
 """Smoke test of `hf-fastattn bench attention --quick`: it runs, prints the table, writes the plot."""
 
-from hf_fastattn.bench.attention import flops, sparse_pairs
 from hf_fastattn.cli import main
 from hf_fastattn.ops.reference import sparse_pattern_mask
+from hf_fastattn.showcase.bench.attention import flops, sparse_pairs
 
 
 def test_bench_attention_quick(tmp_path, capsys):

@@ -5,10 +5,10 @@ import json
 
 import torch
 
-from hf_fastattn.bench import quality
 from hf_fastattn.conversion.distill import perplexity_of_ids
 from hf_fastattn.conversion.tiny import tiny_llama, tiny_tokenizer
-from hf_fastattn.tinylm import load_corpus
+from hf_fastattn.showcase.bench import quality
+from hf_fastattn.showcase.tinylm import load_corpus
 
 
 def test_bench_quality_on_a_local_model(tmp_path):

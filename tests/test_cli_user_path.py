@@ -23,7 +23,7 @@ from hf_fastattn.loading import ModelLoadError, check_model_path, check_output_d
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY_POINTS = {
     **{name: target for name, (target, _) in COMMANDS.items()},
-    **{f"bench {name}": f"hf_fastattn.bench.{name}:main" for name in BENCHMARKS},
+    **{f"bench {name}": f"hf_fastattn.showcase.bench.{name}:main" for name in BENCHMARKS},
 }
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from hf_fastattn import demo
+from hf_fastattn.showcase import demo
 
 
 @pytest.fixture(scope="module")

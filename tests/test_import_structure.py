@@ -8,7 +8,7 @@ ties the two modules together), except those under `if TYPE_CHECKING:` (never ru
 cycle with its own package. An edge to a package `__init__` that is written out (`from .. import x`) does count.
 
 The layers, bottom to top: `ops` and `kernels` (operators; `ops` picks a kernel, a kernel never imports `ops`),
-`integration`, `conversion` and `generation` (the core), then the showcase (`bench`, `demo*`, `tinylm`), which the
+`integration`, `conversion` and `generation` (the core), then the showcase (`showcase/`: `bench`, `demo*`, `tinylm`), which the
 core never imports. `ops/reference.py` holds the naive references for the tests: the library does not import it.
 """
 
@@ -26,14 +26,15 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 CORE = ("ops", "kernels", "integration", "conversion", "generation")
 # the core's layers, bottom to top: a module imports only from its own layer or lower ones
 RANKS = {"kernels": 0, "ops": 1, "integration": 2, "conversion": 3, "generation": 3}
-SHOWCASE = ("bench", "demo", "demo_measure", "demo_report", "tinylm")
+SHOWCASE = ("showcase", "tinylm")  # hf_fastattn.tinylm: the shim of showcase.tinylm
 REFERENCE = f"{PACKAGE}.ops.reference"
 
 # Modules kept for one release only to re-export names that moved, exempt from the layering rules (not from the
 # cycle check). Each must do nothing but re-export: see `test_deprecated_shims_only_reexport`.
 DEPRECATED_SHIMS = {
     f"{PACKAGE}.kernels.fastmax": "moved to hf_fastattn.ops.fast (PyTorch code, not a kernel)",
-    f"{PACKAGE}.conversion.tiny": "moved to hf_fastattn.tinylm (the showcase's tiny teacher)",
+    f"{PACKAGE}.conversion.tiny": "moved to hf_fastattn.showcase.tinylm (the showcase's tiny teacher)",
+    f"{PACKAGE}.tinylm": "moved to hf_fastattn.showcase.tinylm (the showcase apart from the core)",
 }
 
 
@@ -275,9 +276,9 @@ def test_the_layer_checks_catch_violations():
     upward = {"hf_fastattn.ops.x": {"hf_fastattn.integration.y": 3}, "hf_fastattn.integration.y": {}}
     with pytest.raises(AssertionError, match="hf_fastattn.ops.x imports hf_fastattn.integration.y"):
         test_core_layers_import_downward_only(upward)
-    chain = {"hf_fastattn.ops.a": {"hf_fastattn.ops.b": 1}, "hf_fastattn.ops.b": {"hf_fastattn.bench.c": 2}}
-    with pytest.raises(AssertionError, match="hf_fastattn.ops.a -> hf_fastattn.ops.b -> hf_fastattn.bench.c"):
-        test_core_does_not_reach_the_showcase({**chain, "hf_fastattn.bench.c": {}})
+    chain = {"hf_fastattn.ops.a": {"hf_fastattn.ops.b": 1}, "hf_fastattn.ops.b": {"hf_fastattn.showcase.bench.c": 2}}
+    with pytest.raises(AssertionError, match="hf_fastattn.ops.a -> hf_fastattn.ops.b -> hf_fastattn.showcase.bench.c"):
+        test_core_does_not_reach_the_showcase({**chain, "hf_fastattn.showcase.bench.c": {}})
     with pytest.raises(AssertionError, match="hf_fastattn.kernels.k imports hf_fastattn.ops.o"):
         test_kernels_do_not_import_ops({"hf_fastattn.kernels.k": {"hf_fastattn.ops.o": 1}})
     with pytest.raises(AssertionError, match="hf_fastattn.integration.i imports hf_fastattn.ops.reference"):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_fastattn import tinylm
+from hf_fastattn.showcase import tinylm
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,2 +1,2 @@
 """Data shipped with the package: `tinyshakespeare.txt`, the first 1 MB of Karpathy's tinyshakespeare
-(public-domain Shakespeare), cut at a line boundary. Load it with `hf_fastattn.tinylm.load_corpus()`."""
+(public-domain Shakespeare), cut at a line boundary. Load it with `hf_fastattn.showcase.tinylm.load_corpus()`."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..ops.common import fast_normalize, fastmax_weight
 from ..ops.dropout import key_dropout
 from ..ops.fast import fast_attention, fast_feature_map, validate_fast_options
-from ..ops.common import fast_normalize, fastmax_weight
 from .common import check_backend, check_chunk_size
 from .linear_attention import _linear_like, _recurrent_forward, _with_prefix_state
 from .variants import variant_options

@@ -15,7 +15,7 @@ import hf_fastattn.conversion  # noqa: E402,F401
 
 def corpus_text(chars: int = 60_000) -> str:
     """The first `chars` characters of the corpus packaged with hf_fastattn (tinyshakespeare)."""
-    from hf_fastattn.tinylm import load_corpus
+    from hf_fastattn.showcase.tinylm import load_corpus
 
     return load_corpus()[:chars]
 

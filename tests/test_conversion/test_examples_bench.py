@@ -28,7 +28,7 @@ def test_example_runs(tmp_path, script):
 
 
 def test_bench_conversion_quick(tmp_path, capsys):
-    from hf_fastattn.bench.conversion import main
+    from hf_fastattn.showcase.bench.conversion import main
 
     assert main(["--quick", "--methods", "hedgehog", "mqa", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -44,8 +44,8 @@ def test_window_only_control_is_the_teacher_on_its_last_window_tokens():
     import torch
     from transformers import LlamaForCausalLM
 
-    from hf_fastattn.bench import conversion
-    from hf_fastattn.tinylm import tiny_llama_config
+    from hf_fastattn.showcase.bench import conversion
+    from hf_fastattn.showcase.tinylm import tiny_llama_config
 
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(tiny_llama_config(64, hidden_size=32, num_layers=2, num_heads=2)).eval()
@@ -73,8 +73,8 @@ def test_teacher_seq_len_trains_the_teacher_on_longer_sequences_with_the_same_to
     """`--teacher-seq-len 512` asks tinylm for a teacher trained on 512-token sequences at 2048 tokens per step (the
     default teacher's 16 x 128), so its token count, and the 10% budget, stay the same; `--teacher-steps` (default
     1000) sets its steps."""
-    import hf_fastattn.tinylm as tinylm
-    from hf_fastattn.bench.conversion import main
+    import hf_fastattn.showcase.tinylm as tinylm
+    from hf_fastattn.showcase.bench.conversion import main
 
     asked = []
 
@@ -107,7 +107,7 @@ def test_bench_conversion_real_model_path(tmp_path, tokenizer):
 
     from conftest import tiny_model
 
-    from hf_fastattn.bench.conversion import main
+    from hf_fastattn.showcase.bench.conversion import main
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)

@@ -122,9 +122,9 @@ def test_uptrain_layer_transfer_and_distillation(tmp_path, text, tokenizer):
 def test_bench_recipe_token_accounting(monkeypatch, tmp_path, text, tokenizer):
     """`convert_and_uptrain` spends exactly the budget of `steps * batch_size` blocks over both stages."""
     import hf_fastattn.conversion.uptraining as uptraining
-    from hf_fastattn.bench import conversion as bench
     from hf_fastattn.conversion import recipes
     from hf_fastattn.conversion import runner as conversion
+    from hf_fastattn.showcase.bench import conversion as bench
 
     # one registry: the benchmark (and the demo) use conversion's recipes, not copies
     assert bench.RECIPES is recipes.RECIPES and bench.convert_and_uptrain is conversion.convert_and_uptrain

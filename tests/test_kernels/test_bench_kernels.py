@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from hf_fastattn.bench.kernels import main  # noqa: E402
+from hf_fastattn.showcase.bench.kernels import main  # noqa: E402
 
 from .helpers import DEVICE  # noqa: E402
 

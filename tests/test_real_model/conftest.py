@@ -25,7 +25,7 @@ def fresh_smollm2(smollm2):
 @pytest.fixture(scope="session")
 def text_ids(smollm2):
     """[1, 96] token ids of real English text (a held-out tinyshakespeare passage)."""
-    from hf_fastattn.tinylm import load_corpus
+    from hf_fastattn.showcase.tinylm import load_corpus
 
     text = load_corpus()[-4000:]
     return torch.tensor(smollm2[1](text, add_special_tokens=False)["input_ids"][:96])[None]

@@ -106,7 +106,7 @@ def test_commands_take_the_short_name_and_the_gguf_file(smollm2, tmp_path, text_
     from hf_fastattn.conversion.cli import main as convert_main
     from hf_fastattn.generation.cli import generate_main
     from hf_fastattn.pretrained import KNOWN_MODELS, cache_folder
-    from hf_fastattn.tinylm import load_corpus
+    from hf_fastattn.showcase.tinylm import load_corpus
 
     assert generate_main(["smollm2-135m", "--prompt", "List three colors:", "--max-new-tokens", "6", "--compare"]) == 0
     gguf = cache_folder("smollm2-135m") / KNOWN_MODELS["smollm2-135m"].member.split("/")[-1]

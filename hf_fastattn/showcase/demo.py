@@ -6,7 +6,7 @@
     hf-fastattn demo --model NAME       # your causal LM (short name, .gguf, folder, Hub id) in every section
 
 Two models: a small softmax Llama trained here on the packaged tinyshakespeare (the *teacher*,
-`hf_fastattn.tinylm.get_tiny_llama`, cached), which conversion can uptrain in minutes on a CPU, and a real pretrained
+`hf_fastattn.showcase.tinylm.get_tiny_llama`, cached), which conversion can uptrain in minutes on a CPU, and a real pretrained
 LM (default SmolLM2-135M-Instruct, `smollm2-135m`, fetched once from the package index), which shows what swapping the
 attention and decoding cost at a real size. `--model` puts one model in both roles; `--quick` the quick teacher.
 
@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 import hf_fastattn  # noqa: F401  (registers the attention implementations and the generate hook)
 
+from ..conversion.recipes import recipe_seq_len
+from ..conversion.runner import convert_with_recipe
 from .bench.utils import format_table, machine_line, torch_threads
-from .conversion.recipes import recipe_seq_len
-from .conversion.runner import convert_with_recipe
 from .demo_measure import (
     JACOBI_MODES,  # noqa: F401  (part of the demo's API, used by its tests)
     architecture_models,
@@ -150,8 +150,8 @@ def load_teacher(model_name: str | None, sizes: Sizes):
         model, tokenizer = get_tiny_llama(**sizes.teacher)
         return model.eval(), tokenizer, getattr(model.config, "tinylm_train_tokens", None)
 
-    from .conversion.families import family_of
-    from .loading import ModelLoadError, load_causal_lm
+    from ..conversion.families import family_of
+    from ..loading import ModelLoadError, load_causal_lm
 
     try:
         model, tokenizer = load_causal_lm(model_name, flag="--model")
@@ -294,7 +294,7 @@ def run(model_name: str | None, sizes: Sizes, out: Path, real_threads: int | Non
         real_machine = machine_line()
 
     results = {
-        "teacher": model_name or "tiny Llama trained on the packaged tinyshakespeare (hf_fastattn.tinylm)",
+        "teacher": model_name or "tiny Llama trained on the packaged tinyshakespeare (hf_fastattn.showcase.tinylm)",
         "teacher_size": describe(teacher),
         "machine": machine_line(),
         "sizes": asdict(sizes),

@@ -30,7 +30,7 @@ from .utils import format_table, machine_line
 
 
 def _methods(device: str) -> dict:
-    from ..ops import fast_attention, linear_attention, sparse_attention
+    from ...ops import fast_attention, linear_attention, sparse_attention
 
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.quick:
-        from ..kernels.dispatch import interpreter_enabled, interpreter_ready
+        from ...kernels.dispatch import interpreter_enabled, interpreter_ready
 
         if not (interpreter_enabled() and interpreter_ready()):
             parser.error("--quick runs in Triton's interpreter: start it as `TRITON_INTERPRET=1 hf-fastattn bench kernels --quick`")

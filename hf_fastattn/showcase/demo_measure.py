@@ -117,8 +117,8 @@ def architecture_models(model) -> dict:
 def measure_swap(model, val_ids: torch.Tensor, seq_len: int, tokens: int) -> list[dict]:
     """Perplexity of `model` on the first `tokens` held-out ids in windows of `seq_len`, with each attention of
     `hf-fastattn bench quality` swapped in, untrained: [{"variant", "attention", "ppl", "x_sdpa"}]."""
+    from ..conversion.distill import perplexity_of_ids
     from .bench.quality import variants
-    from .conversion.distill import perplexity_of_ids
 
     ids = val_ids[:tokens]
     rows = []

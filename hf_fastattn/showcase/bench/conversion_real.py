@@ -21,8 +21,8 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, recipe_seq_len
-from ..conversion.runner import convert_with_recipe
+from ...conversion.recipes import RECIPES, recipe_seq_len
+from ...conversion.runner import convert_with_recipe
 from .utils import format_table, machine_line, torch_threads
 
 DEFAULT_METHODS = ["hedgehog", "mqa", "t2r-hybrid", "hedgehog-linear"]
@@ -56,15 +56,15 @@ def add_arguments(p) -> None:
 
 
 def _perplexities(model, ids, lengths) -> dict[int, float]:
-    from ..conversion.data import perplexity_of_ids
+    from ...conversion.data import perplexity_of_ids
 
     with torch.no_grad():
         return {n: perplexity_of_ids(model, ids, n, batch_size=1) for n in lengths}
 
 
 def run(args, argv) -> int:
-    from ..conversion.data import lm_dataset
-    from ..loading import load_causal_lm
+    from ...conversion.data import lm_dataset
+    from ...loading import load_causal_lm
     from ..tinylm import load_corpus, split_corpus
 
     methods = [m for m in args.methods if m not in CONTROLS]

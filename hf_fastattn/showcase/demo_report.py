@@ -1,5 +1,5 @@
 """The demo's report: a table, a paragraph saying what was measured and what to conclude, and a plot per section;
-written as markdown, JSON and one self-contained HTML page by `hf_fastattn.demo`."""
+written as markdown, JSON and one self-contained HTML page by `hf_fastattn.showcase.demo`."""
 
 from __future__ import annotations
 

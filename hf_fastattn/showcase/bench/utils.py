@@ -110,7 +110,7 @@ def describe_crossover(c: dict) -> str:
 def with_attention(model, implementation: str, **options):
     """A copy of `model` with `implementation` set as a user sets it (`configure(**options)`, then
     `set_attn_implementation`); `model` itself is left as it is."""
-    from ..integration.registry import configure
+    from ...integration.registry import configure
 
     swapped = copy.deepcopy(model)
     if options:

@@ -9,7 +9,7 @@ transformers' prompt lookup, lookahead, jacobi, gs_jacobi, hybrid at each thread
 lookahead / hybrid at batch 4, and plain vs lookahead sampling at temperature 0.7. Writes
 jacobi_<model>.md/.json under --out.
 
-The model is `hf_fastattn.tinylm.get_tiny_llama()` (a small Llama trained on tinyshakespeare, cached after the first
+The model is `hf_fastattn.showcase.tinylm.get_tiny_llama()` (a small Llama trained on tinyshakespeare, cached after the first
 run). Prompts are windows of the validation split. The baseline is plain `model.generate(do_sample=False)` (its
 default DynamicCache); every mode's output is asserted identical to it. Each (prompt, method) pair is timed
 `--repeats` times, interleaved (so load changes on a shared machine hit every method alike), best time kept, all on
@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from ..generation.jacobi import MODES, jacobi_decoding
+from ...generation.jacobi import MODES, jacobi_decoding
 from .utils import format_table, machine_line, torch_threads
 
 
@@ -392,7 +392,7 @@ def run_real(args, argv) -> int:
     """The README table for a pretrained chat model: every method side by side on chat prompts per task type."""
     import os
 
-    from ..loading import load_causal_lm
+    from ...loading import load_causal_lm
     from ..tinylm import load_corpus
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} must be at least 2, got {value}")
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
-    from ..conversion.distill import perplexity_of_ids
-    from ..loading import load_causal_lm
+    from ...conversion.distill import perplexity_of_ids
+    from ...loading import load_causal_lm
 
     start = time.perf_counter()
     with torch_threads(args.threads):

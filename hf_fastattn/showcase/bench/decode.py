@@ -56,7 +56,7 @@ import time
 
 import torch
 
-from ..integration.cache import RecurrentCache, cache_argument
+from ...integration.cache import RecurrentCache, cache_argument
 from .utils import cache_nbytes, crossover, describe_crossover, format_table, machine_line, torch_threads
 
 IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast", "hybrid")
@@ -77,7 +77,7 @@ def build_model(implementation: str, shape: dict, max_positions: int, pretrained
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if implementation == "hybrid":
-        from ..integration.registry import configure
+        from ...integration.registry import configure
 
         model = build_model("linear", shape, max_positions, pretrained)
         configure(model, window=HYBRID_WINDOW)
@@ -295,7 +295,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
     max_positions = contexts[-1] + args.warmup + args.steps + 1024
     pretrained = None
     if args.model:
-        from ..loading import load_causal_lm
+        from ...loading import load_causal_lm
 
         pretrained = load_causal_lm(args.model, flag="--model")[0].eval()
     models = {}

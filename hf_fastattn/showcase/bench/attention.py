@@ -23,10 +23,10 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 import torch.nn.functional as F
 
-from ..integration.variants import benchmark_entries
-from ..ops import fast_attention, linear_attention, recurrent_linear_step, sparse_attention
-from ..ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
-from ..ops.common import fast_normalize
+from ...integration.variants import benchmark_entries
+from ...ops import fast_attention, linear_attention, recurrent_linear_step, sparse_attention
+from ...ops.common import fast_normalize
+from ...ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
 STRIDE = 128
@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"{machine_line(threads=False)}, B=1, H={args.heads}, D={args.dim}, fp32; best of {args.repeats} runs, "
         "repetitions interleaved over methods; GFLOP/s from each method's own matmul count (see "
-        "`hf_fastattn/bench/attention.py`: `flops`), fwd+bwd counted as 3x the forward"
+        "`hf_fastattn/showcase/bench/attention.py`: `flops`), fwd+bwd counted as 3x the forward"
     )
     report = "\n".join([
         header, "", table, "", f"Decoding step (B=1, one token, median of {5 if args.quick else 50}):", *decode_lines, "",
