@@ -53,8 +53,9 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
         new_mask = torch.ones(key.shape[0], key.shape[2], dtype=torch.bool, device=key.device)
     factor = getattr(module, "fastattn_window_factor", None)
     options = _hybrid_options(module)
-    # a long prompt goes in pieces: each attends to at most `window` stored keys plus itself, O(n (window + piece))
-    piece = max(window, _HYBRID_PREFILL_PIECE)
+    # a long prompt in one call (the chunked form is O(n (window + sinks)) in time and memory), or in pieces of
+    # `_HYBRID_PREFILL_PIECE` tokens when set (the tests feed pieces to check they give the same state)
+    piece = _HYBRID_PREFILL_PIECE or key.shape[2]
     outs = [
         _hybrid_step(layer, query[:, :, i : i + piece], key[:, :, i : i + piece], value[:, :, i : i + piece],
                      new_mask[:, i : i + piece].to(torch.bool), scaling, fmap, window, factor, options)
@@ -63,7 +64,8 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-_HYBRID_PREFILL_PIECE = 256
+# None: a prefill in one call (before the chunked form, prompts went in pieces of 256 tokens)
+_HYBRID_PREFILL_PIECE: int | None = None
 
 
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, options=(0, "1-gamma", None, None)):
