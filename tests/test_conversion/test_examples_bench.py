@@ -126,3 +126,7 @@ def test_bench_conversion_real_model_path(tmp_path, tokenizer):
         assert rows[control]["tokens"] == 0
     assert 0 < rows["mqa"]["tokens"] <= 128
     assert "mqa" in record["verdicts"] and (out / "conversion-real.png").is_file()
+    # --no-controls: the original and the methods only
+    assert main([*argv[:-1], str(tmp_path / "out2"), "--no-controls", "--lengths", "32"]) == 0
+    record = json.loads((tmp_path / "out2" / "conversion-real.json").read_text())
+    assert [r["model"] for r in record["rows"]] == ["original (sdpa)", "mqa"]

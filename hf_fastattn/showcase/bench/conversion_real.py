@@ -53,6 +53,9 @@ def add_arguments(p) -> None:
         "--eval-tokens", type=int, default=16384, help="with --model: held-out tokens scored per length "
         "(default: %(default)s)"
     )
+    p.add_argument(
+        "--no-controls", action="store_true", help="with --model: skip the untrained window-only / window-sinks rows"
+    )
 
 
 def _perplexities(model, ids, lengths) -> dict[int, float]:
@@ -81,7 +84,7 @@ def run(args, argv) -> int:
         print(f"== original: {base}", flush=True)
         rows = [{"model": "original (sdpa)", "ppl": base, "tokens": 0, "minutes": 0.0}]
         datasets = {}
-        for name in CONTROLS + methods:
+        for name in ([] if args.no_controls else CONTROLS) + methods:
             seq_len = args.seq_len or recipe_seq_len(name, teacher.config)
             if seq_len not in datasets:
                 datasets[seq_len] = lm_dataset(train_text, tokenizer, seq_len)
@@ -99,6 +102,7 @@ def run(args, argv) -> int:
             print(f"== {name}: {ppl}, {plan.tokens} tokens, {minutes:.1f} min", flush=True)
             rows.append(row)
             del model
+            _report(args, argv, rows, base, started, partial=True)  # a run cut short keeps its finished rows
         return _report(args, argv, rows, base, started)
 
 
@@ -117,7 +121,7 @@ def _verdicts(rows, base, longest) -> dict[str, str]:
     return out
 
 
-def _report(args, argv, rows, base, started) -> int:
+def _report(args, argv, rows, base, started, partial: bool = False) -> int:
     lengths = args.lengths
     longest = max(lengths)
     verdicts = _verdicts(rows, base, longest)
@@ -139,13 +143,14 @@ def _report(args, argv, rows, base, started) -> int:
     minutes = (time.perf_counter() - started) / 60
     note = (
         f"{args.model}: each method converted by its default recipe (the code path of `hf-fastattn convert`), "
-        f"{rows[-1]['tokens'] if len(rows) > 1 else 0} training tokens at most per method on the first 90% of "
+        f"{max(r['tokens'] for r in rows)} training tokens at most per method on the first 90% of "
         f"tinyshakespeare; perplexity on the first {args.eval_tokens} held-out tokens (the last 10%) in windows of "
         f"{' and '.join(map(str, lengths))} tokens. Controls untrained: window-only (softmax over the last 64 tokens), "
         "window-sinks (the same plus the first 4 tokens)."
     )
-    footer = f"`{command}`: {minutes:.1f} min; {machine_line()}"
-    print(table, note, footer, sep="\n\n")
+    footer = f"`{command}`: {minutes:.1f} min{' so far (partial)' if partial else ''}; {machine_line()}"
+    if not partial:
+        print(table, note, footer, sep="\n\n")
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "conversion-real.md").write_text("\n\n".join([table, note, footer]) + "\n")
@@ -160,7 +165,8 @@ def _report(args, argv, rows, base, started) -> int:
         "recipes": {r["model"]: RECIPES[r["model"]].__dict__ for r in rows[1:]},
     }
     (out / "conversion-real.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
-    _plot(rows, base, lengths, out / "conversion-real.png", args.model)
+    if not partial:
+        _plot(rows, base, lengths, out / "conversion-real.png", args.model)
     return 0
 
 
