@@ -61,17 +61,18 @@ class FastmaxFeatureMap(FeatureMap):
 # at most this many rows (tokens x heads) take the gather form of `_quadratic_features`: a decoding step's few rows
 # are op-bound (the slice form runs 2 D small ops), long sequences bandwidth-bound (the gather is ~4x slower there)
 GATHER_ROWS = 256
-_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _pairs(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(a, b, weight) over the upper triangle a <= b in row order, weight 1/sqrt(2) on the diagonal, else 1."""
+def _pairs(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index a * d + b over the upper triangle a <= b in row order, weight: 1/sqrt(2) on the diagonal, else
+    1, in float64, cast to the input's dtype on use)."""
     key = (d, device)
     if key not in _PAIRS:
         a, b = torch.triu_indices(d, d, device=device)
         weight = torch.ones(a.shape, dtype=torch.float64, device=device)
-        weight[a == b] = 1 / math.sqrt(2)  # float64, cast to the input's dtype on use
-        _PAIRS[key] = (a, b, weight)
+        weight[a == b] = 1 / math.sqrt(2)
+        _PAIRS[key] = (a * d + b, weight)
     return _PAIRS[key]
 
 
@@ -80,13 +81,16 @@ def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
     (an index gather over the D^2 / 2 columns is ~4x slower on CPU), or for at most `GATHER_ROWS` rows (a decoding
     step) by one gather of the pairs, a few ops instead of 2 D."""
     d = x.shape[-1]
-    if x.numel() // max(d, 1) <= GATHER_ROWS and not torch.compiler.is_compiling():
-        a, b, weight = _pairs(d, x.device)
-        quadratic = x.index_select(-1, a) * x.index_select(-1, b) * weight.to(x.dtype)
-        return torch.cat([torch.ones_like(x[..., :1]), x, quadratic], dim=-1)
     out = x.new_empty(*x.shape[:-1], 1 + d + d * (d + 1) // 2)
     out[..., 0] = 1
     out[..., 1 : d + 1] = x
+    if x.numel() // max(d, 1) <= GATHER_ROWS and not torch.compiler.is_compiling():
+        # the outer product x x^T, then its upper triangle by one gather
+        flat, weight = _pairs(d, x.device)
+        quadratic = out[..., d + 1 :]
+        quadratic.copy_((x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)[..., flat])
+        quadratic.mul_(weight.to(x.dtype))
+        return out
     offset = d + 1
     compiling = torch.compiler.is_compiling()  # dynamo does not trace `out=` into a non-contiguous slice
     for a in range(d):
