@@ -175,6 +175,7 @@ def _plot(rows, base, lengths, path, model_name) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     names = [r["model"] for r in rows[1:]]
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -185,6 +186,10 @@ def _plot(rows, base, lengths, path, model_name) -> None:
         ax.bar_label(bars, [f"{x:.3g}" for x in ratios], fontsize=7)
     ax.set_xticks([j + width * (len(lengths) - 1) / 2 for j in range(len(names))], names, rotation=20, ha="right")
     ax.set_yscale("log")
+    ax.set_ylim(bottom=0.9)
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.axhline(1.0, c="black", lw=0.6)
     ax.axhline(1.10, ls="--", c="gray", lw=0.8, label="1.10x (hedgehog target)")
     ax.axhline(1.05, ls=":", c="gray", lw=0.8, label="1.05x (mqa target)")
     ax.set(ylabel="held-out perplexity / original's (log)", title=f"conversion of {model_name} (tinyshakespeare)")
