@@ -213,6 +213,20 @@ def _split_svd(stack: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tens
     return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
+def _rank1_of_stacked_outers(us: list[torch.Tensor], ws: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_split_svd(cat([outer(u_h, w_h) for h]), 1)` without the [H N, N] matrix: it is B C with B = blockdiag(u_h)
+    (orthogonal columns, norms r_h) and C the rows w_h, so its SVD is that of the [H, N] matrix diag(r) C, with the
+    left vectors mapped back through B's normalized columns (an H x N SVD instead of an H N x N one; the same factors
+    up to a unit phase shared by both, which leaves their product unchanged)."""
+    norms = torch.stack([u.norm() for u in us])
+    small = norms[:, None].to(ws[0].dtype) * torch.stack(ws)
+    u, s, vh = torch.linalg.svd(small, full_matrices=False)
+    root = s[0].sqrt()
+    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
+    left = torch.cat([us[h] / safe[h] * u[h, 0] * root for h in range(len(us))])
+    return left[:, None], root * vh[:1]
+
+
 @torch.no_grad()
 def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope):
     """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns.
@@ -235,7 +249,7 @@ def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope):
     for a, b in pairs:
         qz = {h: torch.complex(q[h, a], q[h, b]) for h in heads}
         kz = {h: torch.complex(k[kv_of[h], a], k[kv_of[h], b]) for h in heads}
-        left, right = _split_svd(torch.cat([torch.outer(qz[h].conj(), kz[h]) for h in heads]), 1)
+        left, right = _rank1_of_stacked_outers([qz[h].conj() for h in heads], [kz[h] for h in heads])
         k_new[a], k_new[b] = right[0].real, right[0].imag
         for i, h in enumerate(heads):
             qh = left[i * n : (i + 1) * n, 0].conj()
