@@ -115,6 +115,11 @@ def main() -> None:
         result["wrapped"] = sorted(set(wrapped))[0] if len(set(wrapped)) == 1 else sorted(set(wrapped))
         with open(os.path.join(out, "result.json"), "w") as f:
             json.dump(result, f, indent=1)
+    # tear the gloo group down before the interpreter exits: left to exit, a process can abort ("terminate called
+    # without an active exception", SIGABRT), seen once in the full suite
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
