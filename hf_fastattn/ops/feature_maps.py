@@ -61,18 +61,18 @@ class FastmaxFeatureMap(FeatureMap):
 # at most this many rows (tokens x heads) take the gather form of `_quadratic_features`: a decoding step's few rows
 # are op-bound (the slice form runs 2 D small ops), long sequences bandwidth-bound (the gather is ~4x slower there)
 GATHER_ROWS = 256
-_PAIRS: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+_PAIRS: dict[tuple[int, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _pairs(d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs(d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(flat index a * d + b over the upper triangle a <= b in row order, weight: 1/sqrt(2) on the diagonal, else
-    1, in float64, cast to the input's dtype on use)."""
-    key = (d, device)
+    1, built in float64 and cached in `dtype`, so a decoding step converts nothing)."""
+    key = (d, device, dtype)
     if key not in _PAIRS:
         a, b = torch.triu_indices(d, d, device=device)
         weight = torch.ones(a.shape, dtype=torch.float64, device=device)
         weight[a == b] = 1 / math.sqrt(2)
-        _PAIRS[key] = (a * d + b, weight)
+        _PAIRS[key] = (a * d + b, weight.to(dtype))
     return _PAIRS[key]
 
 
@@ -86,10 +86,10 @@ def _quadratic_features(x: torch.Tensor) -> torch.Tensor:
     out[..., 1 : d + 1] = x
     if x.numel() // max(d, 1) <= GATHER_ROWS and not torch.compiler.is_compiling():
         # the outer product x x^T, then its upper triangle by one gather
-        flat, weight = _pairs(d, x.device)
+        flat, weight = _pairs(d, x.device, x.dtype)
         quadratic = out[..., d + 1 :]
         quadratic.copy_((x.unsqueeze(-1) * x.unsqueeze(-2)).flatten(-2)[..., flat])
-        quadratic.mul_(weight.to(x.dtype))
+        quadratic.mul_(weight)
         return out
     offset = d + 1
     compiling = torch.compiler.is_compiling()  # dynamo does not trace `out=` into a non-contiguous slice
