@@ -236,9 +236,10 @@ def build_parser() -> ArgumentParser:
     )
     p.add_argument(
         "--init",
-        choices=["mean", "svd"],
+        choices=["mean", "svd", "calibrated"],
         default=None,
-        help=f"mqa / gqa: K/V mean pooling or the circuit-preserving fit ({RECIPE_DEFAULT})",
+        help="mqa / gqa: K/V mean pooling, the circuit-preserving fit, or that fit weighted by the statistics of the "
+        f"model's inputs on the first blocks of --train-file ({RECIPE_DEFAULT})",
     )
     p.add_argument(
         "--val-fraction",

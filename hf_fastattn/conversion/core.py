@@ -30,7 +30,13 @@ from .registry import (  # noqa: F401  (re-exported: their home before the regis
 
 
 def convert(
-    model: nn.Module, method: str, *, inplace: bool = False, recipe: str | None = None, **options
+    model: nn.Module,
+    method: str,
+    *,
+    inplace: bool = False,
+    recipe: str | None = None,
+    calibration_data=None,
+    **options,
 ) -> nn.Module:
     """Convert a pretrained transformers model to an efficient-attention form.
 
@@ -43,6 +49,11 @@ def convert(
             what `hf-fastattn convert` uses; an encoder's without the hybrid), `**options` replacing them; None: the
             method's own option defaults.
             To convert and uptrain by a recipe: `runner.convert_with_recipe`.
+        calibration_data: token id batches (tensors `[B, T]` or `[T]`, or dicts with "input_ids" and an optional
+            "attention_mask", e.g. a few rows of the training dataset) run through the original model for the
+            statistics of what its layers see; required by the options that fit to them (init="calibrated" of
+            "mqa" / "gqa") and refused by the others. `runner.convert_with_recipe` passes the training data's first
+            blocks.
         **options: the method's options (e.g. `feature_dim=64` for "t2r", `num_key_value_heads=2` for "gqa",
             `hybrid=True` for "hedgehog").
 
@@ -69,8 +80,19 @@ def convert(
     attention_modules(model, family)  # fail early on a model without attention modules
     if not inplace:
         model = copy.deepcopy(model)
+    calibrated = cfg.needs_calibration()
+    if calibrated and calibration_data is None:
+        raise ValueError(
+            f"conversion method {method!r} with options {asdict(cfg)} fits to the original model's activations: "
+            "pass calibration_data= (token id batches, e.g. a few blocks of the training text)"
+        )
+    if not calibrated and calibration_data is not None:
+        raise ValueError(
+            f"conversion method {method!r} with options {asdict(cfg)} does not use calibration_data "
+            '(only init="calibrated" of "mqa" / "gqa" does); leave it out'
+        )
     if spec.prepare is not None:
-        spec.prepare(model, cfg, family)
+        spec.prepare(model, cfg, family, *([calibration_data] if calibrated else []))
     spec.attach(model, cfg, family)
     setattr(model.config, CONVERSION_KEY, {"method": method, **asdict(cfg)})
     if spec.needs_plugin(family):

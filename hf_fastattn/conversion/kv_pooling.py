@@ -227,33 +227,51 @@ def _rank1_of_stacked_outers(us: list[torch.Tensor], ws: list[torch.Tensor]) -> 
     return left[:, None], root * vh[:1]
 
 
+def _complex_rows(pair: torch.Tensor) -> torch.Tensor:
+    """Rows [2, N] of one rotary pair (a, b) as the complex row a + i b."""
+    return torch.complex(pair[0], pair[1])
+
+
 @torch.no_grad()
-def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope):
+def _fit_group(q, k, v, o, heads: list[int], kv_of: list[int], d: int, rope, root=None):
     """Shared K and V rows `[D, E+1]` of one group of query heads, with the group's new Q rows and O columns.
-    `rope`: None, or (pairs of dims rotated together, dims not rotated) from `_rope_pairs`."""
+    `rope`: None, or (pairs of dims rotated together, dims not rotated) from `_rope_pairs`. `root`: None (every input
+    direction weighs the same), or (S, S^-1) with S the square root of the inputs' second moment E[x x^T] (x with a
+    trailing 1 for the bias): the circuits are then fit in the norm the inputs see, ||(C - C') S||."""
     n, e = q.shape[-1], o.shape[0]
+    s, s_inv = root if root is not None else (None, None)
+
+    def w(m):  # a circuit's input side, whitened
+        return m if s is None else m @ s
+
+    def unw(m):
+        return m if s is None else m @ s_inv
+
     # values: the output-value circuits O_h V_h of the group's heads, stacked, at rank D: V' shared, O_h' per head
-    left, v_new = _split_svd(torch.cat([o[:, h] @ v[kv_of[h]] for h in heads]), d)
+    left, v_new = _split_svd(torch.cat([w(o[:, h] @ v[kv_of[h]]) for h in heads]), d)
+    v_new = unw(v_new)
     o_new = {h: left[i * e : (i + 1) * e] for i, h in enumerate(heads)}
     q_new = {h: q[h].clone() for h in heads}
     k_new = torch.empty(d, n, dtype=q.dtype)
     pairs, plain = rope if rope is not None else ([], list(range(d)))
     if plain:
         # scores x_q^T Q_h^T K_h x_k over the dims RoPE leaves alone: the circuits Q_h^T K_h stacked, at their rank
-        left, k_new[plain] = _split_svd(torch.cat([q[h, plain].t() @ k[kv_of[h], plain] for h in heads]), len(plain))
+        stack = torch.cat([w(q[h, plain]).t() @ w(k[kv_of[h], plain]) for h in heads])
+        left, right = _split_svd(stack, len(plain))
+        k_new[plain] = unw(right)
         for i, h in enumerate(heads):
-            q_new[h][plain] = left[i * n : (i + 1) * n].t()
+            q_new[h][plain] = unw(left[i * n : (i + 1) * n].t())
     # RoPE rotates each pair of dims (a, b) as one complex number z = x_a + i x_b; a complex factor per head and pair
     # commutes with it, so each pair gets a shared key row and per-head query rows from a complex rank-1 fit of the
     # circuits conj(q_h) k_h^T (score = Re(conj(z_q) z_k e^{i(theta_k - theta_q)})).
     for a, b in pairs:
-        qz = {h: torch.complex(q[h, a], q[h, b]) for h in heads}
-        kz = {h: torch.complex(k[kv_of[h], a], k[kv_of[h], b]) for h in heads}
+        qz = {h: _complex_rows(w(q[h, [a, b]])) for h in heads}
+        kz = {h: _complex_rows(w(k[kv_of[h], [a, b]])) for h in heads}
         left, right = _rank1_of_stacked_outers([qz[h].conj() for h in heads], [kz[h] for h in heads])
-        k_new[a], k_new[b] = right[0].real, right[0].imag
+        k_new[[a, b]] = unw(torch.stack([right[0].real, right[0].imag]))
         for i, h in enumerate(heads):
             qh = left[i * n : (i + 1) * n, 0].conj()
-            q_new[h][a], q_new[h][b] = qh.real, qh.imag
+            q_new[h][[a, b]] = unw(torch.stack([qh.real, qh.imag]))
     return q_new, k_new, v_new, o_new
 
 
@@ -289,7 +307,61 @@ def _projection_modules(module: nn.Module, family: Family) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
+def input_second_moments(model: nn.Module, family: Family, batches) -> dict[nn.Module, torch.Tensor]:
+    """E[x x^T] (float64, [E+1, E+1], x with a trailing 1 for the bias) of the hidden states entering each attention
+    module's q/k/v projections, over the token id batches `batches` (each `[B, T]`, or a dict with "input_ids" and
+    an optional "attention_mask"), run through `model` without a cache. Padding positions are not counted."""
+    stats: dict[nn.Module, list] = {}
+    hooks, mask = [], {}
+
+    def hook_for(module):
+        def hook(_, args, kwargs):
+            x = (args[0] if args else kwargs["input"]).detach().double()
+            if mask.get("m") is not None:
+                x = x[mask["m"].bool()]
+            x = x.reshape(-1, x.shape[-1])
+            x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
+            acc = stats.setdefault(module, [0.0, 0])
+            acc[0] = acc[0] + x.t() @ x
+            acc[1] += x.shape[0]
+
+        return hook
+
+    for module in attention_modules(model):
+        proj = _projection_modules(module, family)[0]
+        hooks.append(proj.register_forward_pre_hook(hook_for(module), with_kwargs=True))
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            batch = batch if isinstance(batch, dict) else {"input_ids": batch}
+            ids = torch.as_tensor(batch["input_ids"])
+            ids = ids[None] if ids.dim() == 1 else ids
+            m = batch.get("attention_mask")
+            mask["m"] = None if m is None else torch.as_tensor(m).reshape(ids.shape)
+            device = next(model.parameters()).device
+            model(input_ids=ids.to(device), attention_mask=None if m is None else mask["m"].to(device), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not stats:
+        raise ValueError("input_second_moments: no batches were given (calibration data is empty)")
+    return {module: total / max(count, 1) for module, (total, count) in stats.items()}
+
+
+def _root(moment: torch.Tensor, damp: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1), S the symmetric square root of `moment` damped by `damp` x its mean eigenvalue (directions the
+    inputs never take keep a small weight instead of an infinite inverse)."""
+    eigvals, eigvecs = torch.linalg.eigh(moment)
+    eigvals = eigvals.clamp_min(0) + damp * eigvals.clamp_min(0).mean()
+    return (eigvecs * eigvals.sqrt()) @ eigvecs.t(), (eigvecs / eigvals.sqrt()) @ eigvecs.t()
+
+
+@torch.no_grad()
+def fit_kv(
+    model: nn.Module, family: Family, groups: int, second_moments: dict[nn.Module, torch.Tensor] | None = None
+) -> None:
     """Pool K/V into `groups` heads keeping the attention circuits, in place (the "svd" init of mqa / gqa).
 
     Mean pooling (`pool_kv`) averages the K and V projections of a group's heads. This fit instead keeps what the
@@ -322,12 +394,13 @@ def fit_kv(model: nn.Module, family: Family, groups: int) -> None:
         per = h // groups
         kv_of = [i // (h // hkv) for i in range(h)]
         rope = _rope_pairs(model, d)
+        root = None if second_moments is None else _root(second_moments[module].double())
         new_q, new_o = q.clone(), o.clone()
         new_k = torch.empty(groups, d, n, dtype=q.dtype)
         new_v = torch.empty(groups, d, n, dtype=q.dtype)
         for g in range(groups):
             members = list(range(g * per, (g + 1) * per))
-            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, members, kv_of, d, rope)
+            qg, new_k[g], new_v[g], og = _fit_group(q, k, v, o, members, kv_of, d, rope, root)
             for i in members:
                 new_q[i], new_o[:, i] = qg[i], og[i]
         if not family.native_gqa:  # one K/V row block per head: every head of a group gets the group's shared rows

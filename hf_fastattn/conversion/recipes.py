@@ -169,8 +169,8 @@ RECIPES = {
         {"feature_dim": 64, "hybrid": True, "window": 64, "window_init": 4.0},
         **_LAYER_TRANSFER_THEN_FULL,
     ),
-    "mqa": Recipe("mqa", {"init": "svd"}, **_POOL_THEN_FULL),
-    "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "svd"}, **_POOL_THEN_FULL),
+    "mqa": Recipe("mqa", {"init": "calibrated"}, **_POOL_THEN_FULL),
+    "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "calibrated"}, **_POOL_THEN_FULL),
     # linear (elu + 1) and fast (fastmax) have no learned feature map: the pooling recipe's layer transfer (the
     # attention projections regressed onto the original's module outputs), then full fine-tuning with distillation.
     # Not tuned (the defaults of `hf-fastattn convert --method linear / fast`).

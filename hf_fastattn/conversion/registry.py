@@ -3,7 +3,8 @@ itself here by name, `convert()` (`core.py`) and the checkpoint loader (`modelin
 its caller.
 
 A method is a config dataclass plus two functions:
-- `prepare(model, config, family)`: one-off weight surgery at conversion time (mean pooling of K/V). Optional.
+- `prepare(model, config, family)`: one-off weight surgery at conversion time (mean pooling of K/V). Optional. A
+  config whose `needs_calibration()` is true gets `prepare(model, config, family, calibration_data)`.
 - `attach(model, config, family)`: add the new modules (learned feature maps) and set the attention implementation
   and its options. Also run when a saved converted checkpoint is instantiated, before its weights are loaded.
 
@@ -41,6 +42,11 @@ class MethodConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the field, the value and what is allowed."""
+
+    def needs_calibration(self) -> bool:
+        """Whether `prepare` reads calibration data (`convert(..., calibration_data=...)`): a fit to the inputs'
+        statistics, e.g. "mqa" with init="calibrated"."""
+        return False
 
 
 @dataclass(frozen=True)

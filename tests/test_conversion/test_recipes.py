@@ -219,7 +219,7 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr
     assert plan.sources == {"seq_len": "override", "gradient_checkpointing": "blocks of 32 tokens (< 1024)"}
     assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
-    assert model.config.fastattn_conversion == {"method": "mqa", "init": "svd"} and not model.training
+    assert model.config.fastattn_conversion == {"method": "mqa", "init": "calibrated"} and not model.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     # without the override the blocks are the model's context (its 256 positions)
     with pytest.raises(ValueError, match="the dataset's blocks have 32 tokens; the plan's seq_len is 256"):

@@ -33,10 +33,10 @@ from ...integration.compatibility import check_compatible
 from ...integration.mqa_attention import enable_mqa_key_pooling
 from ...integration.registry import configure
 from ..families import Family
-from ..kv_pooling import fit_kv, pool_kv
+from ..kv_pooling import fit_kv, input_second_moments, pool_kv
 from ..registry import MethodConfig, register_conversion_method
 
-INITS = ("mean", "svd")
+INITS = ("mean", "svd", "calibrated")
 
 
 def _check_init(method: str, init) -> None:
@@ -47,13 +47,17 @@ def _check_init(method: str, init) -> None:
 @dataclass
 class MQAConfig(MethodConfig):
     """Args:
-    init: "mean" (mean pooling of K/V, the default) or "svd" (circuit-preserving fit, Q and O refit too).
+    init: "mean" (mean pooling of K/V, the default), "svd" (circuit-preserving fit, Q and O refit too) or
+        "calibrated" (the same fit weighted by the inputs' statistics, needs `convert(..., calibration_data=...)`).
     """
 
     init: str = "mean"
 
     def validate(self) -> None:
         _check_init("mqa", self.init)
+
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
 
     @property
     def groups(self) -> int:
@@ -64,11 +68,15 @@ class MQAConfig(MethodConfig):
 class GQAConfig(MethodConfig):
     """Args:
     num_key_value_heads: G, the K/V heads after pooling (must divide the model's K/V heads).
-    init: "mean" (mean pooling of K/V, the default) or "svd" (circuit-preserving fit, Q and O refit too).
+    init: "mean" (mean pooling of K/V, the default), "svd" (circuit-preserving fit, Q and O refit too) or
+        "calibrated" (the same fit weighted by the inputs' statistics, needs `convert(..., calibration_data=...)`).
     """
 
     num_key_value_heads: int | None = None
     init: str = "mean"
+
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
 
     def validate(self) -> None:
         _check_init("gqa", self.init)
@@ -82,10 +90,15 @@ class GQAConfig(MethodConfig):
         return self.num_key_value_heads
 
 
-def prepare_pool(model: nn.Module, cfg: MQAConfig | GQAConfig, family: Family) -> None:
+def prepare_pool(model: nn.Module, cfg: MQAConfig | GQAConfig, family: Family, calibration_data=None) -> None:
     if not family.native_gqa:  # the pooled model runs on the "mqa" implementation: the rule must accept it
         check_compatible(type(model), model.config, "mqa")
-    (fit_kv if cfg.init == "svd" else pool_kv)(model, family, cfg.groups)
+    if cfg.init == "mean":
+        pool_kv(model, family, cfg.groups)
+    elif cfg.init == "svd":
+        fit_kv(model, family, cfg.groups)
+    else:  # "calibrated": the statistics of the original's inputs (the model is still the original here)
+        fit_kv(model, family, cfg.groups, input_second_moments(model, family, calibration_data))
 
 
 def attach_pool(model: nn.Module, cfg: MQAConfig | GQAConfig, family: Family) -> None:
