@@ -159,6 +159,9 @@ class SuffixIndex:
     of the text seen before, then shorter ones, the tokens after each earlier occurrence, newest first.
     """
 
+    LONG_MATCH = 32  # matches are measured up to this many tokens
+    SCAN = 64  # at most this many earlier occurrences of a suffix are looked at (the newest)
+
     def __init__(self, max_match: int):
         self.max_match = max_match
         self.tokens: list[int] = []
@@ -171,19 +174,40 @@ class SuffixIndex:
             for m in range(1, min(self.max_match, end) + 1):
                 self.ends[tuple(self.tokens[end - m : end])].append(end)
 
-    def continuations(self, count: int, depth: int) -> list[tuple[list[int], int]]:
+    def continuations(self, count: int, depth: int, tail: list[int] | None = None) -> list[tuple[list[int], int]]:
         """Up to `count` distinct continuations of at most `depth` tokens, the most trusted first, each with the
-        length m of the suffix match it came from."""
+        length m of the suffix match it came from; with `tail`, of the text followed by those tokens (a guess).
+
+        The index finds earlier occurrences of the text's last 1..`max_match` tokens; each occurrence's match is then
+        measured in full (up to `LONG_MATCH` tokens, comparing backwards): inside a long copy (a passage being
+        quoted, code being rewritten) the match is much longer than `max_match`, and its continuation much likelier
+        to be right (SmolLM2-135M on the benchmark's chat prompts: the first copied token is accepted 69% of the time
+        after a 3-token match, 84-92% after 4 or more). Longest match first, then the newest occurrence.
+        """
         text, found, seen = self.tokens, [], set()
+        if tail:
+            text = text + list(tail)
         for m in range(min(self.max_match, len(text)), 0, -1):
-            for end in reversed(self.ends.get(tuple(text[-m:]), ())):
+            ends = self.ends.get(tuple(text[-m:]), ())
+            group = []
+            for end in reversed(ends[-self.SCAN :] if len(ends) > self.SCAN else ends):
                 continuation = text[end : end + depth]
                 if continuation and tuple(continuation) not in seen:
                     seen.add(tuple(continuation))
-                    found.append((continuation, m))
-                    if len(found) == count:
-                        return found
-        return found
+                    group.append((continuation, _match_length(text, end, m, self.LONG_MATCH)))
+            group.sort(key=lambda item: -item[1])  # (stable: the newest first among equally long matches)
+            found.extend(group)
+            if len(found) >= count:
+                break
+        return found[:count]
+
+
+def _match_length(text: list[int], end: int, known: int, limit: int) -> int:
+    """How many tokens before `end` equal the last tokens of `text` (at least `known`, at most `limit`)."""
+    last, m = len(text), known
+    while m < limit and end - m > 0 and text[end - m - 1] == text[last - m - 1]:
+        m += 1
+    return m
 
 
 class NGramPool:
@@ -254,9 +278,18 @@ class LookaheadGuesser(Guesser):
             if chain:
                 found.append((chain, "predicted"))
             for continuation, m in pool.text.continuations(self.num_candidates, depth):
-                found.append((continuation, f"text:{m}"))
+                found.append((continuation, f"text:{match_bucket(m)}"))
             if trajectory:
                 found.append((trajectory[:depth], "jacobi"))
+            # a copy that starts after a guessed token: the text's continuation after [text, first guess] (the
+            # start of a quote whose preceding token differs: "\n" for "\n\n", " he" for " He"...)
+            firsts = []
+            for tokens, source in list(found):
+                if source in ("predicted", "jacobi") and tokens[0] not in firsts and depth > 1:
+                    firsts.append(tokens[0])
+                    for continuation, m in pool.text.continuations(1, depth - 1, tail=tokens[:1]):
+                        copied = [f"text:{match_bucket(m)}"] * len(continuation)
+                        found.append(([tokens[0], *continuation], [source, *copied]))
             out.append(found)
         return out
 
@@ -285,6 +318,12 @@ class LookaheadGuesser(Guesser):
             while node is not None:
                 self.trajectory[b].append(after_guesses[node])
                 node = first_child.get(node)
+
+
+def match_bucket(m: int) -> int:
+    """The suffix-match length a "text:m" source is labelled with: 1, 2, 3, then 4 (4-7 tokens), 8 (8-15), 16
+    (16 or more), so that acceptance is learned per bucket (it grows with the match: see `SuffixIndex`)."""
+    return m if m < 4 else (4 if m < 8 else (8 if m < 16 else 16))
 
 
 def _lineage(node: int, tokens: list[int], parents: list[int], limit: int) -> list[int]:

@@ -418,12 +418,16 @@ def _plan_draft(proposals, stats, cost, uncached, max_nodes, chain_only, adaptiv
     if not any(chosen):
         return Draft(ids[:, :0])
     paths = [tree.paths(nodes) for tree, nodes in zip(trees, chosen, strict=True)]
-    return build_draft(
-        [[tokens for tokens, _ in row] for row in paths],
-        filler=ids[:, -1].tolist(),
-        device=ids.device,
-        sources=[[source for _, source in row] for row in paths],
-    )
+    draft = build_draft([[tokens for tokens, _ in row] for row in paths], filler=ids[:, -1].tolist(), device=ids.device)
+    # every node's source as the tree labelled it (alternatives apart), for `_learn_acceptance`
+    q = draft.tokens.shape[1]
+    tokens = draft.tokens.tolist()
+    parents = draft.parents or [list(range(-1, q - 1))] * len(trees)
+    draft.sources = [
+        tree.labels(row, parent_of, len(nodes))
+        for tree, nodes, row, parent_of in zip(trees, chosen, tokens, parents, strict=True)
+    ]
+    return draft
 
 
 def _learn_acceptance(stats, draft, ids, start, path, running) -> None:

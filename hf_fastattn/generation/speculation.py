@@ -113,7 +113,11 @@ class AcceptanceStats:
     """Chance that a guess is accepted given that its parent is, per (source, depth): a Beta posterior.
 
     Depths are pooled as 1, 2-3 and 4+: once a copy is accepted it tends to go on (a deeper guess is likelier than
-    the first one), and pooling learns that within a few passes. A decoding call starts from what earlier calls on
+    the first one), and pooling learns that within a few passes. An *alternative*, a node added below a parent that
+    already had a more trusted child (source `"...|alt"`, see `Tree`), is counted apart: only one sibling can be
+    right, and the second copy of a passage or the second prediction is right far less often than the first
+    (SmolLM2-135M on chat prompts, copies after a 4-7 token match at depth 4+: 3 of 4 first children accepted, 0 of
+    6 alternatives; pooled, they made every deep guess look unlikely). A decoding call starts from what earlier calls on
     the same model saw (`for_model`, capped at `carried` tries per key, so a new prompt soon speaks for itself) and
     hands its counts back at the end (`merge_into_model`).
 
@@ -123,6 +127,7 @@ class AcceptanceStats:
 
     DEFAULT_PRIOR = {"text": 0.5, "predicted": 0.4, "jacobi": 0.15, "fill": 0.05}
     DEEPER = 1.5  # the prior of a deeper guess: this times the first one's (at most 0.9)
+    ALTERNATIVE = 0.5  # the prior of an alternative (a node with a more trusted sibling): this times the first's
 
     def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0):
         self.prior = dict(self.DEFAULT_PRIOR, **(prior or {}))
@@ -148,10 +153,12 @@ class AcceptanceStats:
         return source, 1 if depth == 1 else (2 if depth <= 3 else 3)
 
     def p(self, source: str, depth: int) -> float:
-        kind = source.split(":")[0]
+        kind = source.split(":")[0].split(ALT)[0]
         prior = self.prior.get(kind, 0.2)
         if depth > 1:
             prior = min(0.9, prior * self.DEEPER)
+        if source.endswith(ALT):
+            prior *= self.ALTERNATIVE
         hits, tries = self.counts.get(self.key(source, depth), (0.0, 0.0))
         return (hits + self.strength * prior) / (tries + self.strength)
 
@@ -162,11 +169,15 @@ class AcceptanceStats:
 
 
 _PERSISTENT_STATS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {key: [hits, tries]}
+ALT = "|alt"  # the suffix of an alternative's source (a node with a more trusted elder sibling)
 
 
 class Tree:
     """One row's candidate nodes: `tokens`, `parents` (-1: the root), `sources`, `depths`, and `reach` (the
-    estimated chance that the node is accepted: the product of its path's conditional chances)."""
+    estimated chance that the node is accepted: the product of its path's conditional chances).
+
+    Candidates are added most trusted first; a node created below a parent that already has a child is an
+    alternative, and its source carries the `ALT` suffix (its chance is learned apart: `AcceptanceStats`)."""
 
     def __init__(self):
         self.tokens: list[int] = []
@@ -175,26 +186,45 @@ class Tree:
         self.depths: list[int] = []
         self.reach: list[float] = []
         self.children: dict[tuple[int, int], int] = {}
+        self._has_child: set[int] = set()
 
-    def add(self, tokens: list[int], source: str, stats: AcceptanceStats) -> None:
+    def add(self, tokens: list[int], source: str | list[str], stats: AcceptanceStats) -> None:
+        """Add a candidate continuation; `source` is where it came from, or a list: each token's."""
+        sources = [source] * len(tokens) if isinstance(source, str) else source
         node = -1
-        for token in tokens:
+        for token, source in zip(tokens, sources, strict=True):
             child = self.children.get((node, token))
             depth = self.depths[node] + 1 if node >= 0 else 1
-            chance = stats.p(source, depth)
+            above = self.reach[node] if node >= 0 else 1.0
             if child is None:
+                label = source + ALT if node in self._has_child else source
                 child = len(self.tokens)
                 self.children[(node, token)] = child
+                self._has_child.add(node)
                 self.tokens.append(token)
                 self.parents.append(node)
-                self.sources.append(source)
+                self.sources.append(label)
                 self.depths.append(depth)
-                self.reach.append((self.reach[node] if node >= 0 else 1.0) * chance)
-            elif chance * (self.reach[node] if node >= 0 else 1.0) > self.reach[child]:
+                self.reach.append(above * stats.p(label, depth))
+            else:
                 # two sources agree on this node: the more trusted one speaks for it (descendants keep theirs)
-                self.sources[child] = source
-                self.reach[child] = chance * (self.reach[node] if node >= 0 else 1.0)
+                label = source + ALT if self.sources[child].endswith(ALT) else source
+                chance = stats.p(label, depth)
+                if chance * above > self.reach[child]:
+                    self.sources[child] = label
+                    self.reach[child] = chance * above
             node = child
+
+    def labels(self, draft_tokens: list[int], draft_parents: list[int], count: int) -> list[str | None]:
+        """The sources of the first `count` nodes of a draft built from this tree's paths (`draft_parents[i]`: node
+        i's parent in the draft), found by their tokens; later (padding) nodes get None."""
+        mine: list[int] = []
+        for i in range(len(draft_tokens)):
+            if i >= count:
+                break
+            parent = draft_parents[i]
+            mine.append(self.children[(mine[parent] if parent >= 0 else -1, draft_tokens[i])])
+        return [self.sources[n] for n in mine] + [None] * (len(draft_tokens) - len(mine))
 
     def order(self) -> list[int]:
         """Nodes by decreasing reach, every parent before its children."""
