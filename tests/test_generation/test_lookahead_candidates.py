@@ -10,8 +10,8 @@ import pytest
 import torch
 from gen_helpers import PAD, left_padded, tiny_bigram_llama
 
-from hf_fastattn.generation import jacobi_decoding
 from hf_fastattn.generation import jacobi as jacobi_module
+from hf_fastattn.generation import jacobi_decoding
 from hf_fastattn.generation.guessers import Guesser, LookaheadGuesser, SuffixIndex, match_bucket
 from hf_fastattn.generation.speculation import ALT, AcceptanceStats, Tree
 
