@@ -34,8 +34,11 @@ ATTENTION_NAME = "hf_fastattn_gqa_sdpa"  # registered with transformers while a 
 _registered = False
 
 
-def small_rows_linear(module: nn.Linear, x: torch.Tensor, max_rows: int) -> torch.Tensor:
-    """`module(x)`, as `(W @ x^T)^T` when `x` has 2..`max_rows` rows on a CPU (see the module docstring)."""
+def small_rows_linear(module: nn.Linear, x: torch.Tensor, max_rows: int, pad_rows: dict | None = None) -> torch.Tensor:
+    """`module(x)`, as `(W @ x^T)^T` when `x` has 2..`max_rows` rows on a CPU (see the module docstring).
+
+    `pad_rows` maps a row count to a larger one computed instead (the extra rows repeat the last one and are
+    dropped): on 1 thread MKL multiplies by 3 columns more slowly than by 4."""
     weight = module.weight
     rows = x.numel() // weight.shape[1] if x.numel() else 0
     if not 2 <= rows <= max_rows or x.device.type != "cpu" or x.dtype != weight.dtype:
@@ -43,7 +46,10 @@ def small_rows_linear(module: nn.Linear, x: torch.Tensor, max_rows: int) -> torc
     # the rows must be contiguous (the transposed view is then the column-major operand MKL takes without a copy;
     # a row-major [in, rows] operand is 3x slower) and so must the result (the next layer's input)
     rows_in = x.reshape(rows, weight.shape[1]).contiguous()
-    out = torch.mm(weight, rows_in.t()).t().contiguous()
+    padded = (pad_rows or {}).get(rows, rows)
+    if padded > rows:
+        rows_in = torch.cat([rows_in, rows_in[-1:].expand(padded - rows, -1)])
+    out = torch.mm(weight, rows_in.t()).t()[:rows].contiguous()
     if module.bias is not None:
         out = out + module.bias
     return out.view(*x.shape[:-1], weight.shape[0])
@@ -111,20 +117,24 @@ def fast_verification(model, max_rows: int | None = None, enabled: bool = True):
     Args:
         model: a `PreTrainedModel`.
         max_rows (`int`, *optional*): linear layers take `(W @ x^T)^T` for 2..`max_rows` rows (batch x tokens).
-            Default: 4 per torch thread, at most 12 (SmolLM2-135M, 256 cached tokens, whole forward: 1 thread, 2 / 4 /
-            8 tokens 75 / 81 / 124 ms against 94 / 100 / 112 with `F.linear`, one token 60; 2 threads, 2 / 4 / 8
-            tokens 52 / 56 / 77 ms against 93 / 97 / 92, one token 57).
+            Default: 5 on 1 thread, else 4 per torch thread, at most 12 (SmolLM2-135M, 256 cached tokens, whole
+            forward: 1 thread, 2 / 4 / 8 tokens 75 / 81 / 124 ms against 94 / 100 / 112 with `F.linear`, one token
+            60; 2 threads, 2 / 4 / 8 tokens 52 / 56 / 77 ms against 93 / 97 / 92, one token 57). On 1 thread 3 rows
+            are computed as 4 (a busy machine, 450 cached tokens, best of 6 interleaved: 3 tokens 105 -> 94 ms, 4
+            tokens 90-94) and 5 rows take this path too (125 -> 107-110 ms; 6 rows gain nothing: 125-127).
         enabled (`bool`): False makes this a no-op (for comparisons).
     """
     if not enabled:
         yield
         return
+    threads = torch.get_num_threads()
     if max_rows is None:
-        max_rows = min(4 * torch.get_num_threads(), 12)
+        max_rows = 5 if threads == 1 else min(4 * threads, 12)
+    pad_rows = {3: 4} if threads == 1 else None
     patched = []
     for module in model.modules():
         if type(module) is nn.Linear and "forward" not in module.__dict__ and module.weight.device.type == "cpu":
-            module.forward = _bound(module, max_rows)
+            module.forward = _bound(module, max_rows, pad_rows)
             patched.append(module)
     configs = []
     if model.config._attn_implementation == "sdpa":
@@ -142,9 +152,9 @@ def fast_verification(model, max_rows: int | None = None, enabled: bool = True):
             config._attn_implementation_internal = "sdpa"
 
 
-def _bound(module, max_rows):
+def _bound(module, max_rows, pad_rows):
     def forward(x):
-        return small_rows_linear(module, x, max_rows)
+        return small_rows_linear(module, x, max_rows, pad_rows)
 
     return forward
 

@@ -22,7 +22,7 @@ def _no_grad():
         yield
 
 
-@pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])
 def test_small_rows_linear_equals_linear(rows):
     torch.manual_seed(0)
     layer = torch.nn.Linear(24, 40).double()
@@ -31,6 +31,9 @@ def test_small_rows_linear_equals_linear(rows):
     out = small_rows_linear(layer, x.transpose(0, 1), max_rows=8)  # a non-contiguous input
     torch.testing.assert_close(out, layer(x.transpose(0, 1)))
     assert out.is_contiguous()
+    padded = small_rows_linear(layer, x, max_rows=8, pad_rows={rows: rows + 1, 3: 4})  # computed on more rows
+    torch.testing.assert_close(padded, layer(x))
+    assert padded.shape == (1, rows, 40) and padded.is_contiguous()
 
 
 def test_gqa_attention_equals_repeated_kv_without_copying(monkeypatch):
