@@ -13,7 +13,8 @@ prompt lookup), with the same two calls:
 Unlike a `CandidateGenerator` it proposes and does not decide how much to verify, nor returns a tensor: several
 candidates per row may share prefixes (a tree, `draft.build_draft`), and `speculation.plan` keeps the nodes worth
 their cost from the acceptance observed so far per `source` and depth. Sources: "text:m" (a copy of what followed an
-earlier occurrence of the text's last m tokens: prompt lookup), "predicted" (the model's own predictions after each
+earlier occurrence of the text's last m tokens: prompt lookup; m is the match's full length, bucketed by
+`match_bucket`), "predicted" (the model's own predictions after each
 context, chained), "jacobi" (the previous pass's predictions past the accepted tokens), "fill" (a position never
 predicted yet). The former method names `candidates` and `observe` remain as aliases for one release.
 
@@ -34,8 +35,10 @@ The modes (`make_guesser`) differ only in their guesser:
                  earlier occurrences of its own suffix, "prompt lookup") and the model's own predictions after every
                  context it has seen (every guess, rejected ones included: the n-grams their Jacobi trajectories
                  yield), plus the Jacobi update (the predictions below the last accepted node). There is no separate
-                 2D Jacobi "lookahead branch" spending extra positions. (Predictions after prompt positions are not
-                 learned by default: each costs an LM-head row, 49152 x 576 on SmolLM2, more than it saves.)
+                 2D Jacobi "lookahead branch" spending extra positions. A copy may also start after the first
+                 predicted (or Jacobi) token: a quote whose preceding token differs (a line break where the source
+                 had a blank line, " he" for " He"). (Predictions after prompt positions are not learned by
+                 default: each costs an LM-head row, 49152 x 576 on SmolLM2, more than it saves.)
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ commits `1 + (guesses accepted)` tokens. Guessing pays only if the expected extr
 on a CPU a 135M model's forward over 8 tokens costs ~1.2x one over 1 token, over 32 tokens ~3x. So each pass:
 
 1. the guesser proposes candidate continuations, each node tagged with where it came from (`source`: a copy from
-   the text after a suffix match of length m, the model's own predicted chain, the Jacobi trajectory) and its depth;
+   the text after a suffix match of length m, the model's own predicted chain, the Jacobi trajectory; "|alt" added
+   when the node's parent already has a more trusted child) and its depth;
 2. `AcceptanceStats` estimates each node's chance of being accepted given that its parent is: a Beta posterior per
    (source, depth) from what the passes so far showed; a node's chance of being reached is the product along its
    path;
