@@ -130,14 +130,18 @@ class AcceptanceStats:
     DEEPER = 1.5  # the prior of a deeper guess: this times the first one's (at most 0.9)
     ALTERNATIVE = 0.5  # the prior of an alternative (a node with a more trusted sibling): this times the first's
 
-    def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0):
+    CALL_WEIGHT = 2.0  # pseudo-guesses behind the call's calibration factor (see `call_factor`)
+
+    def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0, calibrate: bool = False):
         self.prior = dict(self.DEFAULT_PRIOR, **(prior or {}))
         self.strength = strength
         self.counts: dict[tuple, list[float]] = {}
+        self.calibrate = calibrate
+        self.expected = self.observed = 0.0  # this call's first guesses: chances summed, acceptances counted
 
     @classmethod
     def for_model(cls, model, carried: float = 8.0) -> AcceptanceStats:
-        stats = cls()
+        stats = cls(calibrate=True)
         for key, (hits, tries) in _PERSISTENT_STATS.get(model, {}).items():
             scale = min(1.0, carried / tries) if tries else 0.0
             stats.counts[key] = [hits * scale, tries * scale]
@@ -153,7 +157,20 @@ class AcceptanceStats:
     def key(source: str, depth: int) -> tuple:
         return source, 1 if depth == 1 else (2 if depth <= 3 else 3)
 
+    def call_factor(self) -> float:
+        """How this call's first guesses (depth 1) fare against the chances the counts gave them: accepted over
+        expected, smoothed by `CALL_WEIGHT` and kept within [0.2, 1.5]. The counts carried from earlier calls speak
+        per source; a prompt unlike them (open-ended after input-grounded ones) misses with every source at once, and
+        this factor, which scales every first guess's chance, learns that from all of them together."""
+        if not self.calibrate:
+            return 1.0
+        return min(1.5, max(0.2, (self.observed + self.CALL_WEIGHT) / (self.expected + self.CALL_WEIGHT)))
+
     def p(self, source: str, depth: int) -> float:
+        chance = self._mean(source, depth)
+        return chance if depth > 1 else min(0.98, chance * self.call_factor())
+
+    def _mean(self, source: str, depth: int) -> float:
         kind = source.split(":")[0].split(ALT)[0]
         prior = self.prior.get(kind, 0.2)
         if depth > 1:
@@ -164,6 +181,9 @@ class AcceptanceStats:
         return (hits + self.strength * prior) / (tries + self.strength)
 
     def update(self, source: str, depth: int, accepted: bool) -> None:
+        if depth == 1:
+            self.expected += self._mean(source, depth)
+            self.observed += accepted
         counts = self.counts.setdefault(self.key(source, depth), [0.0, 0.0])
         counts[0] += accepted
         counts[1] += 1.0

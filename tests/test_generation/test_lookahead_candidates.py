@@ -138,3 +138,25 @@ def test_long_copies_are_labelled_learned_and_exact(monkeypatch):
     assert out.sequences.tolist() == greedy.tolist()
     assert {"text:8", "text:16"} & set(learned), sorted(set(learned))
     assert out.num_forward_passes < 0.5 * 60, out.accepted_per_pass
+
+
+def test_a_call_whose_first_guesses_miss_trusts_every_source_less():
+    """Counts carried from earlier calls say copies after a 2-token match are nearly always right; in this call
+    first guesses of other sources keep missing: the call's factor scales every first guess down (deeper chances,
+    conditional on an accepted parent, are left alone), and it recovers when guesses are accepted again."""
+    carried = {("text:2", 1): [8.0, 8.0], ("text:2", 2): [7.0, 8.0]}
+    stats, plain = AcceptanceStats(calibrate=True), AcceptanceStats()
+    for s in (stats, plain):
+        s.counts = {key: list(value) for key, value in carried.items()}
+    trusted = plain.p("text:2", 1)
+    assert stats.p("text:2", 1) == pytest.approx(trusted) and stats.call_factor() == 1.0
+    for source in ["text:1", "predicted", "text:3"] * 4:
+        stats.update(source, 1, False)
+        plain.update(source, 1, False)
+    assert plain.p("text:2", 1) == pytest.approx(trusted)  # per source alone: the carried counts still rule
+    assert stats.p("text:2", 1) < 0.5 * trusted
+    assert 0.2 <= stats.call_factor() < 0.5
+    assert stats.p("text:2", 2) == plain.p("text:2", 2)
+    for _ in range(20):
+        stats.update("text:2", 1, True)
+    assert stats.call_factor() > 0.8
