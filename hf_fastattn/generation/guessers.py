@@ -50,7 +50,8 @@ import torch
 from .draft import Draft, build_draft  # noqa: F401  (re-exported: they lived here until this release)
 
 MODES = ("jacobi", "gs_jacobi", "hybrid", "lookahead")
-Candidates = list[list[tuple[list[int], str]]]  # per row: (tokens, source), the most trusted first
+# per row: (tokens, source), the most trusted first; source is a str, or a list of one per token
+Candidates = list[list[tuple[list[int], str | list[str]]]]
 
 
 class Guesser:
@@ -65,7 +66,8 @@ class Guesser:
 
     def get_candidates(self, input_ids: torch.LongTensor, max_depth: int) -> Candidates:
         """Per row of `input_ids` (the committed tokens `[B, L]`), candidate continuations of at most `max_depth`
-        tokens with their source, the most trusted first; an empty list: no guess (a plain greedy step)."""
+        tokens with their source (or a list: each token's), the most trusted first; an empty list: no guess (a
+        plain greedy step)."""
         raise NotImplementedError(f"{type(self).__name__} must implement get_candidates")
 
     def update_candidate_strategy(
