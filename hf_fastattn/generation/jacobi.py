@@ -72,7 +72,7 @@ from .draft import Draft, build_draft
 from .fastpath import fast_verification
 from .forward import Forward, guess_mask, timed_forward
 from .guessers import MODES, Guesser, JacobiGuesser, LookaheadGuesser, NGramPool, SuffixIndex, make_guesser
-from .rollback import keep_path, needs_snapshot, rollback, snapshot, supports_tree
+from .rollback import growable_layers, keep_path, needs_snapshot, rollback, snapshot, supports_tree
 from .speculation import AcceptanceStats, ForwardCost, Tree, plan
 from .verify import accept_greedy, accept_sampled, processor_function
 
@@ -247,7 +247,7 @@ def jacobi_decoding(
     sample = bool(generation_config.do_sample)
     passes, accepted_per_pass = 0, []
 
-    with fast_verification(model, enabled=fast_path):
+    with fast_verification(model, enabled=fast_path), growable_layers(cache if fast_path else None):
         while unfinished.max() > 0:
             # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
             # positions, which must fit)

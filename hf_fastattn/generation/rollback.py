@@ -16,6 +16,7 @@ change here.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -87,3 +88,61 @@ def keep_path(cache: Cache, start: int, path: list[list[int]]) -> None:
             for b, source in enumerate(sources):
                 states[b].narrow(1, start, kept).copy_(states[b].index_select(1, source))
         layer.keys, layer.values = layer.keys[:, :, : start + kept], layer.values[:, :, : start + kept]
+
+
+@contextlib.contextmanager
+def growable_layers(cache: Cache | None, spare: int = 256):
+    """Within the block, the plain `DynamicLayer`s of `cache` append new K/V into preallocated buffers instead of
+    `torch.cat`-ing the whole layer on every forward.
+
+    `DynamicLayer.update` copies all cached K/V into a new tensor at each forward (for SmolLM2-135M at 450 cached
+    tokens, 20 MB per forward); here `keys` / `values` are views of the first entries of buffers a quarter longer
+    than needed (at least `spare` entries more), so a forward writes only its own tokens. Cropping (a view) and
+    `keep_path` (copies within the view) keep working on the same buffers. On exit every layer holds plain
+    contiguous tensors again and its own `update`; the values are the same throughout (nothing is computed
+    differently). CPU tensors only (elsewhere the layer's own `update` runs): measured there, SmolLM2-135M, 1
+    thread, 450 cached tokens, best of 10 interleaved: a one-token forward 71.0 -> 67.8 ms, four tokens 93.3 ->
+    91.4, a one-token step that keeps its token 79.5 -> 76.4.
+    """
+    layers = [layer for layer in getattr(cache, "layers", None) or () if type(layer) is DynamicLayer]
+    buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def grow(layer):
+        def update(key_states, value_states, *args, **kwargs):
+            if key_states.device.type != "cpu":
+                return DynamicLayer.update(layer, key_states, value_states, *args, **kwargs)
+            if not layer.is_initialized:
+                layer.lazy_initialization(key_states, value_states)
+            old = layer.keys.shape[-2] if layer.keys.dim() == 4 else 0
+            new = old + key_states.shape[-2]
+            keys, values = buffers.get(id(layer), (None, None))
+            if (
+                keys is None
+                or keys.shape[-2] < new
+                or keys.shape[:2] != key_states.shape[:2]
+                or keys.dtype != key_states.dtype
+                or (old and layer.keys.data_ptr() != keys.data_ptr())  # replaced by someone else: start over
+            ):
+                size = new + max(spare, new // 4)
+                keys = key_states.new_empty((*key_states.shape[:2], size, key_states.shape[-1]))
+                values = value_states.new_empty((*value_states.shape[:2], size, value_states.shape[-1]))
+                if old:
+                    keys[..., :old, :].copy_(layer.keys)
+                    values[..., :old, :].copy_(layer.values)
+                buffers[id(layer)] = keys, values
+            keys[..., old:new, :].copy_(key_states)
+            values[..., old:new, :].copy_(value_states)
+            layer.keys, layer.values = keys[..., :new, :], values[..., :new, :]
+            return layer.keys, layer.values
+
+        return update
+
+    for layer in layers:
+        layer.update = grow(layer)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.update
+            if layer.is_initialized and layer.keys.dim() == 4 and id(layer) in buffers:
+                layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
