@@ -312,13 +312,13 @@ def input_second_moments(model: nn.Module, family: Family, batches) -> dict[nn.M
     module's q/k/v projections, over the token id batches `batches` (each `[B, T]`, or a dict with "input_ids" and
     an optional "attention_mask"), run through `model` without a cache. Padding positions are not counted."""
     stats: dict[nn.Module, list] = {}
-    hooks, mask = [], {}
+    hooks, current = [], {"mask": None}  # the running batch's attention mask (on the model's device), for the hooks
 
     def hook_for(module):
         def hook(_, args, kwargs):
             x = (args[0] if args else kwargs["input"]).detach().double()
-            if mask.get("m") is not None:
-                x = x[mask["m"].bool()]
+            if current["mask"] is not None:
+                x = x[current["mask"]]
             x = x.reshape(-1, x.shape[-1])
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], 1)
             acc = stats.setdefault(module, [0.0, 0])
@@ -332,22 +332,23 @@ def input_second_moments(model: nn.Module, family: Family, batches) -> dict[nn.M
         hooks.append(proj.register_forward_pre_hook(hook_for(module), with_kwargs=True))
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for batch in batches:
             batch = batch if isinstance(batch, dict) else {"input_ids": batch}
             ids = torch.as_tensor(batch["input_ids"])
             ids = ids[None] if ids.dim() == 1 else ids
-            m = batch.get("attention_mask")
-            mask["m"] = None if m is None else torch.as_tensor(m).reshape(ids.shape)
-            device = next(model.parameters()).device
-            model(input_ids=ids.to(device), attention_mask=None if m is None else mask["m"].to(device), use_cache=False)
+            mask = batch.get("attention_mask")
+            mask = None if mask is None else torch.as_tensor(mask).reshape(ids.shape).to(device)
+            current["mask"] = None if mask is None else mask.bool()
+            model(input_ids=ids.to(device), attention_mask=mask, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
     if not stats:
         raise ValueError("input_second_moments: no batches were given (calibration data is empty)")
-    return {module: total / max(count, 1) for module, (total, count) in stats.items()}
+    return {module: total / count for module, (total, count) in stats.items()}
 
 
 def _root(moment: torch.Tensor, damp: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:

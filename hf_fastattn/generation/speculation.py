@@ -240,9 +240,7 @@ class Tree:
         """The sources of the first `count` nodes of a draft built from this tree's paths (`draft_parents[i]`: node
         i's parent in the draft), found by their tokens; later (padding) nodes get None."""
         mine: list[int] = []
-        for i in range(len(draft_tokens)):
-            if i >= count:
-                break
+        for i in range(min(count, len(draft_tokens))):
             parent = draft_parents[i]
             mine.append(self.children[(mine[parent] if parent >= 0 else -1, draft_tokens[i])])
         return [self.sources[n] for n in mine] + [None] * (len(draft_tokens) - len(mine))

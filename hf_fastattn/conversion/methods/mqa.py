@@ -48,8 +48,17 @@ def _check_init(method: str, init) -> None:
         raise ValueError(f"{method} option init must be one of {list(INITS)}, got {init!r}")
 
 
+class _PoolingConfig(MethodConfig):
+    """What "mqa" and "gqa" share: the `init` option, "calibrated" reading calibration data."""
+
+    init: str
+
+    def needs_calibration(self) -> bool:
+        return self.init == "calibrated"
+
+
 @dataclass
-class MQAConfig(MethodConfig):
+class MQAConfig(_PoolingConfig):
     """Args:
     init: "mean" (mean pooling of K/V, the default), "svd" (circuit-preserving fit, Q and O refit too) or
         "calibrated" (the same fit weighted by the inputs' statistics, needs `convert(..., calibration_data=...)`).
@@ -60,16 +69,13 @@ class MQAConfig(MethodConfig):
     def validate(self) -> None:
         _check_init("mqa", self.init)
 
-    def needs_calibration(self) -> bool:
-        return self.init == "calibrated"
-
     @property
     def groups(self) -> int:
         return 1
 
 
 @dataclass
-class GQAConfig(MethodConfig):
+class GQAConfig(_PoolingConfig):
     """Args:
     num_key_value_heads: G, the K/V heads after pooling (must divide the model's K/V heads).
     init: "mean" (mean pooling of K/V, the default), "svd" (circuit-preserving fit, Q and O refit too) or
@@ -78,9 +84,6 @@ class GQAConfig(MethodConfig):
 
     num_key_value_heads: int | None = None
     init: str = "mean"
-
-    def needs_calibration(self) -> bool:
-        return self.init == "calibrated"
 
     def validate(self) -> None:
         _check_init("gqa", self.init)
