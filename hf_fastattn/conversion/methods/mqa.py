@@ -12,8 +12,8 @@ Three initializations (option `init`): "mean" (Ainslie et al.: each group's K an
 untouched), "svd" (`kv_pooling.fit_kv`: the shared K and V heads are fit to the query-key and value-output circuits
 of the group's heads by truncated SVD, and Q and O are refit to them; exact when nothing is pooled) and "calibrated"
 (the same fit in the norm the inputs induce, ||(C - C') S|| with S^2 the second moment of what enters each attention
-module, measured on `convert(..., calibration_data=...)`; the recipes' default, the runner passing the first 16K
-training tokens). On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts at 1.4x the
+module, measured by `kv_pooling.input_second_moments` on `convert(..., calibration_data=...)`; the recipes' default,
+the runner passing the first 16K training tokens, `runner.calibration_blocks`). On the tiny Llama of `hf-fastattn bench conversion` (4 heads to 1) "svd" starts at 1.4x the
 teacher's perplexity where "mean" starts at 2.7x; uptrained by the recipe, "svd" 1.0112x and "calibrated" 1.0110x.
 On SmolLM2-135M (3 K/V heads to 1), whose inputs are far from isotropic, untrained held-out perplexity at 512
 tokens: mean 14,892, "svd" 217,771, "calibrated" 120 (the original: 35.6).
