@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from . import memory
 from .common import fast_normalize, fastmax_weight, repeat_kv, use_triton
 from .dropout import key_dropout
 from .feature_maps import FastmaxFeatureMap
@@ -51,16 +52,19 @@ def fast_feature_map(order: int = 2, temperature: float = 1.0) -> torch.nn.Modul
 _ORDER2_CHUNK = 64  # tokens per chunk of the order-2 inference form (measured: 64 beats 32, 128 and 256)
 
 
-def _order2_features_t(qs: torch.Tensor, ks: torch.Tensor) -> torch.Tensor:
+def _order2_features_t(qs: torch.Tensor, ks: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Transposed order-2 features of a chunk's queries and keys side by side: `[BH, F, Lq + Lk]`, F = 1 + D +
     D(D+1)/2, rows [1, x, x_a x[a:] for each a]. Row-major in the feature index, each block x_a * x[a:] is one
     contiguous write over all tokens (the `[..., F]` layout writes D-wide strided pieces, 4x slower). All the
     coefficients of f(s) = 1 + s + s^2/2 go on the query side (pass q_hat / T): the diagonal rows are halved there,
-    the off-diagonal rows count twice in s^2 and so take coefficient 1, and the keys' features stay plain."""
+    the off-diagonal rows count twice in s^2 and so take coefficient 1, and the keys' features stay plain.
+    `out`: a buffer of that shape to write them into (a fresh one per chunk cost more in page faults than the
+    products themselves: measured 3x slower at N=16K)."""
     lq = qs.shape[1]
     x = torch.cat([qs, ks], dim=1).transpose(1, 2).contiguous()  # [BH, D, L], rows contiguous for the products
     bh, d, length = x.shape
-    out = x.new_empty(bh, 1 + d + d * (d + 1) // 2, length)
+    if out is None:
+        out = x.new_empty(bh, 1 + d + d * (d + 1) // 2, length)
     out[:, 0] = 1
     out[:, 1 : d + 1] = x
     offset = d + 1
@@ -88,8 +92,9 @@ def _causal_order2_inference(qn, kn, v, temperature: float, key_mask, chunk: int
     # the denominators' state in D dimensions (reading sum_j phi(k_j) with phi(q) is a slow matrix-vector product):
     # sum_j f(q' . k_j) = count + q' . sum_j k_j + q'^T (sum_j k_j k_j^T) q' / 2
     count, k_sum, k_outer = qf.new_zeros(b * h, 1, 1), qf.new_zeros(b * h, d, 1), qf.new_zeros(b * h, d, d)
-    out = qf.new_empty(b * h, n, dv)
+    out = memory.empty(b * h, n, dv, like=qf)
     tril = torch.ones(chunk, chunk, device=qf.device).tril_()
+    features = memory.empty(b * h, f, 2 * min(chunk, n), like=qf)  # every whole chunk's features, reused
     for start in range(0, n, chunk):
         end = min(n, start + chunk)
         length = end - start
@@ -98,7 +103,7 @@ def _causal_order2_inference(qn, kn, v, temperature: float, key_mask, chunk: int
         if keep is not None:
             w = w.mul_(keep[:, None, start:end])
         num, den = torch.bmm(w, vc), w.sum(-1, keepdim=True)
-        feats = _order2_features_t(qc, kc)
+        feats = _order2_features_t(qc, kc, out=features if 2 * length == features.shape[-1] else None)
         fq, fk = feats[:, :, :length].transpose(1, 2), feats[:, :, length:]
         num.baddbmm_(fq, s_state)
         den.add_(count).baddbmm_(qc, k_sum).add_((torch.bmm(qc, k_outer).mul_(qc)).sum(-1, keepdim=True), alpha=0.5)
