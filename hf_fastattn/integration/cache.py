@@ -85,7 +85,10 @@ class RecurrentStateLayer(LinearAttentionLayer):
                 "Start a new cache (or continue with the same batch size)."
             )
         if old is None or s.requires_grad:
-            # first write, or a differentiable forward: keep the tensors themselves (no in-place copy under autograd)
+            # first write, or a differentiable forward: keep the tensors themselves (no in-place copy under autograd);
+            # contiguous, so that decoding can update them in place (`recurrent_linear_step_`)
+            if not s.requires_grad:
+                s, z = s.contiguous(), z.contiguous()
             self.recurrent_states[0], self.recurrent_states[1] = s, z
             self.is_recurrent_states_initialized[0] = self.is_recurrent_states_initialized[1] = True
             self.device, self.dtype = s.device, s.dtype

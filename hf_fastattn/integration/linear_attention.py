@@ -10,10 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..ops.common import repeat_kv
+from ..ops.common import repeat_kv, use_triton
 from ..ops.dropout import key_dropout
 from ..ops.feature_maps import FEATURE_MAPS, get_feature_map
-from ..ops.linear import chunk_linear_attention, linear_attention, linear_attention_with_state
+from ..ops.linear import (
+    chunk_linear_attention,
+    linear_attention,
+    linear_attention_with_state,
+    recurrent_linear_step_,
+)
 from .common import _is_causal, _key_padding, check_backend, check_chunk_size, check_supported
 from .hybrid_attention import _hybrid_forward, _hybrid_recurrent_forward
 from .variants import variant_options
@@ -151,6 +156,11 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
     q, k = query.float(), key.float()
     if normalize is not None:
         q, k = normalize(q), normalize(k)
+    if _steps_in_place(q, k, value, state, options.backend):
+        # one token at inference: the step updates the layer's own state tensors (no new state, no copy back)
+        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
+        out = recurrent_linear_step_(phi(q), kf, value, state)
+        return out.transpose(1, 2).contiguous(), None
     # one token: the recurrent step; several (prefill, Jacobi guesses): the chunked form from the stored state
     out, state = linear_attention_with_state(
         q, k, value, causal=True, feature_map=phi, padding_mask=mask, initial_state=state, output_final_state=True,
@@ -158,6 +168,17 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
     )
     layer.set_state(state)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _steps_in_place(q, k, value, state, backend) -> bool:
+    """Whether a recurrent forward is one token that `recurrent_linear_step_` can fold into the stored state in place:
+    inference (no autograd), a float32 state held contiguously, the PyTorch backend."""
+    if q.shape[2] != 1 or state is None or torch.is_grad_enabled():
+        return False
+    s, z = state
+    if s.dtype != torch.float32 or not (s.is_contiguous() and z.is_contiguous()):
+        return False
+    return not use_triton(backend, q, k, value)
 
 
 def _with_prefix_state(q, k, v, mask, prefix, fmap, options):

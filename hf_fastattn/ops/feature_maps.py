@@ -199,6 +199,7 @@ LEARNED_FEATURE_MAPS: dict[str, type[FeatureMap]] = {"t2r": T2RFeatureMap, "hedg
 
 
 FEATURE_MAPS: dict[str, type[FeatureMap]] = {"elu": EluFeatureMap, "relu": ReluFeatureMap}
+_NAMED_INSTANCES: dict[str, FeatureMap] = {}
 
 
 def get_feature_map(feature_map: str | nn.Module) -> nn.Module:
@@ -206,7 +207,11 @@ def get_feature_map(feature_map: str | nn.Module) -> nn.Module:
     if isinstance(feature_map, nn.Module):
         return feature_map
     if isinstance(feature_map, str) and feature_map in FEATURE_MAPS:
-        return FEATURE_MAPS[feature_map]()
+        # the named maps hold no parameters: one instance per name (built on every attention call, this was a
+        # tenth of a decoding step's attention time)
+        if feature_map not in _NAMED_INSTANCES:
+            _NAMED_INSTANCES[feature_map] = FEATURE_MAPS[feature_map]()
+        return _NAMED_INSTANCES[feature_map]
     raise ValueError(
         f"feature_map must be one of {sorted(FEATURE_MAPS)} or an nn.Module mapping [..., D] to [..., F], "
         f"got {feature_map!r}"

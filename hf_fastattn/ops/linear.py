@@ -328,6 +328,36 @@ def _recurrent_step(qf, kf, v, state: State, triton: bool) -> tuple[torch.Tensor
     return out.reshape(qf.shape[0], qf.shape[1], 1, -1).to(v.dtype), (s, z)
 
 
+def recurrent_linear_step_(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, state: State) -> torch.Tensor:
+    """`recurrent_linear_step` with the state updated in place (decoding on a cache that owns it): no new state
+    tensors and no copy back, which is most of a one-token step's cost at 64 x 64 states (PyTorch only; no autograd).
+
+    Args:
+        qf: `[B, H, 1, F]`. kf: `[B, Hkv, 1, F]`. v: `[B, Hkv, 1, Dv]`.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, contiguous float32 tensors, updated in place.
+
+    Returns:
+        `out [B, H, 1, Dv]` in v's dtype.
+    """
+    s, z = state
+    if qf.shape[2] != 1 or s.dtype != torch.float32 or not (s.is_contiguous() and z.is_contiguous()):
+        raise ValueError(
+            "recurrent_linear_step_ takes one token and contiguous float32 state tensors, got "
+            f"{qf.shape[2]} tokens and a {s.dtype} state; use recurrent_linear_step"
+        )
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (qf, kf, v, s, z)):
+        raise ValueError("recurrent_linear_step_ updates the state in place and takes no autograd; use recurrent_linear_step")
+    qg, kg, vg = _group(qf.float(), kf.float(), v.float())
+    b, hkv, g, _, f = qg.shape
+    dv = vg.shape[-1]
+    rows = s.view(b * hkv, f, dv)
+    rows.baddbmm_(kg.reshape(b * hkv, f, 1), vg.reshape(b * hkv, 1, dv))
+    z.add_(kg.reshape(b, hkv, f))
+    q_rows = qg.reshape(b * hkv, g, f)
+    out = torch.bmm(q_rows, rows).div_(torch.bmm(q_rows, z.view(b * hkv, f, 1)).clamp_min_(_EPS))
+    return out.view(qf.shape[0], qf.shape[1], 1, dv).to(v.dtype)
+
+
 def chunk_linear_attention(
     qf: torch.Tensor,
     kf: torch.Tensor,

@@ -221,15 +221,19 @@ def test_generate_makes_a_recurrent_cache_of_constant_size(case, monkeypatch):
     model = make(case)
     ids = torch.tensor(prompts([7])[0:1])
     steps = []
+    from hf_fastattn.integration import linear_attention as glue
     from hf_fastattn.ops import linear as linear_ops  # the recurrent step of `linear_attention_with_state`
 
-    real_step = linear_ops._recurrent_step
+    def spying(real):
+        def spy(qf, kf, v, state, *args):
+            steps.append(kf.shape[2])
+            return real(qf, kf, v, state, *args)
 
-    def spy(qf, kf, v, state, *args):
-        steps.append(kf.shape[2])
-        return real_step(qf, kf, v, state, *args)
+        return spy
 
-    monkeypatch.setattr(linear_ops, "_recurrent_step", spy)
+    # the step that makes a new state, and the one that updates the cache's own in place (inference decoding)
+    monkeypatch.setattr(linear_ops, "_recurrent_step", spying(linear_ops._recurrent_step))
+    monkeypatch.setattr(glue, "recurrent_linear_step_", spying(glue.recurrent_linear_step_))
     short = gen(model, ids, max_new_tokens=4)
     steps.clear()
     long = gen(model, ids, max_new_tokens=40)

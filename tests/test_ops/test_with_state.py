@@ -195,3 +195,46 @@ def test_without_a_state_the_entry_points_equal_the_output_only_functions():
     ]
     for (out, state), expected in pairs:
         assert state is None and torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_in_place_step_equals_the_step_that_makes_a_new_state(groups):
+    """`recurrent_linear_step_` (decoding on a cache's own state) gives `recurrent_linear_step`'s output and leaves
+    in the state tensors the new state that one returns; over several steps it follows the quadratic reference."""
+    from hf_fastattn.ops.linear import recurrent_linear_step, recurrent_linear_step_
+
+    torch.manual_seed(0)
+    b, hkv, d, steps = 2, 2, 8, 5
+    phi = EluFeatureMap()
+    q, k, v = torch.randn(b, hkv * groups, steps, d), torch.randn(b, hkv, steps, d), torch.randn(b, hkv, steps, d)
+    s0, z0 = torch.rand(b, hkv, d, d), torch.rand(b, hkv, d)
+    state = (s0.clone(), z0.clone())
+    kept = state
+    for t in range(steps):
+        qf, kf, vt = phi(q[:, :, t : t + 1]), phi(k[:, :, t : t + 1]), v[:, :, t : t + 1]
+        expected, new_state = recurrent_linear_step(qf, kf, vt, state, backend="torch")
+        out = recurrent_linear_step_(qf, kf, vt, kept)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(kept[0], new_state[0])
+        torch.testing.assert_close(kept[1], new_state[1])
+        state = new_state
+    # the same outputs as attending to every key so far with the initial state in front, recomputed directly
+    qf, kf = phi(q[:, :, -1:]), phi(k).repeat_interleave(groups, 1)
+    vr = v.repeat_interleave(groups, 1)
+    s_full = s0.repeat_interleave(groups, 1) + kf.transpose(-1, -2) @ vr
+    z_full = z0.repeat_interleave(groups, 1) + kf.sum(2)
+    direct = (qf @ s_full) / (qf @ z_full.unsqueeze(-1))
+    torch.testing.assert_close(out, direct)
+
+
+def test_in_place_step_refuses_what_it_cannot_update():
+    from hf_fastattn.ops.linear import recurrent_linear_step_
+
+    qf, kf, v = torch.rand(1, 2, 1, 4), torch.rand(1, 2, 1, 4), torch.rand(1, 2, 1, 4)
+    state = (torch.rand(1, 2, 4, 4), torch.rand(1, 2, 4))
+    with pytest.raises(ValueError, match="one token"):
+        recurrent_linear_step_(torch.rand(1, 2, 3, 4), kf, v, state)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        recurrent_linear_step_(qf, kf, v, (state[0].transpose(-1, -2), state[1]))
+    with pytest.raises(ValueError, match="autograd"):
+        recurrent_linear_step_(qf.requires_grad_(), kf, v, state)
