@@ -16,6 +16,7 @@ from .linear import (
     linear_attention,
     linear_attention_with_state,
     recurrent_linear_step,
+    recurrent_linear_step_,
 )
 from .sparse import SparsePattern, sparse_attention, sparse_attention_with_state
 
@@ -36,6 +37,7 @@ __all__ = [
     "linear_attention",
     "linear_attention_with_state",
     "recurrent_linear_step",
+    "recurrent_linear_step_",
     "sliding_window_linear_attention",
     "sparse_attention",
     "sparse_attention_with_state",

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ...integration.variants import benchmark_entries
-from ...ops import fast_attention, linear_attention, recurrent_linear_step, sparse_attention
+from ...ops import fast_attention, linear_attention, recurrent_linear_step_, sparse_attention
 from ...ops.common import fast_normalize
 from ...ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
@@ -127,8 +127,9 @@ def time_interleaved(runners: dict, repeats: int, warmup: bool) -> dict[str, flo
 
 def decode_step_times(heads: int, dim: int, steps: int = 50) -> dict[str, float]:
     """Median seconds of one recurrent decoding step (B=1, one token, fp32): the feature maps of the new q and k
-    (fast: after fastmax's normalization), then `recurrent_linear_step` on a state of F x Dv per head; the linear
-    (elu+1, F = D) and fast order 2 (F = 1 + D + D(D+1)/2) steps interleaved."""
+    (fast: after fastmax's normalization), then `recurrent_linear_step_` on a state of F x Dv per head, updated in
+    place as decoding on a `RecurrentCache` does; the linear (elu+1, F = D) and fast order 2 (F = 1 + D + D(D+1)/2)
+    steps interleaved."""
     torch.manual_seed(0)
     maps = {"linear": (EluFeatureMap(), None), "fast-2": (FastmaxFeatureMap(2, 1.0), fast_normalize)}
     states, times = {}, {name: [] for name in maps}
@@ -141,7 +142,7 @@ def decode_step_times(heads: int, dim: int, steps: int = 50) -> dict[str, float]
             for name, (phi, normalize) in maps.items():
                 start = time.perf_counter()
                 qn, kn = (q, k) if normalize is None else (normalize(q), normalize(k))
-                recurrent_linear_step(phi(qn), phi(kn), v, states[name], backend="torch")
+                recurrent_linear_step_(phi(qn), phi(kn), v, states[name])
                 if i >= 5:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
