@@ -61,9 +61,9 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     env = os.environ.get(ENV_VAR, "").strip()
     if env:
         backend = _validate(env, f"${ENV_VAR}")
-    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "torch":
         return "torch"
+    on_cuda = bool(tensors) and all(t.is_cuda for t in tensors if isinstance(t, torch.Tensor))
     if backend == "auto":
         return "triton" if on_cuda and triton_available() else "torch"
     if not triton_available():
