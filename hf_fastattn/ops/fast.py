@@ -130,6 +130,18 @@ def _causal_order2_inference(q, k, v, temperature: float, key_mask, chunk: int) 
     return out.reshape(b, h, n, dv).to(v.dtype)
 
 
+class _NormalizedFeatureMap(torch.nn.Module):
+    """fastmax's features of the normalized input, `fmap(fast_normalize(x))`: the linear forms apply feature maps a
+    segment at a time, so the normalization never makes N-sized temporaries (fresh 32 MiB tensors page-fault)."""
+
+    def __init__(self, fmap: FastmaxFeatureMap):
+        super().__init__()
+        self.fmap = fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fmap(fast_normalize(x.float()))
+
+
 def fast_attention_with_state(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -188,14 +200,23 @@ def fast_attention_with_state(
         return fast_attention_triton(
             q, k, v, causal=causal, order=order, temperature=temperature, key_mask=padding_mask
         ), None
-    if causal and order == 2 and not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
+    if causal and order == 2 and inference:
         return _causal_order2_inference(q, k, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK), None
-    qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
     fmap = FastmaxFeatureMap(order, temperature)
+    if inference and (not causal or order == 1):
+        # the normalization inside the feature map: applied a segment at a time with it, never to the whole q and k
+        normalized = _NormalizedFeatureMap(fmap)
+        if not causal:
+            return bidirectional_linear_attention(q, k, v, feature_map=normalized, key_mask=padding_mask), None
+        # order 1: phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
+        return causal_linear_attention(q, k, v, feature_map=normalized, key_mask=padding_mask, chunk_size=chunk_size)
+    qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
     if not causal:
         return bidirectional_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask), None
-    if order == 1:  # phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
+    if order == 1:
         return causal_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)
+
     def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
         return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
 

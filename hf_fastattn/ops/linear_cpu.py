@@ -282,7 +282,7 @@ def _bidirectional_inference(q, k, v, feature_map, key_mask) -> torch.Tensor:
     # the G query heads of a K/V group side by side in the rows: [B * Hkv, G * L, F] against the group's state
     qflat = q.float().reshape(b * hkv, g, n, q.shape[-1])
     qmap = _flat_map(feature_map, b, h)
-    out = q.new_empty(b * hkv, g, n, dv, dtype=torch.float32)
+    out = memory.empty(b * hkv, g, n, dv, like=q, dtype=torch.float32)
     sz = torch.cat([s, z.transpose(1, 2)], dim=-1)  # [B * Hkv, F, Dv + 1]
     for start in range(0, n, _FAST_SEGMENT):
         seg = qflat[:, :, start : start + _FAST_SEGMENT]
