@@ -18,6 +18,7 @@ from ..ops.linear import (
     linear_attention,
     linear_attention_with_state,
     recurrent_linear_step_,
+    state_updatable_in_place,
 )
 from .common import _is_causal, _key_padding, check_backend, check_chunk_size, check_supported
 from .hybrid_attention import _hybrid_forward, _hybrid_recurrent_forward
@@ -173,10 +174,7 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
 def _steps_in_place(q, k, value, state, backend) -> bool:
     """Whether a recurrent forward is one token that `recurrent_linear_step_` can fold into the stored state in place:
     inference (no autograd), a float32 state held contiguously, the PyTorch backend."""
-    if q.shape[2] != 1 or state is None or torch.is_grad_enabled():
-        return False
-    s, z = state
-    if s.dtype != torch.float32 or not (s.is_contiguous() and z.is_contiguous()):
+    if q.shape[2] != 1 or state is None or torch.is_grad_enabled() or not state_updatable_in_place(state):
         return False
     return not use_triton(backend, q, k, value)
 

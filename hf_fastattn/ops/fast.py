@@ -204,17 +204,15 @@ def fast_attention_with_state(
     if causal and order == 2 and inference:
         return _causal_order2_inference(q, k, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK), None
     fmap = FastmaxFeatureMap(order, temperature)
-    if inference and (not causal or order == 1):
+    if inference:  # bidirectional or order 1 (causal order 2 at inference returned above)
         # the normalization inside the feature map: applied a segment at a time with it, never to the whole q and k
-        normalized = _NormalizedFeatureMap(fmap)
-        if not causal:
-            return bidirectional_linear_attention(q, k, v, feature_map=normalized, key_mask=padding_mask), None
-        # order 1: phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
-        return causal_linear_attention(q, k, v, feature_map=normalized, key_mask=padding_mask, chunk_size=chunk_size)
-    qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
+        # (under autograd the inputs are normalized first: a module built per call would break fullgraph tracing)
+        qn, kn, fmap = q, k, _NormalizedFeatureMap(fmap)
+    else:
+        qn, kn = fast_normalize(q.float()), fast_normalize(k.float())
     if not causal:
         return bidirectional_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask), None
-    if order == 1:
+    if order == 1:  # phi(q) . phi(k) = 1 + s costs as much as f(s) in D dimensions: the plain linear form
         return causal_linear_attention(qn, kn, v, feature_map=fmap, key_mask=padding_mask, chunk_size=chunk_size)
 
     def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:

@@ -315,17 +315,33 @@ def _recurrent_step(qf, kf, v, state: State, triton: bool) -> tuple[torch.Tensor
         from ..kernels import recurrent_linear_step_triton
 
         return recurrent_linear_step_triton(qf, kf, v, state)
+    return _torch_step(qf, kf, v, state, in_place=False)
+
+
+def _torch_step(qf, kf, v, state: State, in_place: bool) -> tuple[torch.Tensor, State]:
+    """The PyTorch step: one pass over the state for the update (S + k^T v by `baddbmm`, into a new tensor or, with
+    `in_place`, into S itself) and one for the read, with the G query heads of a K/V group as the rows of one bmm
+    (large feature maps make the step memory-bound). Returns `(out, (S, z))`."""
     qg, kg, vg = _group(qf.float(), kf.float(), v.float())
     b, hkv, g, _, f = qg.shape
     dv = vg.shape[-1]
-    # one pass over the state for the update (baddbmm: S + k^T v into a new tensor) and one for the read, with the
-    # G query heads of a K/V group as the rows of one bmm (large feature maps make the step memory-bound)
-    s = torch.baddbmm(state[0].float().reshape(b * hkv, f, dv), kg.reshape(b * hkv, f, 1), vg.reshape(b * hkv, 1, dv))
-    z = state[1].float() + kg.reshape(b, hkv, f)  # [B, Hkv, F]
+    k_cols, v_rows = kg.reshape(b * hkv, f, 1), vg.reshape(b * hkv, 1, dv)
+    if in_place:
+        s = state[0].view(b * hkv, f, dv).baddbmm_(k_cols, v_rows)
+        z = state[1].add_(kg.reshape(b, hkv, f))
+    else:
+        s = torch.baddbmm(state[0].float().reshape(b * hkv, f, dv), k_cols, v_rows)
+        z = state[1].float() + kg.reshape(b, hkv, f)  # [B, Hkv, F]
     q_rows = qg.reshape(b * hkv, g, f)
-    out = torch.bmm(q_rows, s) / torch.bmm(q_rows, z.reshape(b * hkv, f, 1)).clamp_min(_EPS)
-    s = s.view(b, hkv, f, dv)
-    return out.reshape(qf.shape[0], qf.shape[1], 1, -1).to(v.dtype), (s, z)
+    out = torch.bmm(q_rows, s).div_(torch.bmm(q_rows, z.reshape(b * hkv, f, 1)).clamp_min_(_EPS))
+    return out.view(qf.shape[0], qf.shape[1], 1, dv).to(v.dtype), (s.view(b, hkv, f, dv), z)
+
+
+def state_updatable_in_place(state: State) -> bool:
+    """Whether `recurrent_linear_step_` can update `state` in place: contiguous float32 `(S, z)` (decoding on a
+    `RecurrentCache` checks this before taking the in-place step)."""
+    s, z = state
+    return s.dtype == z.dtype == torch.float32 and s.is_contiguous() and z.is_contiguous()
 
 
 def recurrent_linear_step_(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, state: State) -> torch.Tensor:
@@ -334,28 +350,29 @@ def recurrent_linear_step_(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor, 
 
     Args:
         qf: `[B, H, 1, F]`. kf: `[B, Hkv, 1, F]`. v: `[B, Hkv, 1, Dv]`.
-        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, contiguous float32 tensors, updated in place.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, contiguous float32 tensors (`state_updatable_in_place`),
+            updated in place.
 
     Returns:
         `out [B, H, 1, Dv]` in v's dtype.
     """
     s, z = state
-    if qf.shape[2] != 1 or s.dtype != torch.float32 or not (s.is_contiguous() and z.is_contiguous()):
+    if qf.shape[2] != 1:
+        raise ValueError(f"recurrent_linear_step_ takes one token, got {qf.shape[2]}; use chunk_linear_attention")
+    if not state_updatable_in_place(state):
         raise ValueError(
-            "recurrent_linear_step_ takes one token and contiguous float32 state tensors, got "
-            f"{qf.shape[2]} tokens and a {s.dtype} state; use recurrent_linear_step"
+            "recurrent_linear_step_ updates contiguous float32 state tensors in place, got S and z of dtypes "
+            f"{s.dtype} / {z.dtype}, contiguous {s.is_contiguous()} / {z.is_contiguous()}; use recurrent_linear_step"
+        )
+    expected = (*kf.shape[:2], kf.shape[-1], v.shape[-1])
+    if tuple(s.shape) != expected or tuple(z.shape) != expected[:3]:
+        raise ValueError(
+            f"recurrent_linear_step_: the state has shapes S {tuple(s.shape)}, z {tuple(z.shape)}, but kf and v need "
+            f"S {expected} and z {expected[:3]} (batch, K/V heads, features, value dim)"
         )
     if torch.is_grad_enabled() and any(x.requires_grad for x in (qf, kf, v, s, z)):
         raise ValueError("recurrent_linear_step_ updates the state in place and takes no autograd; use recurrent_linear_step")
-    qg, kg, vg = _group(qf.float(), kf.float(), v.float())
-    b, hkv, g, _, f = qg.shape
-    dv = vg.shape[-1]
-    rows = s.view(b * hkv, f, dv)
-    rows.baddbmm_(kg.reshape(b * hkv, f, 1), vg.reshape(b * hkv, 1, dv))
-    z.add_(kg.reshape(b, hkv, f))
-    q_rows = qg.reshape(b * hkv, g, f)
-    out = torch.bmm(q_rows, rows).div_(torch.bmm(q_rows, z.view(b * hkv, f, 1)).clamp_min_(_EPS))
-    return out.view(qf.shape[0], qf.shape[1], 1, dv).to(v.dtype)
+    return _torch_step(qf, kf, v, state, in_place=True)[0]
 
 
 def chunk_linear_attention(

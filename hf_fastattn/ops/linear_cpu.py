@@ -74,7 +74,8 @@ def _chunk_products(
         torch.bmm(w, vc, out=o)
         torch.bmm(kb.transpose(1, 2), vc, out=kv.view(bh * m, f, e))
         entering = work.take("entering", m, f * e).view(bh, m, f * e)
-        s_state = work.prefix_sum(kv, a.new_zeros(bh, f * e) if s_state is None else s_state.view(bh, -1), entering)
+        carried = a.new_zeros(bh, f * e) if s_state is None else s_state.view(bh, f * e)
+        s_state = work.prefix_sum(kv, carried, entering).view(bh, f, e)
         o.baddbmm_(qa, entering.view(bh * m, f, e))
         rows = o.view(bh, m * chunk, e)[:, : end - start]
         if not ones:
@@ -93,10 +94,11 @@ def _chunk_products(
             torch.div(rows, den.clamp_min_(_EPS), out=out[:, start:end])
         else:
             out[:, start:end, :e], out[:, start:end, e:] = rows, den
-    f = b.shape[-1] if s_state is None else s_state.numel() // (bh * e)  # n == 0: no segment mapped b
-    s_state = a.new_zeros(bh, f, e) if s_state is None else s_state.view(bh, f, e)
+    if s_state is None:  # n == 0: no segment mapped b
+        s_state = a.new_zeros(bh, b.shape[-1], e)
     if ones:
-        return out, torch.cat([s_state, (a.new_zeros(bh, f) if z_state is None else z_state).unsqueeze(-1)], -1)
+        z_state = a.new_zeros(bh, s_state.shape[1]) if z_state is None else z_state
+        return out, torch.cat([s_state, z_state.unsqueeze(-1)], -1)
     return out, s_state
 
 

@@ -236,5 +236,9 @@ def test_in_place_step_refuses_what_it_cannot_update():
         recurrent_linear_step_(torch.rand(1, 2, 3, 4), kf, v, state)
     with pytest.raises(ValueError, match="contiguous float32"):
         recurrent_linear_step_(qf, kf, v, (state[0].transpose(-1, -2), state[1]))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        recurrent_linear_step_(qf, kf, v, (state[0].double(), state[1].double()))
+    with pytest.raises(ValueError, match="the state has shapes"):
+        recurrent_linear_step_(qf, kf, v, (torch.rand(1, 2, 4, 3), state[1]))
     with pytest.raises(ValueError, match="autograd"):
         recurrent_linear_step_(qf.requires_grad_(), kf, v, state)
