@@ -60,8 +60,11 @@ class RecurrentStateLayer(LinearAttentionLayer):
     def __init__(self):
         super().__init__(number_of_states=2)
         self.seen_tokens = 0
-        self.window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.sink_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._sink_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # one-token decoding keeps the sinks and the window in one ring of slots, updated in place
+        # (`hf_fastattn.ops.hybrid_ring`); reading `window_kv` or `sink_kv` puts them back in order
+        self.ring = None
         # set by the attention module's pre-hook for the duration of one forward (`_arm` below)
         self.armed = False
 
@@ -97,6 +100,49 @@ class RecurrentStateLayer(LinearAttentionLayer):
             self.update_recurrent_state(z, state_idx=1)
         self.has_previous_state[0] = self.has_previous_state[1] = True
 
+    @property
+    def window_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        self._settle_ring()
+        return self._window_kv
+
+    @window_kv.setter
+    def window_kv(self, value) -> None:
+        self._settle_ring()
+        self._window_kv = value
+
+    @property
+    def sink_kv(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        self._settle_ring()
+        return self._sink_kv
+
+    @sink_kv.setter
+    def sink_kv(self, value) -> None:
+        self._settle_ring()
+        self._sink_kv = value
+
+    def _settle_ring(self) -> None:
+        """Put the ring's window back in order as `window_kv` (and its sinks as `sink_kv`), for every reader but
+        the one-token step."""
+        if self.ring is not None:
+            from ..ops.hybrid_ring import ring_to_parts
+
+            self._window_kv, self._sink_kv = ring_to_parts(self.ring)
+            self.ring = None
+
+    def take_ring(self):
+        """The window and sinks as a `HybridRing` for an in-place one-token step (built from `window_kv` and
+        `sink_kv` the first time), or None where a step cannot use one yet (no window held, or a sink slot still
+        empty: a leaving key may still become a sink). The caller stores the stepped ring back in `ring`."""
+        if self.ring is not None:
+            return self.ring
+        from ..ops.hybrid_ring import ring_from_parts
+
+        if self._window_kv is None or (self._sink_kv is not None and not bool(self._sink_kv[2].all())):
+            return None
+        self.ring = ring_from_parts(self._window_kv, self._sink_kv)
+        self._window_kv = self._sink_kv = None
+        return self.ring
+
     def set_window(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Keep the hybrid's `window` slots: keys `[B, Hkv, W, D]`, values and padding mask `[B, W]` (False: empty)."""
         if not torch.is_grad_enabled():
@@ -120,8 +166,8 @@ class RecurrentStateLayer(LinearAttentionLayer):
         self.recurrent_states = dict.fromkeys(range(self.number_of_states))
         self.is_recurrent_states_initialized = dict.fromkeys(range(self.number_of_states), False)
         self.seen_tokens = 0
-        self.window_kv = None
-        self.sink_kv = None
+        self.ring = None
+        self._window_kv = self._sink_kv = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for i in range(self.number_of_states):
@@ -156,7 +202,8 @@ class RecurrentStateLayer(LinearAttentionLayer):
         return self.seen_tokens
 
     def nbytes(self) -> int:
-        held = list(self.state or ()) + list(self.window_kv or ()) + list(self.sink_kv or ())
+        slots = self.ring[:3] if self.ring is not None else list(self._window_kv or ()) + list(self._sink_kv or ())
+        held = list(self.state or ()) + list(slots)
         return sum(x.numel() * x.element_size() for x in held)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..ops.hybrid_ring import hybrid_ring_step_
+from ..ops.linear import state_updatable_in_place
 from .common import _is_causal, _key_padding, check_supported
 from .variants import variant_options
 
@@ -68,11 +70,31 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
 _HYBRID_PREFILL_PIECE: int | None = None
 
 
+def _steps_on_ring(query, key, layer, sinks: int) -> bool:
+    """Whether a hybrid forward is one token that `hybrid_ring_step_` can take in place: inference, float32 keys
+    and state held contiguously, a window held and every sink slot filled (`RecurrentStateLayer.take_ring`); anything
+    else (a batch or sink count that does not match included) takes the general path, which names the mismatch."""
+    if query.shape[2] != 1 or torch.is_grad_enabled() or key.dtype != torch.float32:
+        return False
+    state = layer.state
+    if state is None or not state_updatable_in_place(state) or state[0].shape[0] != key.shape[0]:
+        return False
+    ring = layer.take_ring()
+    return ring is not None and ring.keys.shape[:2] == key.shape[:2] and ring.sinks == sinks
+
+
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, options=(0, "1-gamma", None, None)):
     """One piece of new tokens on the layer's held state (`hf_fastattn.ops.hybrid.hybrid_attention_with_state`)."""
     from ..ops.hybrid import HybridState, empty_hybrid_state, hybrid_attention_with_state
 
     sinks, linear_weight, chunk_size, key_map = options
+    if _steps_on_ring(query, key, layer, sinks):
+        # one token at inference, every sink slot filled: the layer's ring and state are updated in place
+        out, layer.ring = hybrid_ring_step_(
+            query, key, value, mask, layer.take_ring(), layer.state, feature_map=fmap, window_factor=factor,
+            scaling=scaling, key_feature_map=key_map, linear_weight=linear_weight,
+        )
+        return out
     if layer.window_kv is None:
         # `window` empty slots (masked out) to start with, and `sinks` empty sink slots: the bytes held never change
         empty = empty_hybrid_state(key, value, window, sinks)

@@ -159,7 +159,9 @@ class T2RFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        return F.relu(torch.einsum("bhnd,hdf->bhnf", x, w) + b[:, None, :])
+        # matmul broadcasts [B, H, N, D] @ [H, D, F] (measured 20-50% faster than the equivalent einsum, forward and
+        # backward, one decoding token to 2048-token training blocks)
+        return F.relu(torch.matmul(x, w) + b[:, None, :])
 
 
 class HedgehogFeatureMap(FeatureMap):
@@ -191,7 +193,7 @@ class HedgehogFeatureMap(FeatureMap):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w, b = self.weight.to(x.dtype), self.bias.to(x.dtype)
-        z = torch.einsum("bhnd,hdf->bhnf", x, w) + b[:, None, :]
+        z = torch.matmul(x, w) + b[:, None, :]  # as T2R's map: matmul broadcasts over B (faster than einsum)
         return torch.cat([torch.softmax(z, dim=-1), torch.softmax(-z, dim=-1)], dim=-1)
 
 

@@ -73,18 +73,30 @@ def test_generate_with_sinks_in_the_cache_equals_no_cache():
 
 def test_token_by_token_and_piecewise_prefill_equal_the_full_forward(monkeypatch):
     """Every position's logits, decoding one token at a time from an empty cache (sinks entering the sink slots as they
-    leave the window, and later keys folded into the state), equal the full forward's to 1e-5; a prefill in pieces
-    of 8 then one token equal it too."""
+    leave the window, and later keys folded into the state; once every sink slot is filled, the in-place step on a
+    ring of slots), equal the full forward's to 1e-5; a prefill in pieces of 8 then one token equal it too."""
     model = hybrid_model()
     ids, mask = left_padded([21, 14])
     pos = positions(mask)
     full = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
     cache = hf_fastattn.RecurrentCache(model)
+    ring_steps = []
+
+    def spy(*args, **kwargs):
+        ring_steps.append(1)
+        return real_step(*args, **kwargs)
+
+    real_step = hybrid_attention.hybrid_ring_step_
+    monkeypatch.setattr(hybrid_attention, "hybrid_ring_step_", spy)
     for t in range(ids.shape[1]):
         step = model(input_ids=ids[:, t : t + 1], attention_mask=mask[:, : t + 1], position_ids=pos[:, t : t + 1],
                      cache=cache).logits
         real = mask[:, t].bool()
         torch.testing.assert_close(step[real, 0], full[real, t], atol=1e-5, rtol=1e-5)
+    # row 1 (7 pads) fills its 2 sinks when its 2nd real token leaves the 4-token window: at step 7 + 2 + 4 = 13;
+    # the ring serves the steps after that, in each layer
+    assert len(ring_steps) == (ids.shape[1] - 13) * model.config.num_hidden_layers
+    monkeypatch.setattr(hybrid_attention, "hybrid_ring_step_", real_step)
     monkeypatch.setattr(hybrid_attention, "_HYBRID_PREFILL_PIECE", 8)
     pieces = hf_fastattn.RecurrentCache(model)
     n = ids.shape[1] - 1

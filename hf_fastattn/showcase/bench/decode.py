@@ -117,7 +117,8 @@ def random_kv_cache(model, n: int, generator: torch.Generator, static: bool = Fa
 
 
 class RecurrentContext:
-    """A RecurrentCache brought to growing contexts by real prefill, up to `limit` real tokens (None: all)."""
+    """A RecurrentCache brought to growing contexts by real prefill, up to `limit` real tokens (None: all), its last
+    token fed as a one-token step (so the hybrid's cache holds its sinks and window as decoding keeps them)."""
 
     def __init__(self, model, piece: int, limit: int | None, generator: torch.Generator):
         self.model, self.piece, self.limit, self.generator = model, piece, limit, generator
@@ -130,6 +131,8 @@ class RecurrentContext:
         target = n if self.limit is None else min(n, self.limit)
         while self.real < target:
             length = min(self.piece, target - self.real)
+            if 1 < length == target - self.real:
+                length -= 1  # the last token alone: the cache as generate leaves it after a decoding step
             ids = torch.randint(0, self.model.config.vocab_size, (1, length), generator=self.generator)
             positions = torch.arange(self.real, self.real + length)[None]
             self.model(ids, position_ids=positions, use_cache=True, logits_to_keep=1, **{self.name: self.cache})
