@@ -15,6 +15,7 @@ else reads (`HybridState`); the numbers are those of `sliding_window_linear_atte
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,29 @@ def ring_to_parts(ring: HybridRing) -> tuple[tuple[torch.Tensor, torch.Tensor, t
         window = (*(x.roll(-start, dims=2) for x in window[:2]), window[2].roll(-start, dims=1))
     sinks = None if not s else (ring.keys[:, :, :s], ring.values[:, :, :s], ring.mask[:, :s])
     return window, sinks
+
+
+# id(window factor) -> (a weak reference to it, (its version, linear_weight, device), (gamma, lambda))
+_MIXES: dict[int, tuple] = {}
+
+
+def _mix(window_factor: torch.Tensor | None, h: int, device, linear_weight: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gamma, lambda) `[1, H, 1]`, the window's and the linear part's weights per head: kept per window-factor tensor
+    while its version (bumped by every in-place change: an optimizer step, `load_state_dict`) stays the same, since
+    a decoding step would otherwise spend 5 of its ~50 operations recomputing them."""
+    if window_factor is None:
+        gamma = _gamma(None, h, device).view(1, h, 1)
+        return gamma, _linear_scale(gamma, linear_weight)
+    key = (window_factor._version, linear_weight, device)
+    held = _MIXES.get(id(window_factor))
+    if held is not None and held[0]() is window_factor and held[1] == key:
+        return held[2]
+    gamma = _gamma(window_factor.detach(), h, device).view(1, h, 1)
+    mix = gamma, _linear_scale(gamma, linear_weight)
+    if len(_MIXES) > 4096:  # entries of freed tensors: start again
+        _MIXES.clear()
+    _MIXES[id(window_factor)] = (weakref.ref(window_factor), key, mix)
+    return mix
 
 
 def ring_updatable_in_place(ring: HybridRing, state: tuple[torch.Tensor, torch.Tensor]) -> bool:
@@ -141,11 +165,11 @@ def hybrid_ring_step_(
     scores = torch.bmm((qf * scaling).view(b * hkv, g, d), ring.keys.view(b * hkv, slots, d).transpose(1, 2))
     scores = scores.view(b, h, slots).masked_fill_(~ring.mask[:, None, :], float("-inf"))
     top = scores.amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).min)  # all masked: weights 0
-    gamma = _gamma(window_factor, h, q.device).view(1, h, 1)
+    gamma, lam = _mix(window_factor, h, q.device, linear_weight)
     soft = scores.sub_(top).exp_().mul_(gamma)
     num = torch.bmm(soft.view(b * hkv, g, slots), ring.values.view(b * hkv, slots, dv)).view(b * h, 1, dv)
     den = soft.sum(-1).view(b * h, 1, 1)
-    fq = phi_q(qf).reshape(b, h, f) * _linear_scale(gamma, linear_weight)
+    fq = phi_q(qf).reshape(b, h, f) * lam
     fq = fq.view(b * h, 1, f)
     num = num.baddbmm_(fq, s.view(b * h, f, dv))
     den = den.baddbmm_(fq, z.view(b * h, f, 1))

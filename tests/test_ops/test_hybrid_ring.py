@@ -93,3 +93,24 @@ def test_ring_round_trip_and_errors():
     with pytest.raises(ValueError, match="no autograd"):
         hybrid_ring_step_(q[:, :, one].requires_grad_(), k[:, :, one], v[:, :, one], mask[:, one], ring, state,
                           feature_map="elu")
+
+
+def test_a_changed_window_factor_is_seen_by_the_next_step():
+    """The per-head mix is kept between steps only while the window factor is unchanged: after an in-place change
+    (as an optimizer step or load_state_dict makes) the next step uses the new value."""
+    q, k, v, mask = _sequence(14)
+    factor = torch.zeros(H)
+    with torch.no_grad():
+        _, held = hybrid_attention_with_state(q[:, :, :12], k[:, :, :12], v[:, :, :12], feature_map="elu", window=W,
+                                              padding_mask=mask[:, :12], window_factor=factor, output_final_state=True)
+        t = slice(12, 13)
+        ring, state = ring_from_parts(held.window, None), tuple(x.clone() for x in held.linear)
+        hybrid_ring_step_(q[:, :, t], k[:, :, t], v[:, :, t], mask[:, t], ring, state, feature_map="elu",
+                          window_factor=factor)
+        factor.fill_(2.0)
+        t = slice(13, 14)
+        out, _ = hybrid_ring_step_(q[:, :, t], k[:, :, t], v[:, :, t], mask[:, t], ring._replace(start=1), state,
+                                   feature_map="elu", window_factor=factor)
+    expected = hybrid_attention_reference(q, k, v, feature_map="elu", window=W, padding_mask=mask,
+                                          window_factor=torch.full((H,), 2.0))
+    torch.testing.assert_close(out, expected[:, :, t], atol=1e-5, rtol=1e-5)
