@@ -70,17 +70,18 @@ def _hybrid_recurrent_forward(module, layer, query, key, value, attention_mask, 
 _HYBRID_PREFILL_PIECE: int | None = None
 
 
-def _steps_on_ring(query, key, layer, sinks: int) -> bool:
-    """Whether a hybrid forward is one token that `hybrid_ring_step_` can take in place: inference, float32 keys
-    and state held contiguously, a window held and every sink slot filled (`RecurrentStateLayer.take_ring`); anything
-    else (a batch or sink count that does not match included) takes the general path, which names the mismatch."""
+def _ring_for_step(query, key, layer, sinks: int):
+    """The layer's `HybridRing` when this hybrid forward is one token that `hybrid_ring_step_` can take in place
+    (inference, float32 keys and state held contiguously, a window held and every sink slot filled:
+    `RecurrentStateLayer.take_ring`), else None: anything else (a batch or sink count that does not match included)
+    takes the general path, which names the mismatch."""
     if query.shape[2] != 1 or torch.is_grad_enabled() or key.dtype != torch.float32:
-        return False
+        return None
     state = layer.state
     if state is None or not state_updatable_in_place(state) or state[0].shape[0] != key.shape[0]:
-        return False
+        return None
     ring = layer.take_ring()
-    return ring is not None and ring.keys.shape[:2] == key.shape[:2] and ring.sinks == sinks
+    return ring if ring is not None and ring.keys.shape[:2] == key.shape[:2] and ring.sinks == sinks else None
 
 
 def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, options=(0, "1-gamma", None, None)):
@@ -88,10 +89,11 @@ def _hybrid_step(layer, query, key, value, mask, scaling, fmap, window, factor, 
     from ..ops.hybrid import HybridState, empty_hybrid_state, hybrid_attention_with_state
 
     sinks, linear_weight, chunk_size, key_map = options
-    if _steps_on_ring(query, key, layer, sinks):
+    ring = _ring_for_step(query, key, layer, sinks)
+    if ring is not None:
         # one token at inference, every sink slot filled: the layer's ring and state are updated in place
         out, layer.ring = hybrid_ring_step_(
-            query, key, value, mask, layer.take_ring(), layer.state, feature_map=fmap, window_factor=factor,
+            query, key, value, mask, ring, layer.state, feature_map=fmap, window_factor=factor,
             scaling=scaling, key_feature_map=key_map, linear_weight=linear_weight,
         )
         return out

@@ -23,6 +23,7 @@ from torch import nn
 
 from .feature_maps import get_feature_map
 from .hybrid_chunked import _EPS, SinkKV, _gamma, _linear_scale, check_hybrid_options
+from .linear import state_updatable_in_place
 
 
 class HybridRing(NamedTuple):
@@ -60,13 +61,11 @@ def ring_from_parts(window_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor], 
 def ring_to_parts(ring: HybridRing) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], SinkKV | None]:
     """(the in-order window, the sink slots or None) of `ring` (new tensors for the window when `start` is not 0)."""
     s, start = ring.sinks, ring.start
-    window = tuple(
-        x[:, :, s:] if x.dim() == 4 else x[:, s:] for x in (ring.keys, ring.values, ring.mask)
-    )
-    if start:
-        window = (*(x.roll(-start, dims=2) for x in window[:2]), window[2].roll(-start, dims=1))
+    keys, values, mask = ring.keys[:, :, s:], ring.values[:, :, s:], ring.mask[:, s:]
+    if start:  # the oldest slot first
+        keys, values, mask = keys.roll(-start, dims=2), values.roll(-start, dims=2), mask.roll(-start, dims=1)
     sinks = None if not s else (ring.keys[:, :, :s], ring.values[:, :, :s], ring.mask[:, :s])
-    return window, sinks
+    return (keys, values, mask), sinks
 
 
 # id(window factor) -> (a weak reference to it, (its version, linear_weight, device), (gamma, lambda))
@@ -93,9 +92,10 @@ def _mix(window_factor: torch.Tensor | None, h: int, device, linear_weight: str)
 
 
 def ring_updatable_in_place(ring: HybridRing, state: tuple[torch.Tensor, torch.Tensor]) -> bool:
-    """Whether `hybrid_ring_step_` can update `ring` and the linear `state` in place: contiguous float32 tensors."""
-    tensors = (ring.keys, ring.values, *state)
-    return all(x.dtype == torch.float32 and x.is_contiguous() for x in tensors) and ring.mask.is_contiguous()
+    """Whether `hybrid_ring_step_` can update `ring` and the linear `state` in place: contiguous float32 tensors
+    (the state as `linear.state_updatable_in_place` asks of the linear step's)."""
+    slots_ok = all(x.dtype == torch.float32 and x.is_contiguous() for x in (ring.keys, ring.values))
+    return slots_ok and ring.mask.is_contiguous() and state_updatable_in_place(state)
 
 
 def hybrid_ring_step_(
@@ -137,7 +137,7 @@ def hybrid_ring_step_(
         raise ValueError("hybrid_ring_step_ updates contiguous float32 ring and state tensors in place")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *state)):
         raise ValueError("hybrid_ring_step_ updates its tensors in place and takes no autograd; use hybrid_decode_step")
-    check_hybrid_options(max(ring.window, 1), ring.sinks, linear_weight)
+    check_hybrid_options(ring.window, ring.sinks, linear_weight)
     g, dv = h // hkv, ring.values.shape[-1]
     s, z = state
     f = s.shape[2]
