@@ -171,6 +171,21 @@ def pool_kv(model: nn.Module, family: Family, groups: int) -> None:
 # circuit-preserving K/V pooling (init="svd" of "mqa" / "gqa")
 
 
+def _plain_function(obj):
+    """The Python function behind a modeling module's helper: the object itself, or, where the `kernels` package is
+    installed and transformers wrapped the helper for hub kernels (`use_kernel_func_from_hub`, an `nn.Module` named
+    `Func` whose forward calls the original), the function that wrapper holds. None when there is none to read."""
+    if obj is None or inspect.isfunction(obj):
+        return obj
+    wrapped = getattr(obj, "__wrapped__", None)
+    if inspect.isfunction(wrapped):
+        return wrapped
+    forward = getattr(type(obj), "forward", None)
+    cells = getattr(forward, "__closure__", None) or ()
+    inner = [c.cell_contents for c in cells if inspect.isfunction(getattr(c, "cell_contents", None))]
+    return inner[0] if len(inner) == 1 else None
+
+
 def _rope_pairs(model: nn.Module, d: int) -> tuple[list[tuple[int, int]], list[int]] | None:
     """None without a rotary embedding in q and k; else (the pairs of head dims RoPE rotates together, the dims it
     leaves alone). Read from the config (partial rotary: `partial_rotary_factor`, `rotary_dim`, `rotary_pct`) and from
@@ -194,9 +209,10 @@ def _rope_pairs(model: nn.Module, d: int) -> tuple[list[tuple[int, int]], list[i
     if r % 2 or not 0 < r <= d:
         raise ValueError(f"its rotary embedding covers {r} of the {d} head dims, not an even number of them")
     module = sys.modules.get(_forward_owner(type(attention_modules(model)[0])).__module__)
-    apply = getattr(module, "apply_rotary_pos_emb", None)
+    apply = _plain_function(getattr(module, "apply_rotary_pos_emb", None))
     source = inspect.getsource(apply) if apply is not None else ""
     rotate = next((getattr(module, n) for n in ("rotate_half", "rotate_every_two") if f"{n}(" in source), None)
+    rotate = _plain_function(rotate)
     rotate_source = inspect.getsource(rotate) if rotate is not None else ""
     if any(f"x[{lead}{start}::2]" in rotate_source for lead in ("..., ", ":, :, :, ") for start in ("", "0")):
         return [(2 * j, 2 * j + 1) for j in range(r // 2)], list(range(r, d))

@@ -3,7 +3,7 @@
 A speculative forward appends the K/V (or updates the recurrent state) of every guessed token. After verification
 only a prefix of the guesses is kept, so the cache must forget the rest:
 
-* K/V layers (`DynamicLayer`, `layer.is_croppable` True) simply drop their last entries: `layer.crop(-n)`.
+* K/V layers (`DynamicLayer`, `layer.is_croppable` True and, where the layer has it, `record_past`) simply drop their last entries: `layer.crop(-n)`.
 * Recurrent layers (`LinearAttentionLayer`, hf_fastattn's recurrent cache, ...) fold every token into a fixed-size
   state, which cannot be cut. We copy such layers before the speculative forward and put the copy back afterwards;
   the caller then feeds the accepted tokens again (see `jacobi.py`).
@@ -30,7 +30,14 @@ def needs_snapshot(cache: Cache | None) -> bool:
     layers = getattr(cache, "layers", None)
     if layers is None:  # a cache without per-layer objects: trust its own flag
         return not getattr(cache, "is_croppable", False)
-    return any(not getattr(layer, "is_croppable", False) for layer in layers)
+    return any(not _croppable(layer) for layer in layers)
+
+
+def _croppable(layer) -> bool:
+    """Whether `layer.crop` can take tokens back: its `is_croppable` flag, and, for the layers of transformers >= 5.25
+    that can only be cropped while they record their past (`record_past`, set by `activate_past_recording`: linear
+    attention and sliding-window layers), that recording switched on. Others are rolled back from a snapshot."""
+    return bool(getattr(layer, "is_croppable", False)) and getattr(layer, "record_past", True) is not False
 
 
 def snapshot(cache: Cache) -> dict[int, object]:
@@ -39,7 +46,7 @@ def snapshot(cache: Cache) -> dict[int, object]:
     if layers is None:
         return {-1: copy.deepcopy(cache)}
     return {
-        i: copy.deepcopy(layer) for i, layer in enumerate(layers) if not getattr(layer, "is_croppable", False)
+        i: copy.deepcopy(layer) for i, layer in enumerate(layers) if not _croppable(layer)
     }
 
 

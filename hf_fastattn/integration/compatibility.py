@@ -20,8 +20,8 @@ K/V per layer. A model is served when all of these hold:
 4. **Its cache is a plain K/V per layer.** Every entry of transformers' own layer-type table for the config
    (`cache_utils.get_layer_types_and_kwargs` -> `DYNAMIC_LAYER_TYPE_MAPPING`) must be a `DynamicLayer` or a
    `DynamicSlidingWindowLayer` (full, sliding or chunked attention: the same K/V, only the mask differs). Refused:
-   recurrent or state-space layers (transformers' `_is_stateful` flag, or "linear_attention" / "conv" / "hybrid"
-   layer types: Mamba, Jamba, Qwen3-Next ...), indexed sparse attention (DeepSeek-V3.2's indexer cache), layers that
+   recurrent or state-space layers ("linear_attention" / "conv" / "hybrid" layer types, or transformers' older
+   `_is_stateful` flag: Mamba, Jamba, Qwen3-Next ...), indexed sparse attention (DeepSeek-V3.2's indexer cache), layers that
    reuse another layer's K/V (Gemma 3n), modeling code with its own `Cache` class (MiniMax), and multi-head latent
    attention (`kv_lora_rank`: DeepSeek-V2/V3, MiniCPM3 ...), which caches one compressed latent per token and
    expands it into per-head K/V only after the cache update.
@@ -132,6 +132,11 @@ def _calls_twice(block: str) -> bool:
     return len(depths) != len(set(depths))
 
 
+# transformers' cache layer types of recurrent / state-space layers (Mamba, Jamba, Qwen3-Next ...; transformers < 5.25
+# also marked such models `_is_stateful`)
+_RECURRENT_LAYER_TYPES = {"linear_attention", "conv", "hybrid", "hybrid_sliding"}
+
+
 def _layer_types(config) -> list[str]:
     try:
         return list(get_layer_types_and_kwargs(config)[0])
@@ -171,11 +176,14 @@ def incompatibility(model_class: type | None, config, implementation: str) -> st
         return ("multi-head latent attention (kv_lora_rank): the cache holds one compressed latent per token, "
                 "expanded into per-head keys and values only after the cache update, not the per-layer K/V the "
                 "recurrent cache follows")
-    if getattr(model_class, "_is_stateful", False):
-        return ("recurrent / state-space layers (transformers marks the model _is_stateful): they keep their own "
-                "states, not a per-layer K/V, and do not call the attention function")
+    layer_types = _layer_types(text)
+    recurrent = sorted(set(layer_types) & _RECURRENT_LAYER_TYPES)
+    if getattr(model_class, "_is_stateful", False) or recurrent:
+        marked = f"layer types {recurrent}" if recurrent else "transformers marks the model _is_stateful"
+        return (f"recurrent / state-space layers ({marked}): they keep their own states, beside or instead of a "
+                "per-layer K/V, which the recurrent cache cannot follow")
     not_plain = sorted({
-        t for t in _layer_types(text)
+        t for t in layer_types
         if not (t in DYNAMIC_LAYER_TYPE_MAPPING and DYNAMIC_LAYER_TYPE_MAPPING[t] in _PLAIN_KV_LAYERS)
     })
     if "dummy" in not_plain and "reuse" in (_get(text, "kv_sharing_modes") or ()):
@@ -194,6 +202,10 @@ def incompatibility(model_class: type | None, config, implementation: str) -> st
         facts = _source_facts(module.__name__)
         if not facts["readable"]:
             return "its modeling code cannot be read, so whether its attention dispatches is unknown"
+    if module is not None and not facts["dispatches"] and not getattr(config, "sub_configs", None):
+        # not a wrapper (multimodal) whose text model lives elsewhere: no attention here at all (xLSTM ...)
+        return ("its modeling code never calls transformers' AttentionInterface (it has no attention modules that "
+                "dispatch, e.g. a recurrent model), so the implementation would be ignored")
     if module is not None and facts["dispatches"]:  # else a wrapper (multimodal) whose text model lives elsewhere
         if facts["caches"]:
             return (f"its modeling code keeps its own cache ({', '.join(facts['caches'])}), not a plain per-layer "

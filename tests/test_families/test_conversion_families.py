@@ -30,10 +30,11 @@ CAUSAL = accepted("linear")
 ENCODERS = accepted("linear", masked=True)
 CASES = [pytest.param(f, False, id=f) for f in CAUSAL] + [pytest.param(f, True, id=f"{f}-masked") for f in ENCODERS]
 # the attention K/V pooling refuses, with its reason (hf_fastattn.conversion.families): fused layouts it cannot read
-# (CodeGen, JetMoe), a key norm over all heads at once (OLMo 2 and kin), value heads used outside the attention
+# (CodeGen, JetMoe, Falcon's query_key_value), a key norm over all heads at once (OLMo 2 and kin), value heads used outside the attention
 # function (NeoMME)
 POOLING_REFUSED = {
     "codegen",
+    "falcon",
     "jetmoe",
     "olmo2",
     "olmo3",

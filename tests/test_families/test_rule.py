@@ -13,7 +13,7 @@ from .families import CAUSAL_FAMILIES, model_class, refused, tiny_config, tiny_m
 REFUSALS = {
     "bloom": ("linear", "its attention does not dispatch through transformers' AttentionInterface"),
     "mpt": ("fast", "its attention does not dispatch through transformers' AttentionInterface"),
-    "falcon": ("linear", "does not dispatch"),
+    "xlstm": ("linear", "never calls transformers' AttentionInterface"),
     "deepseek_v3": ("linear", "multi-head latent attention (kv_lora_rank)"),
     "minicpm3": ("fast", "multi-head latent attention"),
     "bart": ("linear", "an encoder-decoder model"),
