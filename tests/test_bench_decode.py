@@ -48,6 +48,36 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert results["hybrid"]["64"]["cache_bytes"] == results["linear"]["64"]["cache_bytes"] + window
     targets = {t["target"].split(":")[0] for t in data["targets"]}
     assert {"linear latency flat", "linear cache bytes constant in context"} <= targets
+    assert data["no_attention_ms"] > 0 and "no attention can be more than" in table
+
+
+def test_floor_model_has_no_attention():
+    """The bench's "no-attention" floor: the model's own layers with zeros for attention, so a token's logits do not
+    depend on what came before it (the sdpa model's do) and equal a forward whose attention output projection sees
+    only zeros (o_proj's bias, none in Llama)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fastattn.showcase.bench.decode import floor_model
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=48, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).eval()
+    floor = floor_model(model)
+    a, b = torch.tensor([[3, 5, 9, 11]]), torch.tensor([[40, 2, 7, 11]])
+    with torch.no_grad():
+        fa, fb = floor(a).logits[0, -1], floor(b).logits[0, -1]
+        torch.testing.assert_close(fa, fb, rtol=0, atol=1e-6)
+        assert not torch.allclose(model(a).logits[0, -1], model(b).logits[0, -1], atol=1e-3)
+        # by hand: every attention module's output is o_proj(0) = 0, so only the MLP path changes the residual
+        hooks = [layer.self_attn.register_forward_hook(lambda m, i, o: (torch.zeros_like(o[0]), *o[1:]))
+                 for layer in model.model.layers]
+        try:
+            torch.testing.assert_close(model(a).logits[0, -1], fa, rtol=1e-5, atol=1e-5)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    assert model.config._attn_implementation == "sdpa"  # the original is left as it was
 
 
 def test_bench_decode_on_a_pretrained_model_folder(tmp_path, capsys):

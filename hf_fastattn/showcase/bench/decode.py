@@ -29,6 +29,9 @@ same N-token cache:
   RecurrentCache holds the linear state plus the last 64 keys and values and the 4 sinks'. Prefilled for real like
   linear.
 - linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
+- no-attention: the same model with an attention function that returns zeros, timed in the same rounds (one
+  context: it reads no K/V). The rest of the model costs that much per token whatever the attention, so it bounds
+  what any attention can gain; the report prints the bound and each recurrent implementation's own cost above it.
 
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
 multi-threaded kernels stall on descheduled threads.
@@ -62,6 +65,9 @@ from .utils import cache_nbytes, crossover, describe_crossover, format_table, ma
 IMPLEMENTATIONS = ("sdpa", "sdpa-static", "linear", "fast", "hybrid")
 KV_CACHES = ("sdpa", "sdpa-static")  # sdpa on transformers' DynamicCache (generate's default) / a StaticCache
 RECURRENT = ("linear", "fast", "hybrid")
+# the same model with an attention function that returns zeros, timed in the same rounds: the floor of any
+# attention's step (the rest of the model: projections, MLPs, norms, LM head), so the most any attention can gain
+FLOOR = "no-attention"
 HYBRID_WINDOW = 64  # "hybrid": "linear" with the LoLCATs sliding window (softmax over the last 64 tokens)
 # issue 3's targets
 FLAT_RATIO = 1.2  # linear latency at the longest context / at the shortest
@@ -99,6 +105,21 @@ def build_model(implementation: str, shape: dict, max_positions: int, pretrained
         attn_implementation=implementation,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def _zeros_attention(module, query, key, value, attention_mask, **kwargs):
+    """The `FLOOR` model's attention: no attention at all (zeros in the layout attention functions return)."""
+    return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
+
+
+def floor_model(model):
+    """A copy of `model` whose attention returns zeros (registered with transformers as "hf_fastattn_bench_zeros")."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("hf_fastattn_bench_zeros", _zeros_attention)
+    floor = copy.deepcopy(model)
+    floor.set_attn_implementation("hf_fastattn_bench_zeros")
+    return floor.eval()
 
 
 def random_kv_cache(model, n: int, generator: torch.Generator, static: bool = False):
@@ -308,6 +329,8 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         models[impl] = next((m for k, m in models.items() if k in KV_CACHES), None) if attention == "sdpa" else None
         if models[impl] is None:
             models[impl] = build_model(attention, shape, max_positions, pretrained)
+    kv_model = next((models[k] for k in KV_CACHES if k in models), None)
+    models[FLOOR] = floor_model(kv_model if kv_model is not None else build_model("sdpa", shape, max_positions, pretrained))
     generator = torch.Generator().manual_seed(0)
     limits = {impl: min(filter(None, (args.prefill_limit, fast_limit if impl == "fast" else None)), default=None)
               for impl in RECURRENT}
@@ -330,9 +353,13 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 how = f"random K/V of {n} tokens in a {'StaticCache' if static else 'DynamicCache'}"
             print(f"context {n}: {impl} ready in {time.perf_counter() - t0:.1f} s ({how})", flush=True)
     del prefill
+    from transformers.cache_utils import DynamicCache
+
+    caches[FLOOR, 0] = DynamicCache(config=models[FLOOR].config)  # no K/V is read: its cost is context-free
     sizes = {key: cache_nbytes(cache) for key, cache in caches.items()}
     times = measure(models, caches, token, args.warmup, args.steps)
     del caches
+    floor_ms = statistics.median(t * 1e3 for t in times.pop((FLOOR, 0)))
     results = {impl: {} for impl in args.implementations}
     for (impl, n), seconds in times.items():
         ms = sorted(t * 1e3 for t in seconds)
@@ -372,6 +399,15 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         ratio = results["linear"][contexts[-1]]["ms"] / results["linear"][contexts[0]]["ms"]
         lines.insert(0, f"- linear latency({context_label(contexts[-1])}) / latency({context_label(contexts[0])}) = "
                         f"{ratio:.2f}")
+    hi = contexts[-1]
+    floor_line = f"- the same model with no attention at all (its attention returns zeros): {floor_ms:.1f} ms/token"
+    if "sdpa" in results:
+        floor_line += (f"; so no attention can be more than {results['sdpa'][hi]['ms'] / floor_ms:.1f}x faster "
+                       f"than sdpa on the DynamicCache at {context_label(hi)}")
+    extra = [f"{impl} {results[impl][hi]['ms'] - floor_ms:.1f}" for impl in args.implementations if impl in RECURRENT]
+    if extra:
+        floor_line += f"; attention's own cost per token at {context_label(hi)} (ms): " + ", ".join(extra)
+    lines.insert(0, floor_line)
     if pretrained is not None:
         config = pretrained.config
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -440,6 +476,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 "args": vars(args),
                 "model": args.model or shape,
                 "crossovers": crossings,
+                "no_attention_ms": floor_ms,
                 "machine": machine_line(),
                 "results": {impl: {str(n): r for n, r in per.items()} for impl, per in results.items()},
                 "targets": [{"target": t, "met": m, "measured": v} for t, m, v in checks],
