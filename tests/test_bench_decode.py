@@ -48,7 +48,8 @@ def test_bench_decode_quick(tmp_path, capsys):
     assert results["hybrid"]["64"]["cache_bytes"] == results["linear"]["64"]["cache_bytes"] + window
     targets = {t["target"].split(":")[0] for t in data["targets"]}
     assert {"linear latency flat", "linear cache bytes constant in context"} <= targets
-    assert data["no_attention_ms"] > 0 and "no attention can be more than" in table
+    assert set(data["no_attention_ms"]) == set(contexts) and min(data["no_attention_ms"].values()) > 0
+    assert "no-attention ms/token" in table and "no attention can be more than" in table
 
 
 def test_floor_model_has_no_attention():

@@ -29,8 +29,8 @@ same N-token cache:
   RecurrentCache holds the linear state plus the last 64 keys and values and the 4 sinks'. Prefilled for real like
   linear.
 - linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
-- no-attention: the same model with an attention function that returns zeros, timed in the same rounds (one
-  context: it reads no K/V). The rest of the model costs that much per token whatever the attention, so it bounds
+- no-attention: the same model with an attention function that returns zeros, timed in the same rounds beside
+  each context (it reads no K/V; its cache holds only the step's token). The rest of the model costs that much per token whatever the attention, so it bounds
   what any attention can gain; the report prints the bound and each recurrent implementation's own cost above it.
 
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
@@ -190,7 +190,8 @@ def measure(models: dict, caches: dict, token: torch.Tensor, warmup: int, steps:
                 del cache
             else:
                 seconds = time_step(model, token, n, base)
-                base.crop(-(base.get_seq_length() - n))  # back to n tokens
+                keep = 0 if impl == FLOOR else n
+                base.crop(-(base.get_seq_length() - keep))  # back to n tokens (the floor's cache: back to none)
             if i >= warmup:
                 times[impl, n].append(seconds)
         if i == warmup - 1 or (i >= warmup and (i - warmup + 1) % 5 == 0):
@@ -198,7 +199,7 @@ def measure(models: dict, caches: dict, token: torch.Tensor, warmup: int, steps:
     return times
 
 
-def plot(results: dict, contexts: list[int], path: str, title: str) -> None:
+def plot(results: dict, contexts: list[int], path: str, title: str, floor: dict | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -213,6 +214,8 @@ def plot(results: dict, contexts: list[int], path: str, title: str) -> None:
                   [results[impl][n]["p75_ms"] - m for m, n in zip(ms, contexts)]]
         axes[0].errorbar(contexts, ms, yerr=spread, fmt=style, capsize=3, label=impl)
         axes[1].plot(contexts, [results[impl][n]["cache_bytes"] / 2**20 for n in contexts], style, label=impl)
+    if floor:
+        axes[0].plot(contexts, [floor[n] for n in contexts], ":", color="gray", label=f"{FLOOR} (floor)")
     axes[0].set(xscale="log", xlabel="context (tokens)", ylabel="ms / token")
     axes[0].set_title("decode latency (median, bars: quartiles)")
     axes[0].set_ylim(bottom=0)
@@ -340,6 +343,8 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         if impl in RECURRENT
     }
     token = torch.tensor([[7]])
+    from transformers.cache_utils import DynamicCache
+
     caches, real = {}, {}
     for n in contexts:
         for impl in args.implementations:
@@ -352,14 +357,15 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 caches[impl, n], real[impl, n] = random_kv_cache(models[impl], n, generator, static=static), 0
                 how = f"random K/V of {n} tokens in a {'StaticCache' if static else 'DynamicCache'}"
             print(f"context {n}: {impl} ready in {time.perf_counter() - t0:.1f} s ({how})", flush=True)
+        # no K/V is read, so its cost is context-free; timed in each context's turn all the same, so that each of its
+        # steps, like every other, follows another model's step (back to back, a step of the same model runs ~15%
+        # faster on SmolLM2: its weights are still warm)
+        caches[FLOOR, n] = DynamicCache(config=models[FLOOR].config)
     del prefill
-    from transformers.cache_utils import DynamicCache
-
-    caches[FLOOR, 0] = DynamicCache(config=models[FLOOR].config)  # no K/V is read: its cost is context-free
     sizes = {key: cache_nbytes(cache) for key, cache in caches.items()}
     times = measure(models, caches, token, args.warmup, args.steps)
     del caches
-    floor_ms = statistics.median(t * 1e3 for t in times.pop((FLOOR, 0)))
+    floor = {n: statistics.median(t * 1e3 for t in times.pop((FLOOR, n))) for n in contexts}
     results = {impl: {} for impl in args.implementations}
     for (impl, n), seconds in times.items():
         ms = sorted(t * 1e3 for t in seconds)
@@ -378,8 +384,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
     rows = []
     for n in contexts:
         row = [context_label(n)]
-        for impl in args.implementations:
-            ms = results[impl][n]["ms"]
+        for ms in (*(results[impl][n]["ms"] for impl in args.implementations), floor[n]):
             row.append(f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}")
         for impl, base in speedups:
             row.append(f"{results[base][n]['ms'] / results[impl][n]['ms']:.1f}x")
@@ -389,6 +394,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
     header = [
         "context",
         *(f"{impl} ms/token" for impl in args.implementations),
+        f"{FLOOR} ms/token",
         *(f"{impl} speed-up vs {base}" for impl, base in speedups),
         *(f"{impl} cache MiB" for impl in args.implementations),
     ]
@@ -400,11 +406,12 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
         lines.insert(0, f"- linear latency({context_label(contexts[-1])}) / latency({context_label(contexts[0])}) = "
                         f"{ratio:.2f}")
     hi = contexts[-1]
-    floor_line = f"- the same model with no attention at all (its attention returns zeros): {floor_ms:.1f} ms/token"
+    floor_line = (f"- the same model with no attention at all (its attention returns zeros): {floor[hi]:.1f} ms/token "
+                  f"at {context_label(hi)} ({min(floor.values()):.1f}-{max(floor.values()):.1f} over the contexts)")
     if "sdpa" in results:
-        floor_line += (f"; so no attention can be more than {results['sdpa'][hi]['ms'] / floor_ms:.1f}x faster "
+        floor_line += (f"; so no attention can be more than {results['sdpa'][hi]['ms'] / floor[hi]:.1f}x faster "
                        f"than sdpa on the DynamicCache at {context_label(hi)}")
-    extra = [f"{impl} {results[impl][hi]['ms'] - floor_ms:.1f}" for impl in args.implementations if impl in RECURRENT]
+    extra = [f"{impl} {results[impl][hi]['ms'] - floor[hi]:.1f}" for impl in args.implementations if impl in RECURRENT]
     if extra:
         floor_line += f"; attention's own cost per token at {context_label(hi)} (ms): " + ", ".join(extra)
     lines.insert(0, floor_line)
@@ -476,7 +483,7 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
                 "args": vars(args),
                 "model": args.model or shape,
                 "crossovers": crossings,
-                "no_attention_ms": floor_ms,
+                "no_attention_ms": {str(n): ms for n, ms in floor.items()},
                 "machine": machine_line(),
                 "results": {impl: {str(n): r for n, r in per.items()} for impl, per in results.items()},
                 "targets": [{"target": t, "met": m, "measured": v} for t, m, v in checks],
@@ -485,6 +492,6 @@ def _run(args, argv, shape: dict, contexts: list[int]) -> int:
             f,
             indent=1,
         )
-    plot(results, contexts, stem + ".png", model_line)
+    plot(results, contexts, stem + ".png", model_line, floor)
     print(f"\nwrote {stem}.md, .json, .png")
     return 0
