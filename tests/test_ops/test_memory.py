@@ -30,3 +30,23 @@ def test_large_buffers_are_advised_where_the_system_allows():
     assert memory.advise_huge_pages(x) == allowed
     x.fill_(1.5)  # the advice changes how pages are mapped, never the values
     assert x.sum().item() == 1.5 * x.numel()
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+@pytest.mark.skipif(memory._madvise is None, reason="no transparent huge pages on request here")
+def test_advised_buffers_are_mapped_before_the_operator_writes():
+    """On huge pages, `empty` faults the buffer in from the calling thread (one touch per 2 MiB page), so that
+    parallel writes do not fault the same page from two threads: the memory is resident when `empty` returns, while
+    a plain `torch.empty` of the same size is not."""
+    before = _resident_bytes()
+    plain = torch.empty(16 << 20)  # 64 MiB, untouched
+    after_plain = _resident_bytes()
+    advised = memory.empty(16 << 20, like=plain)
+    after_advised = _resident_bytes()
+    assert after_plain - before < 8 << 20
+    assert after_advised - after_plain > 48 << 20
+    assert advised.shape == plain.shape

@@ -30,8 +30,9 @@ same N-token cache:
   linear.
 - linear, fast, hybrid: each timed step runs on a deep copy of the N-token RecurrentCache made outside the timer.
 - no-attention: the same model with an attention function that returns zeros, timed in the same rounds beside
-  each context (it reads no K/V; its cache holds only the step's token). The rest of the model costs that much per token whatever the attention, so it bounds
-  what any attention can gain; the report prints the bound and each recurrent implementation's own cost above it.
+  each context (it reads no K/V; its cache holds only the step's token). The rest of the model costs that much per
+  token whatever the attention, so it bounds what any attention can gain; the report prints the bound and each
+  recurrent implementation's own cost above it.
 
 Timings use one torch thread by default (`--threads`): batch-1 decode is memory-bound, and on a shared CPU
 multi-threaded kernels stall on descheduled threads.
