@@ -25,6 +25,8 @@ from .feature_maps import get_feature_map
 from .hybrid_chunked import _EPS, SinkKV, _gamma, _linear_scale, check_hybrid_options
 from .linear import state_updatable_in_place
 
+_FLOAT32_MIN = torch.finfo(torch.float32).min
+
 
 class HybridRing(NamedTuple):
     """The hybrid's softmax slots in one buffer: keys `[B, Hkv, S + W, D]`, values `[B, Hkv, S + W, Dv]`, mask
@@ -147,24 +149,25 @@ def hybrid_ring_step_(
     slot = ring.sinks + ring.start
 
     # the oldest window key leaves: folded into the linear state (an empty slot's mask zeroes it)
-    k_old, v_old = ring.keys[:, :, slot : slot + 1], ring.values[:, :, slot : slot + 1]
+    # (narrow / select rather than subscripts: a step is a few hundred us, a subscript a few us each)
+    k_old, v_old = ring.keys.narrow(2, slot, 1), ring.values.narrow(2, slot, 1)
     if getattr(phi_k, "per_head", False):
         kf = phi_k(k_old.expand(b, hkv, g, d).reshape(b, h, 1, d)).reshape(b, h, f)
     else:
         kf = phi_k(k_old).expand(b, hkv, g, f).reshape(b, h, f)
-    kf = kf * ring.mask[:, slot, None, None]
+    kf = kf * ring.mask.select(1, slot).view(b, 1, 1)
     s.view(b, hkv, g, f, dv).addcmul_(kf.view(b, hkv, g, f, 1), v_old.view(b, hkv, 1, 1, dv))
     z.add_(kf)
     # the new token takes its slot
-    ring.keys[:, :, slot].copy_(k[:, :, 0])
-    ring.values[:, :, slot].copy_(v[:, :, 0])
-    ring.mask[:, slot].copy_(mask[:, 0])
+    ring.keys.select(2, slot).copy_(k.select(2, 0))
+    ring.values.select(2, slot).copy_(v.select(2, 0))
+    ring.mask.select(1, slot).copy_(mask.select(1, 0))
 
     # softmax over the sinks and the window (one product per K/V group), linear attention over the state
     qf = q.float()
     scores = torch.bmm((qf * scaling).view(b * hkv, g, d), ring.keys.view(b * hkv, slots, d).transpose(1, 2))
-    scores = scores.view(b, h, slots).masked_fill_(~ring.mask[:, None, :], float("-inf"))
-    top = scores.amax(-1, keepdim=True).clamp_min_(torch.finfo(torch.float32).min)  # all masked: weights 0
+    scores = scores.view(b, h, slots).masked_fill_(ring.mask.logical_not().unsqueeze(1), float("-inf"))
+    top = scores.amax(-1, keepdim=True).clamp_min_(_FLOAT32_MIN)  # all masked: weights 0
     gamma, lam = _mix(window_factor, h, q.device, linear_weight)
     soft = scores.sub_(top).exp_().mul_(gamma)
     num = torch.bmm(soft.view(b * hkv, g, slots), ring.values.view(b * hkv, slots, dv)).view(b * h, 1, dv)
