@@ -152,12 +152,12 @@ def hybrid_ring_step_(
     # (narrow / select rather than subscripts: a step is a few hundred us, a subscript a few us each)
     k_old, v_old = ring.keys.narrow(2, slot, 1), ring.values.narrow(2, slot, 1)
     if getattr(phi_k, "per_head", False):
-        kf = phi_k(k_old.expand(b, hkv, g, d).reshape(b, h, 1, d)).reshape(b, h, f)
-    else:
-        kf = phi_k(k_old).expand(b, hkv, g, f).reshape(b, h, f)
-    kf = kf * ring.mask.select(1, slot).view(b, 1, 1)
-    s.view(b, hkv, g, f, dv).addcmul_(kf.view(b, hkv, g, f, 1), v_old.view(b, hkv, 1, 1, dv))
-    z.add_(kf)
+        kf = phi_k(k_old.expand(b, hkv, g, d).reshape(b, h, 1, d)).reshape(b, hkv, g, f)
+    else:  # one map for every head: the group's query heads share the leaving key's features (broadcast, no copy)
+        kf = phi_k(k_old).reshape(b, hkv, 1, f)
+    kf = kf * ring.mask.select(1, slot).view(b, 1, 1, 1)
+    s.view(b, hkv, g, f, dv).addcmul_(kf.unsqueeze(-1), v_old.view(b, hkv, 1, 1, dv))
+    z.view(b, hkv, g, f).add_(kf)
     # the new token takes its slot
     ring.keys.select(2, slot).copy_(k.select(2, 0))
     ring.values.select(2, slot).copy_(v.select(2, 0))
