@@ -63,7 +63,6 @@ def _fault_in(x: torch.Tensor) -> None:
     """Touch one element per huge page of `x`, in this thread, so the kernel maps its pages before the operators'
     parallel writes do: two threads faulting the same 2 MiB page wait on each other while it is zeroed, which made
     the linear-attention forward 1.7x slower on 2 threads than without huge pages (measured at N=16K; 1 thread
-    unchanged). One strided write of a few elements (too few for torch to split over threads)."""
-    flat = x.view(-1) if x.is_contiguous() else None
-    if flat is not None and flat.numel():
-        flat[:: max(1, _HUGE_PAGE // x.element_size())].zero_()
+    unchanged). One strided write of a few elements (too few for torch to split over threads); `x` is the fresh,
+    contiguous, non-empty tensor `empty` made."""
+    x.view(-1)[:: _HUGE_PAGE // x.element_size()].zero_()
