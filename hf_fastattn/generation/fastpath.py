@@ -1,16 +1,21 @@
 """Making a forward over a few tokens cost about what a forward over one token costs, on a CPU.
 
 Speculative decoding pays off only if verifying k guesses costs little more than one greedy step. On a CPU with a
-small model, one token is memory-bound (every weight read once per forward), so a handful of tokens could ride
-along almost for free; measured on SmolLM2-135M (fp32, 1 thread, 256 cached tokens) they did not: 2 tokens cost
-about +60% over 1. Profiling found two avoidable costs, both outside the model's arithmetic:
+small model one token is memory-bound (every weight read once per forward), so a handful of tokens could ride along
+almost for free; whether they do depends on which GEMM kernel the BLAS picks for a few rows, and that differs from
+one CPU to the next. Two costs outside the model's arithmetic:
 
-* **Linear layers.** `F.linear(x, W)` with 2..~12 rows runs MKL's GEMM, which packs the transposed weight `W^T`
-  into its panel layout on every call: an extra read and write of every weight, which is most of a memory-bound
-  forward. `torch.mm(W, x^T)^T` computes the same product with the small activation as the packed operand, and
-  costs about what the one-row GEMV costs (2 rows: 41 ms instead of 57 ms over the model's projections; 4 rows:
-  45 instead of 68). With more rows GEMM's blocking wins again (from ~6 rows on 1 thread, ~12 on 2), so the
-  rewrite is limited to `max_rows` rows.
+* **Linear layers.** How `F.linear(x, W)` runs for 2..~32 rows is MKL's choice: on some CPUs it packs the
+  transposed weight into its panel layout on every call (an extra read and write of every weight, most of a
+  memory-bound forward), on others it jumps at 4 rows and again at 12. So the route is *measured*, not assumed:
+  `RowPlan` times whole forwards over k tokens with each of three routes to the same product, `F.linear` (MKL),
+  `torch.mm(W, x^T)^T` (the small activation as the packed operand) and oneDNN's matmul on the plain weight
+  (`torch.ops.mkldnn._linear_pointwise`), picks the fastest per size, and computes a size as a larger one (extra
+  rows repeating the last, dropped after) where the larger one is measurably faster. Measured on SmolLM2-135M, fp32,
+  200 cached tokens, whole forward, on two CPUs: the stop-21 machine (AVX2), 1 thread, 2 / 4 / 8 tokens 75 / 81 /
+  124 ms with `mm` against 94 / 100 / 112 with `F.linear`, one token 60; this project's Xeon with AVX-512, 1 thread,
+  `F.linear` 2 / 3 / 4 / 8 / 12 / 16 tokens 72 / 76 / 105 / 133 / 160 / 132 ms (one token 64) and `mm` 131 ms at 2
+  to 5 tokens: `mm` doubles the cost there, where it saved a fifth on the other CPU.
 * **Grouped-query attention with a mask.** transformers' sdpa path uses `enable_gqa` only when there is no mask,
   and for one query token packs the query heads onto the K/V heads; a speculative forward has several query tokens
   and a mask, so it falls back to `repeat_kv`, which copies the whole K/V cache of every layer (3x for SmolLM2's 9
@@ -18,7 +23,7 @@ about +60% over 1. Profiling found two avoidable costs, both outside the model's
   one-token packing: the `n_rep` query heads that share a K/V head become `n_rep * q` query rows of that head, the
   mask is repeated along rows, and nothing of the cache is copied.
 
-`fast_verification(model)` applies both for the duration of a decoding call and undoes them afterwards. The
+`fast_verification(model, plan)` applies both for the duration of a decoding call and undoes them afterwards. The
 results are the same products summed in another order: equal to the plain forward up to float rounding (the
 exactness tests run in float64, where any difference is ~1e-15).
 """
@@ -26,6 +31,8 @@ exactness tests run in float64, where any difference is ~1e-15).
 from __future__ import annotations
 
 import contextlib
+import time
+import weakref
 
 import torch
 from torch import nn
@@ -34,25 +41,150 @@ ATTENTION_NAME = "hf_fastattn_gqa_sdpa"  # registered with transformers while a 
 _registered = False
 
 
-def small_rows_linear(module: nn.Linear, x: torch.Tensor, max_rows: int, pad_rows: dict | None = None) -> torch.Tensor:
-    """`module(x)`, as `(W @ x^T)^T` when `x` has 2..`max_rows` rows on a CPU (see the module docstring).
+ROUTES = ("linear", "mm", "onednn")  # the ways `routed_linear` computes the same product (module docstring)
 
-    `pad_rows` maps a row count to a larger one computed instead (the extra rows repeat the last one and are
-    dropped): on 1 thread MKL multiplies by 3 columns more slowly than by 4."""
-    weight = module.weight
+
+def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", rows_computed: int = 0) -> torch.Tensor:
+    """`module(x)` computed by `route` (one of `ROUTES`) on `rows_computed` rows.
+
+    Args:
+        module: a plain `nn.Linear`.
+        x: `[..., in_features]`; its rows are all leading positions (batch x tokens).
+        route: "linear" (`F.linear`), "mm" (`(W @ x^T)^T`) or "onednn" (`torch.ops.mkldnn._linear_pointwise` on the
+            plain weight). A route that does not apply (not a CPU tensor, another dtype than the weight's; oneDNN:
+            not float32, or torch built without it) falls back to `F.linear`.
+        rows_computed: compute this many rows if more than x has (the extra rows repeat the last one and are
+            dropped): for a row count the BLAS multiplies more slowly than a larger one.
+
+    Returns:
+        `[..., out_features]`, contiguous (the next layer's input).
+    """
+    weight, bias = module.weight, module.bias
     rows = x.numel() // weight.shape[1] if x.numel() else 0
-    if not 2 <= rows <= max_rows or x.device.type != "cpu" or x.dtype != weight.dtype:
-        return nn.functional.linear(x, weight, module.bias)
-    # the rows must be contiguous (the transposed view is then the column-major operand MKL takes without a copy;
-    # a row-major [in, rows] operand is 3x slower) and so must the result (the next layer's input)
-    rows_in = x.reshape(rows, weight.shape[1]).contiguous()
-    padded = (pad_rows or {}).get(rows, rows)
+    padded = max(rows, rows_computed)
+    if rows == 0 or (route == "linear" and padded == rows) or not _applies(route, x, weight):
+        return nn.functional.linear(x, weight, bias)
+    rows_in = x.reshape(rows, weight.shape[1])
     if padded > rows:
         rows_in = torch.cat([rows_in, rows_in[-1:].expand(padded - rows, -1)])
-    out = torch.mm(weight, rows_in.t()).t()[:rows].contiguous()
-    if module.bias is not None:
-        out = out + module.bias
-    return out.view(*x.shape[:-1], weight.shape[0])
+    if route == "mm":
+        # the rows must be contiguous: the transposed view is then the column-major operand MKL takes without a copy
+        # (a row-major [in, rows] operand is 3x slower)
+        out = torch.mm(weight, rows_in.contiguous().t()).t()
+        out = out if bias is None else out + bias
+    elif route == "onednn":
+        out = torch.ops.mkldnn._linear_pointwise(rows_in, weight, bias, "none", [], "")
+    else:
+        out = nn.functional.linear(rows_in, weight, bias)
+    return out[:rows].contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if route == "linear":
+        return True
+    if x.device.type != "cpu" or x.dtype != weight.dtype:
+        return False
+    return route == "mm" or (x.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+
+
+class RowPlan:
+    """How the linear layers compute a forward over k tokens per row: a route of `ROUTES` per size, and a larger
+    size to compute instead where that is measurably faster. Measured for one model, thread count and batch size
+    (`for_model`) by timing whole forwards (`calibrate`); until then, and for sizes beyond the largest measured,
+    `F.linear` as the model has it.
+
+    Args:
+        batch (`int`): rows of the forwards (a forward over k tokens per row multiplies `batch * k` rows).
+    """
+
+    SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # tokens per row timed (`speculation.BUCKETS` keeps these sizes)
+    MM_MAX_ROWS = 8  # beyond this `mm` loses to the BLAS's own blocking on every CPU measured
+    PAD_GAIN = 0.95  # compute a size as a larger one only if that is at least 5% faster
+    RECHECK = 1.15  # the second round re-times the routes within 15% of a size's best
+
+    def __init__(self, batch: int = 1):
+        self.batch = batch
+        self.routes: dict[int, tuple[str, int]] = {}  # measured size -> (route, size computed)
+        self.measured = False
+        self.forced: str | None = None  # while calibrating: every row count takes this route
+        self._by_rows: dict[int, tuple[str, int]] = {}  # `route`'s answers so far
+
+    @classmethod
+    def for_model(cls, model, batch: int = 1) -> RowPlan:
+        """The plan of `model` at the current torch thread count and `batch` rows (shared across calls)."""
+        per_model = _PLANS.setdefault(model, {})
+        return per_model.setdefault((torch.get_num_threads(), batch), cls(batch))
+
+    def route(self, rows: int) -> tuple[str, int]:
+        """`(route, rows computed)` for a product over `rows` rows."""
+        if self.forced is not None:
+            return self.forced, rows
+        known = self._by_rows.get(rows)
+        if known is None:
+            known = self._by_rows[rows] = self._decide(rows)
+        return known
+
+    def _decide(self, rows: int) -> tuple[str, int]:
+        tokens = -(-rows // self.batch)
+        size = next((s for s in sorted(self.routes) if s >= tokens), None)
+        if rows <= 1 or size is None:
+            return "linear", rows
+        route, computed = self.routes[size]
+        return route, (computed * self.batch if computed != size else rows)
+
+    def candidates(self, size: int, float32: bool) -> list[str]:
+        """The routes worth timing for `size` tokens per row."""
+        if size == 1:
+            return ["linear"]
+        rows = size * self.batch
+        return ["linear"] + (["mm"] if rows <= self.MM_MAX_ROWS else []) + (["onednn"] if float32 else [])
+
+    def calibrate(self, timed_forward, float32: bool) -> dict[int, float]:
+        """Time `timed_forward(k)` (a forward over k tokens per row, undone) per size and route, keep the fastest
+        route per size, and compute a size as a larger one that is at least 5% faster. Two rounds: every route
+        once, then the routes within 15% of their size's best again (the second round is skipped when a forward
+        takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size as it will be computed,
+        for `speculation.ForwardCost`.
+
+        float32: whether oneDNN's route can apply (the model computes in float32)."""
+        times: dict[tuple[int, str], float] = {}
+
+        def measure(size: int, route: str) -> None:
+            self.forced = route
+            try:
+                start = time.perf_counter()
+                timed_forward(size)
+                seconds = time.perf_counter() - start
+            finally:
+                self.forced = None
+            times[size, route] = min(seconds, times.get((size, route), float("inf")))
+
+        for size in self.SIZES:
+            for route in self.candidates(size, float32):
+                measure(size, route)
+        if times[1, "linear"] <= 0.25:
+            for size in self.SIZES:
+                best = min(times[size, r] for r in self.candidates(size, float32))
+                for route in self.candidates(size, float32):
+                    if times[size, route] <= self.RECHECK * best:
+                        measure(size, route)
+        best = {size: min((times[size, r], r) for r in self.candidates(size, float32)) for size in self.SIZES}
+        self.routes, self._by_rows, effective = {}, {}, {}
+        for size in self.SIZES:
+            seconds, route = best[size]
+            larger = min(((best[s][0], s) for s in self.SIZES if s > size), default=(float("inf"), size))
+            if larger[0] < self.PAD_GAIN * seconds:
+                seconds, size_computed = larger
+                route = best[size_computed][1]
+            else:
+                size_computed = size
+            self.routes[size] = (route, size_computed)
+            effective[size] = seconds
+        self.measured = True
+        return effective
+
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(threads, batch): RowPlan}
 
 
 def gqa_sdpa_attention(
@@ -107,34 +239,26 @@ def _register() -> None:
 
 
 @contextlib.contextmanager
-def fast_verification(model, max_rows: int | None = None, enabled: bool = True):
+def fast_verification(model, plan: RowPlan | None = None, enabled: bool = True):
     """Within the block, `model`'s forwards over a few tokens take the fast paths of the module docstring.
 
-    Applied only where they are the same computation: plain `nn.Linear` layers (not already wrapped by hooks that
-    replace `forward`), and the attention swap only for models running transformers' "sdpa" implementation.
-    Everything is restored on exit, also after an exception.
+    Applied only where they are the same computation: plain `nn.Linear` layers on the CPU (not already wrapped by
+    hooks that replace `forward`), and the attention swap only for models running transformers' "sdpa"
+    implementation. Everything is restored on exit, also after an exception.
 
     Args:
         model: a `PreTrainedModel`.
-        max_rows (`int`, *optional*): linear layers take `(W @ x^T)^T` for 2..`max_rows` rows (batch x tokens).
-            Default: 5 on 1 thread, else 4 per torch thread, at most 12 (SmolLM2-135M, 256 cached tokens, whole
-            forward: 1 thread, 2 / 4 / 8 tokens 75 / 81 / 124 ms against 94 / 100 / 112 with `F.linear`, one token
-            60; 2 threads, 2 / 4 / 8 tokens 52 / 56 / 77 ms against 93 / 97 / 92, one token 57). On 1 thread 3 rows
-            are computed as 4 (a busy machine, 450 cached tokens, best of 6 interleaved: 3 tokens 105 -> 94 ms, 4
-            tokens 90-94) and 5 rows take this path too (125 -> 107-110 ms; 6 rows gain nothing: 125-127).
+        plan (`RowPlan`, *optional*): how the linear layers compute a few rows (`RowPlan.for_model`, measured by
+            its `calibrate`); None leaves them as they are.
         enabled (`bool`): False makes this a no-op (for comparisons).
     """
     if not enabled:
         yield
         return
-    threads = torch.get_num_threads()
-    if max_rows is None:
-        max_rows = 5 if threads == 1 else min(4 * threads, 12)
-    pad_rows = {3: 4} if threads == 1 else None
     patched = []
-    for module in model.modules():
+    for module in model.modules() if plan is not None else ():
         if type(module) is nn.Linear and "forward" not in module.__dict__ and module.weight.device.type == "cpu":
-            module.forward = _bound(module, max_rows, pad_rows)
+            module.forward = _bound(module, plan)
             patched.append(module)
     configs = []
     if model.config._attn_implementation == "sdpa":
@@ -152,9 +276,11 @@ def fast_verification(model, max_rows: int | None = None, enabled: bool = True):
             config._attn_implementation_internal = "sdpa"
 
 
-def _bound(module, max_rows, pad_rows):
+def _bound(module: nn.Linear, plan: RowPlan):
+    columns = module.weight.shape[1]
+
     def forward(x):
-        return small_rows_linear(module, x, max_rows, pad_rows)
+        return routed_linear(module, x, *plan.route(x.numel() // columns))
 
     return forward
 

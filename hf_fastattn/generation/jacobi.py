@@ -69,7 +69,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from ..integration.cache import pop_cache
 from .checks import check_config, check_inputs, check_model
 from .draft import Draft, build_draft
-from .fastpath import fast_verification
+from .fastpath import RowPlan, fast_verification
 from .forward import Forward, guess_mask, timed_forward
 from .guessers import MODES, Guesser, JacobiGuesser, LookaheadGuesser, NGramPool, SuffixIndex, make_guesser
 from .rollback import growable_layers, keep_path, needs_snapshot, rollback, snapshot, supports_tree
@@ -247,7 +247,9 @@ def jacobi_decoding(
     sample = bool(generation_config.do_sample)
     passes, accepted_per_pass = 0, []
 
-    with fast_verification(model, enabled=fast_path), growable_layers(cache if fast_path else None):
+    # how the linear layers compute a forward over a few rows: measured below on the first pass (CPU only)
+    row_plan = RowPlan.for_model(model, batch) if fast_path and model.device.type == "cpu" else None
+    with fast_verification(model, row_plan, enabled=fast_path), growable_layers(cache if fast_path else None):
         while unfinished.max() > 0:
             # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
             # positions, which must fit)
@@ -325,12 +327,19 @@ def jacobi_decoding(
             if jacobi_trace is not None:
                 jacobi_trace.append(_trace_record(old_len, draft, logits[:, -(q + 1) :], path, n))
 
-            # the cost curve, measured once per model and thread count on the real cache (a few forwards)
+            # the cost curve, measured once per model and thread count on the real cache (a few forwards), with the
+            # linear layers' fastest route per size chosen on the way
             if passes == 1 and adaptive and not cost.calibrated and not needs_snapshot(cache):
                 if unfinished.max() > 0:
-                    cost.calibrate(
-                        lambda k, at=length: timed_forward(forward, cache, ids, positions, mask, at, k, trees, model.dtype)
+                    timed = lambda k, at=length: timed_forward(  # noqa: E731
+                        forward, cache, ids, positions, mask, at, k, trees, model.dtype
                     )
+                    if row_plan is not None and not row_plan.measured:
+                        for k, seconds in row_plan.calibrate(timed, model.dtype == torch.float32).items():
+                            cost.record(k, seconds)
+                        cost.calibrated = True
+                    else:
+                        cost.calibrate(timed)
 
     stats.merge_into_model(model)
     if streamer is not None:

@@ -1,6 +1,9 @@
-"""`fast_verification`: the same forward (up to float rounding), without MKL's weight packing or K/V copies."""
+"""`fast_verification`: the same forward (up to float rounding), with the linear layers' measured fastest route and
+no K/V copies."""
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -9,9 +12,11 @@ from transformers.cache_utils import DynamicCache
 
 from hf_fastattn.generation.fastpath import (
     ATTENTION_NAME,
+    ROUTES,
+    RowPlan,
     fast_verification,
     gqa_sdpa_attention,
-    small_rows_linear,
+    routed_linear,
 )
 from hf_fastattn.integration.cache import cache_argument
 
@@ -22,18 +27,70 @@ def _no_grad():
         yield
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 40])
-def test_small_rows_linear_equals_linear(rows):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_routed_linear_equals_linear(route, rows, dtype):
     torch.manual_seed(0)
-    layer = torch.nn.Linear(24, 40).double()
-    x = torch.randn(1, rows, 24, dtype=torch.float64)
-    torch.testing.assert_close(small_rows_linear(layer, x, max_rows=8), layer(x))
-    out = small_rows_linear(layer, x.transpose(0, 1), max_rows=8)  # a non-contiguous input
-    torch.testing.assert_close(out, layer(x.transpose(0, 1)))
+    layer = torch.nn.Linear(24, 40).to(dtype)
+    x = torch.randn(1, rows, 24, dtype=dtype)
+    tol = {} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(routed_linear(layer, x, route), layer(x), **tol)
+    out = routed_linear(layer, x.transpose(0, 1), route)  # a non-contiguous input
+    torch.testing.assert_close(out, layer(x.transpose(0, 1)), **tol)
     assert out.is_contiguous()
-    padded = small_rows_linear(layer, x, max_rows=8, pad_rows={rows: rows + 1, 3: 4})  # computed on more rows
-    torch.testing.assert_close(padded, layer(x))
+    padded = routed_linear(layer, x, route, rows + 3)  # computed on more rows
+    torch.testing.assert_close(padded, layer(x), **tol)
     assert padded.shape == (1, rows, 40) and padded.is_contiguous()
+    layer.bias = None
+    torch.testing.assert_close(routed_linear(layer, x, route, rows + 1), layer(x), **tol)
+
+
+def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
+    """A machine where `mm` wins at 2-3 rows, oneDNN at 6-8, and 12 rows cost more than 16 (the routes are then
+    timed twice where close, and the plan hands the forward cost the times of what it will run)."""
+
+    def seconds(size, route):
+        base = {1: 1.0, 2: 1.5, 3: 1.6, 4: 2.0, 6: 2.2, 8: 2.4, 12: 3.0, 16: 2.5, 24: 3.5, 32: 4.0}[size]
+        if route == "mm":
+            return base * (0.5 if size <= 3 else 2.0)
+        return base * (0.9 if route == "onednn" and size in (6, 8) else 1.0)
+
+    plan = RowPlan(batch=1)
+    calls = []
+
+    def timed(size):
+        calls.append((size, plan.forced))
+        fake_clock[0] += seconds(size, plan.forced) * 1e-3
+
+    fake_clock = [0.0]
+    real = time.perf_counter
+    time.perf_counter = lambda: fake_clock[0]
+    try:
+        effective = plan.calibrate(timed, float32=True)
+    finally:
+        time.perf_counter = real
+    assert plan.measured and plan.forced is None
+    assert plan.routes[2] == ("mm", 2) and plan.routes[3] == ("mm", 3) and plan.routes[4] == ("linear", 4)
+    assert plan.routes[6] == ("onednn", 6) and plan.routes[8] == ("onednn", 8)
+    assert plan.routes[12] == ("linear", 16)  # 12 rows computed as 16
+    assert effective[12] == pytest.approx(2.5e-3) and effective[2] == pytest.approx(0.75e-3)
+    assert all(route != "mm" for size, route in calls if size > RowPlan.MM_MAX_ROWS)  # mm only for few rows
+    assert calls.count((2, "mm")) == 2 and calls.count((2, "linear")) == 1  # a clear loser is timed once
+    # any row count: the next measured size's route; beyond the largest measured, F.linear
+    assert plan.route(1) == ("linear", 1) and plan.route(5) == ("onednn", 5) and plan.route(10) == ("linear", 16)
+    assert plan.route(40) == ("linear", 40)
+    plan.forced = "mm"
+    assert plan.route(10) == ("mm", 10)
+
+
+def test_row_plan_counts_rows_per_batch_row():
+    plan = RowPlan(batch=2)
+    plan.routes = {1: ("linear", 1), 2: ("onednn", 2), 3: ("linear", 4), 4: ("linear", 4)}
+    assert plan.route(4) == ("onednn", 4)  # 2 tokens per row
+    assert plan.route(6) == ("linear", 8)  # 3 tokens per row, computed as 4
+    assert plan.candidates(4, float32=True) == ["linear", "mm", "onednn"]
+    assert plan.candidates(8, float32=False) == ["linear"]  # 16 rows: no mm; not float32: no oneDNN
 
 
 def test_gqa_attention_equals_repeated_kv_without_copying(monkeypatch):
@@ -57,24 +114,39 @@ def test_gqa_attention_equals_repeated_kv_without_copying(monkeypatch):
     torch.testing.assert_close(ours, reference)
 
 
-def test_fast_verification_keeps_logits_and_restores_the_model():
+@pytest.mark.parametrize("routes", [{}, {2: ("mm", 2), 4: ("mm", 8)}, {4: ("linear", 6)}, {8: ("onednn", 8)}])
+def test_fast_verification_keeps_logits_and_restores_the_model(routes, monkeypatch):
+    import hf_fastattn.generation.fastpath as fastpath
+
     model = tiny_llama()
     prompt, block = torch.tensor([[3, 4, 5, 6, 7]]), torch.tensor([[8, 9, 10]])
     blocked = torch.finfo(model.dtype).min
     mask = torch.zeros(1, 1, 3, 8, dtype=model.dtype)
     mask[0, 0, :, 5:] = torch.full((3, 3), blocked, dtype=model.dtype).triu(1)
+    plan = RowPlan()
+    plan.routes = routes
+    routed = []
+
+    def recording(module, x, route="linear", rows_computed=0):
+        routed.append((route, rows_computed))
+        return routed_linear(module, x, route, rows_computed)
+
+    monkeypatch.setattr(fastpath, "routed_linear", recording)
 
     def logits(fast):
         cache = {cache_argument(model): DynamicCache(config=model.config)}
         model(prompt, use_cache=True, **cache)
-        with fast_verification(model, enabled=fast):
+        with fast_verification(model, plan, enabled=fast):
             assert (model.config._attn_implementation == ATTENTION_NAME) == fast
+            patched = [m for m in model.modules() if "forward" in m.__dict__]
+            assert all(type(m) is torch.nn.Linear for m in patched) and (len(patched) > 0) == fast
             return model(block, attention_mask=mask, position_ids=torch.arange(5, 8)[None], **cache).logits
 
     torch.testing.assert_close(logits(True), logits(False))
+    assert routed and set(routed) == {plan.route(3)}  # every linear layer of the 3-token forward took the route
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in m.__dict__ for m in model.modules())
-    with pytest.raises(RuntimeError, match="boom"), fast_verification(model):
+    with pytest.raises(RuntimeError, match="boom"), fast_verification(model, plan):
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in m.__dict__ for m in model.modules())

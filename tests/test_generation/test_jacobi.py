@@ -482,3 +482,37 @@ def test_float32_matches_greedy_with_accepted_guesses(mode):
     _check_accounting(out, ids.shape[1])
     if mode == "lookahead":  # its n-gram guesses are accepted here (the Jacobi modes rest, as in float64)
         assert max(out.accepted_per_pass) > 1, out.accepted_per_pass
+
+
+def test_first_call_measures_the_linear_routes_and_the_cost_curve_with_them(monkeypatch):
+    """On a CPU model the first adaptive call times each size with each linear-layer route (`RowPlan.calibrate`),
+    keeps the plan for later calls on the model, and hands the cost curve the times of what it chose."""
+    import copy
+
+    from hf_fastattn.generation.fastpath import RowPlan
+
+    model = copy.deepcopy(tiny_bigram_llama()).float()
+    timed = []
+    real = RowPlan.calibrate
+
+    def recording(self, timed_forward, float32):
+        effective = real(self, lambda k: timed.append((k, self.forced)) or timed_forward(k), float32)
+        recording.effective = effective
+        return effective
+
+    monkeypatch.setattr(RowPlan, "calibrate", recording)
+    recorded, record = [], ForwardCost.record
+    monkeypatch.setattr(ForwardCost, "record", lambda self, k, s: recorded.append((k, s)) or record(self, k, s))
+    ids = torch.tensor([[5, 17, 33, 8, 61, 12, 5, 17]])
+    greedy, out = _both(model, ids, None, mode="lookahead", max_new_tokens=12, pad_token_id=PAD)
+    assert out.sequences.tolist() == greedy.tolist()
+    plan = RowPlan.for_model(model, 1)
+    assert plan.measured and set(plan.routes) == set(RowPlan.SIZES)
+    assert {route for _, route in timed} == {"linear", "mm", "onednn"}
+    assert {k for k, _ in timed} == set(RowPlan.SIZES)
+    cost = ForwardCost.for_model(model, 1)
+    assert cost.calibrated
+    assert set(recording.effective.items()) <= set(recorded)
+    timed.clear()
+    _both(model, ids, None, mode="lookahead", max_new_tokens=4, pad_token_id=PAD)
+    assert timed == []  # measured once per model, thread count and batch size
