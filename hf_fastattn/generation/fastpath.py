@@ -98,7 +98,9 @@ class RowPlan:
     """
 
     SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # tokens per row timed (`speculation.BUCKETS` keeps these sizes)
+    MAX_ROWS = 64  # and batch x tokens at most this (larger batches time fewer sizes)
     MM_MAX_ROWS = 8  # beyond this `mm` loses to the BLAS's own blocking on every CPU measured
+    ONEDNN_MAX_ROWS = 16  # oneDNN tied `F.linear` from 16 rows on (measured on this project's Xeon)
     PAD_GAIN = 0.95  # compute a size as a larger one only if that is at least 5% faster
     RECHECK = 1.15  # the second round re-times the routes within 15% of a size's best
 
@@ -114,6 +116,11 @@ class RowPlan:
         """The plan of `model` at the current torch thread count and `batch` rows (shared across calls)."""
         per_model = _PLANS.setdefault(model, {})
         return per_model.setdefault((torch.get_num_threads(), batch), cls(batch))
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The sizes `calibrate` times at this batch size."""
+        return tuple(s for s in self.SIZES if s == 1 or s * self.batch <= self.MAX_ROWS)
 
     def route(self, rows: int) -> tuple[str, int]:
         """`(route, rows computed)` for a product over `rows` rows."""
@@ -137,14 +144,15 @@ class RowPlan:
         if size == 1:
             return ["linear"]
         rows = size * self.batch
-        return ["linear"] + (["mm"] if rows <= self.MM_MAX_ROWS else []) + (["onednn"] if float32 else [])
+        mm = ["mm"] if rows <= self.MM_MAX_ROWS else []
+        return ["linear", *mm] + (["onednn"] if float32 and rows <= self.ONEDNN_MAX_ROWS else [])
 
     def calibrate(self, timed_forward, float32: bool) -> dict[int, float]:
         """Time `timed_forward(k)` (a forward over k tokens per row, undone) per size and route, keep the fastest
         route per size, and compute a size as a larger one that is at least 5% faster. Two rounds: every route
-        once, then the routes within 15% of their size's best again (the second round is skipped when a forward
-        takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size as it will be computed,
-        for `speculation.ForwardCost`.
+        once, then again where two or more routes are within 15% of their size's best (the second round is
+        skipped when a forward takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size
+        as it will be computed, for `speculation.ForwardCost`.
 
         float32: whether oneDNN's route can apply (the model computes in float32)."""
         times: dict[tuple[int, str], float] = {}
@@ -159,20 +167,20 @@ class RowPlan:
                 self.forced = None
             times[size, route] = min(seconds, times.get((size, route), float("inf")))
 
-        for size in self.SIZES:
+        for size in self.sizes:
             for route in self.candidates(size, float32):
                 measure(size, route)
         if times[1, "linear"] <= 0.25:
-            for size in self.SIZES:
+            for size in self.sizes:
                 best = min(times[size, r] for r in self.candidates(size, float32))
-                for route in self.candidates(size, float32):
-                    if times[size, route] <= self.RECHECK * best:
-                        measure(size, route)
-        best = {size: min((times[size, r], r) for r in self.candidates(size, float32)) for size in self.SIZES}
+                close = [r for r in self.candidates(size, float32) if times[size, r] <= self.RECHECK * best]
+                for route in close if len(close) > 1 else ():
+                    measure(size, route)
+        best = {size: min((times[size, r], r) for r in self.candidates(size, float32)) for size in self.sizes}
         self.routes, self._by_rows, effective = {}, {}, {}
-        for size in self.SIZES:
+        for size in self.sizes:
             seconds, route = best[size]
-            larger = min(((best[s][0], s) for s in self.SIZES if s > size), default=(float("inf"), size))
+            larger = min(((best[s][0], s) for s in self.sizes if s > size), default=(float("inf"), size))
             if larger[0] < self.PAD_GAIN * seconds:
                 seconds, size_computed = larger
                 route = best[size_computed][1]

@@ -76,7 +76,9 @@ def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
     assert plan.routes[12] == ("linear", 16)  # 12 rows computed as 16
     assert effective[12] == pytest.approx(2.5e-3) and effective[2] == pytest.approx(0.75e-3)
     assert all(route != "mm" for size, route in calls if size > RowPlan.MM_MAX_ROWS)  # mm only for few rows
-    assert calls.count((2, "mm")) == 2 and calls.count((2, "linear")) == 1  # a clear loser is timed once
+    assert calls.count((2, "mm")) == 1 and calls.count((2, "linear")) == 1  # a clear winner: timed once
+    assert calls.count((6, "onednn")) == 2 and calls.count((6, "linear")) == 2  # within 15%: timed again
+    assert (24, "onednn") not in calls and (16, "onednn") in calls
     # any row count: the next measured size's route; beyond the largest measured, F.linear
     assert plan.route(1) == ("linear", 1) and plan.route(5) == ("onednn", 5) and plan.route(10) == ("linear", 16)
     assert plan.route(40) == ("linear", 40)
@@ -91,6 +93,7 @@ def test_row_plan_counts_rows_per_batch_row():
     assert plan.route(6) == ("linear", 8)  # 3 tokens per row, computed as 4
     assert plan.candidates(4, float32=True) == ["linear", "mm", "onednn"]
     assert plan.candidates(8, float32=False) == ["linear"]  # 16 rows: no mm; not float32: no oneDNN
+    assert RowPlan(batch=4).sizes == (1, 2, 3, 4, 6, 8, 12, 16)  # at most 64 rows timed
 
 
 def test_gqa_attention_equals_repeated_kv_without_copying(monkeypatch):

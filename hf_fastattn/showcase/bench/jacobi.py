@@ -424,6 +424,8 @@ def run_real(args, argv) -> int:
     with torch_threads(threads):
         if not args.quick:  # batch 4: transformers' assisted decoding (prompt lookup) is batch 1 only
             batched = _chat_prompts(tokenizer, tasks, 4)
+            _generate(model, *batched[0], "lookahead", 8)  # warm-up: the cost curve and linear routes at batch 4
+            _generate(model, *batched[0], "greedy", 8)
             chosen = ["greedy", "lookahead", "hybrid"]
             res = _time_setting(model, batched, chosen, args.new_tokens, 1, label="batch 4")
             results["greedy_b4"] = res
