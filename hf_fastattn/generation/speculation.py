@@ -131,6 +131,7 @@ class AcceptanceStats:
     ALTERNATIVE = 0.5  # the prior of an alternative (a node with a more trusted sibling): this times the first's
 
     CALL_WEIGHT = 2.0  # pseudo-guesses behind the call's calibration factor (see `call_factor`)
+    CALL_FLOOR = 0.2  # the least that factor gets
 
     def __init__(self, prior: dict[str, float] | None = None, strength: float = 2.0, calibrate: bool = False):
         self.prior = dict(self.DEFAULT_PRIOR, **(prior or {}))
@@ -159,12 +160,12 @@ class AcceptanceStats:
 
     def call_factor(self) -> float:
         """How this call's first guesses (depth 1) fare against the chances the counts gave them: accepted over
-        expected, smoothed by `CALL_WEIGHT` and kept within [0.2, 1.5]. The counts carried from earlier calls speak
+        expected, smoothed by `CALL_WEIGHT` and kept within [`CALL_FLOOR`, 1.5]. The counts carried from earlier calls speak
         per source; a prompt unlike them (open-ended after input-grounded ones) misses with every source at once, and
         this factor, which scales every first guess's chance, learns that from all of them together."""
         if not self.calibrate:
             return 1.0
-        return min(1.5, max(0.2, (self.observed + self.CALL_WEIGHT) / (self.expected + self.CALL_WEIGHT)))
+        return min(1.5, max(self.CALL_FLOOR, (self.observed + self.CALL_WEIGHT) / (self.expected + self.CALL_WEIGHT)))
 
     def p(self, source: str, depth: int) -> float:
         chance = self._mean(source, depth)
