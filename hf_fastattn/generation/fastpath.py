@@ -31,8 +31,12 @@ exactness tests run in float64, where any difference is ~1e-15).
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
 import time
 import weakref
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -104,18 +108,54 @@ class RowPlan:
     PAD_GAIN = 0.95  # compute a size as a larger one only if that is at least 5% faster
     RECHECK = 1.15  # the second round re-times the routes within 15% of a size's best
 
-    def __init__(self, batch: int = 1):
+    def __init__(self, batch: int = 1, key: str | None = None):
         self.batch = batch
+        self.key = key  # where `save` files it (`plan_key`); None: not saved
         self.routes: dict[int, tuple[str, int]] = {}  # measured size -> (route, size computed)
+        self.seconds: dict[int, float] = {}  # measured size -> seconds of a forward as routed (what `calibrate` returned)
         self.measured = False
         self.forced: str | None = None  # while calibrating: every row count takes this route
         self._by_rows: dict[int, tuple[str, int]] = {}  # `route`'s answers so far
 
     @classmethod
     def for_model(cls, model, batch: int = 1) -> RowPlan:
-        """The plan of `model` at the current torch thread count and `batch` rows (shared across calls)."""
+        """The plan of `model` at the current torch thread count and `batch` rows: shared across calls, and across
+        processes through a file in hf_fastattn's cache folder (`plan_key`; `$HF_FASTATTN_CACHE`, default
+        `~/.cache/hf_fastattn`, file `row_plans.json`: delete it to measure again)."""
         per_model = _PLANS.setdefault(model, {})
-        return per_model.setdefault((torch.get_num_threads(), batch), cls(batch))
+        threads = torch.get_num_threads()
+        if (threads, batch) not in per_model:
+            plan = per_model[threads, batch] = cls(batch, plan_key(model, threads, batch))
+            plan.load()
+        return per_model[threads, batch]
+
+    def load(self) -> bool:
+        """Take the routes and times saved under `key`, if any (an unreadable file counts as none)."""
+        entry = _read_plans().get(self.key) if self.key else None
+        try:
+            routes = {int(k): (str(r), int(c)) for k, (r, c) in entry["routes"].items()}
+            seconds = {int(k): float(v) for k, v in entry["seconds"].items()}
+        except (TypeError, KeyError, ValueError):
+            return False
+        if set(routes) != set(seconds) or any(r not in ROUTES for r, _ in routes.values()):
+            return False
+        self.routes, self.seconds, self._by_rows, self.measured = routes, seconds, {}, True
+        return True
+
+    def save(self) -> None:
+        """File the routes and times under `key` (best effort: a cache folder that cannot be written is skipped)."""
+        if not self.key or not self.measured:
+            return
+        path = _plans_file()
+        plans = _read_plans()
+        plans[self.key] = {"routes": self.routes, "seconds": self.seconds}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(plans, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -181,15 +221,54 @@ class RowPlan:
         for size in self.sizes:
             seconds, route = best[size]
             larger = min(((best[s][0], s) for s in self.sizes if s > size), default=(float("inf"), size))
-            if larger[0] < self.PAD_GAIN * seconds:
+            if size > 1 and larger[0] < self.PAD_GAIN * seconds:  # (a one-token step stays one token)
                 seconds, size_computed = larger
                 route = best[size_computed][1]
             else:
                 size_computed = size
             self.routes[size] = (route, size_computed)
             effective[size] = seconds
-        self.measured = True
+        self.seconds, self.measured = effective, True
+        self.save()
         return effective
+
+
+def plan_key(model, threads: int, batch: int) -> str:
+    """What a `RowPlan` depends on: the CPU (its name and the instruction set torch uses), torch's version, the
+    thread count and batch size, and the model's dtype and linear layers (shapes and how many of each)."""
+    shapes: dict[tuple, int] = {}
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            shape = tuple(module.weight.shape)
+            shapes[shape] = shapes.get(shape, 0) + 1
+    cpu = f"{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} x{os.cpu_count()}"
+    layers = ",".join(f"{o}x{i}*{n}" for (o, i), n in sorted(shapes.items()))
+    return f"{cpu} | torch {torch.__version__} | {threads} threads | batch {batch} | {model.dtype} | {layers}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _plans_file() -> Path:
+    from ..pretrained import cache_root
+
+    return cache_root() / "row_plans.json"
+
+
+def _read_plans() -> dict:
+    try:
+        plans = json.loads(_plans_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return plans if isinstance(plans, dict) else {}
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(threads, batch): RowPlan}

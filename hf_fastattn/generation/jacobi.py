@@ -334,8 +334,9 @@ def jacobi_decoding(
                     timed = lambda k, at=length: timed_forward(  # noqa: E731
                         forward, cache, ids, positions, mask, at, k, trees, model.dtype
                     )
-                    if row_plan is not None and not row_plan.measured:
-                        for k, seconds in row_plan.calibrate(timed, model.dtype == torch.float32).items():
+                    if row_plan is not None:  # measured now, or earlier (in this process or a saved one)
+                        measured = row_plan.seconds if row_plan.measured else None
+                        for k, seconds in (measured or row_plan.calibrate(timed, model.dtype == torch.float32)).items():
                             cost.record(k, seconds)
                         cost.calibrated = True
                     else:

@@ -3,6 +3,8 @@ no K/V copies."""
 
 from __future__ import annotations
 
+import copy
+import json
 import time
 
 import pytest
@@ -84,6 +86,14 @@ def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
     assert plan.route(40) == ("linear", 40)
     plan.forced = "mm"
     assert plan.route(10) == ("mm", 10)
+    noisy = RowPlan(batch=2)  # a one-token step is never computed as more, however its time came out
+    time.perf_counter = lambda: fake_clock[0]
+    try:
+        noisy.calibrate(lambda k: fake_clock.__setitem__(0, fake_clock[0] + (5.0 if k == 1 else 1.0)), float32=False)
+    finally:
+        time.perf_counter = real
+    assert noisy.routes[1] == ("linear", 1) and noisy.route(2) == ("linear", 2)
+    assert noisy.routes[2] == ("linear", 2) and noisy.seconds[1] == 5.0  # (2 and up: all equal, nothing padded)
 
 
 def test_row_plan_counts_rows_per_batch_row():
@@ -153,3 +163,29 @@ def test_fast_verification_keeps_logits_and_restores_the_model(routes, monkeypat
         raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_row_plans_are_saved_per_machine_threads_batch_and_model(monkeypatch, tmp_path):
+    from hf_fastattn.generation.fastpath import plan_key
+
+    monkeypatch.setenv("HF_FASTATTN_CACHE", str(tmp_path))
+    model = tiny_llama()  # (shared between tests: changed only in copies)
+    key = plan_key(model, 1, 1)
+    assert key != plan_key(model, 2, 1) and key != plan_key(model, 1, 4)
+    assert key != plan_key(copy.deepcopy(model).float(), 1, 1)  # dtype
+    wider = copy.deepcopy(model)
+    wider.lm_head = torch.nn.Linear(wider.lm_head.in_features, wider.lm_head.out_features + 1, bias=False)
+    assert key != plan_key(wider, 1, 1)  # linear layers
+    plan = RowPlan(batch=1, key=key)
+    assert not plan.load()  # nothing saved yet
+    plan.calibrate(lambda k: None, float32=False)
+    loaded = RowPlan(batch=1, key=key)
+    assert loaded.load() and loaded.measured
+    assert loaded.routes == plan.routes and loaded.seconds == pytest.approx(plan.seconds)
+    assert not RowPlan(batch=1, key=plan_key(model, 2, 1)).load()
+    (tmp_path / "row_plans.json").write_text("{not json")  # a damaged file: measured again, then replaced
+    assert not RowPlan(batch=1, key=key).load()
+    plan.save()
+    assert RowPlan(batch=1, key=key).load()
+    (tmp_path / "row_plans.json").write_text(json.dumps({key: {"routes": {"2": ["gemm", 2]}, "seconds": {"2": 1}}}))
+    assert not RowPlan(batch=1, key=key).load()  # an unknown route is not taken

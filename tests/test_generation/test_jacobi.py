@@ -484,13 +484,16 @@ def test_float32_matches_greedy_with_accepted_guesses(mode):
         assert max(out.accepted_per_pass) > 1, out.accepted_per_pass
 
 
-def test_first_call_measures_the_linear_routes_and_the_cost_curve_with_them(monkeypatch):
+def test_first_call_measures_the_linear_routes_and_the_cost_curve_with_them(monkeypatch, tmp_path):
     """On a CPU model the first adaptive call times each size with each linear-layer route (`RowPlan.calibrate`),
-    keeps the plan for later calls on the model, and hands the cost curve the times of what it chose."""
+    keeps the plan for later calls on the model and, through the cache folder, for other processes, and hands the
+    cost curve the times of what it chose."""
     import copy
 
+    from hf_fastattn.generation import fastpath
     from hf_fastattn.generation.fastpath import RowPlan
 
+    monkeypatch.setenv("HF_FASTATTN_CACHE", str(tmp_path))
     model = copy.deepcopy(tiny_bigram_llama()).float()
     timed = []
     real = RowPlan.calibrate
@@ -516,3 +519,13 @@ def test_first_call_measures_the_linear_routes_and_the_cost_curve_with_them(monk
     timed.clear()
     _both(model, ids, None, mode="lookahead", max_new_tokens=4, pad_token_id=PAD)
     assert timed == []  # measured once per model, thread count and batch size
+    # another process (nothing in memory): the saved plan and times are used, nothing is timed
+    assert (tmp_path / "row_plans.json").exists()
+    monkeypatch.setattr(fastpath, "_PLANS", type(fastpath._PLANS)())
+    other = copy.deepcopy(model)
+    recorded.clear()
+    greedy, out = _both(other, ids, None, mode="lookahead", max_new_tokens=12, pad_token_id=PAD)
+    assert out.sequences.tolist() == greedy.tolist()
+    assert timed == [] and RowPlan.for_model(other, 1).routes == plan.routes
+    assert ForwardCost.for_model(other, 1).calibrated
+    assert set(recording.effective.items()) <= set(recorded)
