@@ -56,7 +56,7 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
         x: `[..., in_features]`; its rows are all leading positions (batch x tokens).
         route: "linear" (`F.linear`), "mm" (`(W @ x^T)^T`) or "onednn" (`torch.ops.mkldnn._linear_pointwise` on the
             plain weight). A route that does not apply (not a CPU tensor, another dtype than the weight's; oneDNN:
-            not float32, or torch built without it) falls back to `F.linear`.
+            not float32, under autograd, or torch built without it) falls back to `F.linear`.
         rows_computed: compute this many rows if more than x has (the extra rows repeat the last one and are
             dropped): for a row count the BLAS multiplies more slowly than a larger one.
 
@@ -88,7 +88,11 @@ def _applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return True
     if x.device.type != "cpu" or x.dtype != weight.dtype:
         return False
-    return route == "mm" or (x.dtype == torch.float32 and torch.backends.mkldnn.is_available())
+    if route == "mm":
+        return True
+    # oneDNN's op has no backward: only where autograd records nothing
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return x.dtype == torch.float32 and torch.backends.mkldnn.is_available() and not needs_grad
 
 
 class RowPlan:

@@ -46,6 +46,10 @@ def test_routed_linear_equals_linear(route, rows, dtype):
     assert padded.shape == (1, rows, 40) and padded.is_contiguous()
     layer.bias = None
     torch.testing.assert_close(routed_linear(layer, x, route, rows + 1), layer(x), **tol)
+    with torch.enable_grad():  # under autograd every route still has a gradient
+        x.requires_grad_(True)
+        routed_linear(layer, x, route, rows + 1).sum().backward()
+        torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), **tol)
 
 
 def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
