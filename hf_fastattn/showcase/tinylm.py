@@ -182,16 +182,17 @@ def train_tiny_llama(
     generator = torch.Generator().manual_seed(seed)
     model.train()
     bar = tqdm(range(steps), desc="training tiny Llama", disable=not progress)
-    for _ in bar:
-        starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
-        batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    with torch.enable_grad():  # also when called under no_grad (the benchmarks' entry points are)
+        for _ in bar:
+            starts = torch.randint(0, len(ids) - seq_len - 1, (batch_size,), generator=generator)
+            batch = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+            loss = model(input_ids=batch, labels=batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
     model.config.tinylm_train_tokens = steps * batch_size * seq_len
     if out_dir is not None:
