@@ -193,9 +193,9 @@ class RowPlan:
 
     def calibrate(self, timed_forward, float32: bool) -> dict[int, float]:
         """Time `timed_forward(k)` (a forward over k tokens per row, undone) per size and route, keep the fastest
-        route per size, and compute a size as a larger one that is at least 5% faster. Two rounds: every route
-        once, then again where two or more routes are within 15% of their size's best (the second round is
-        skipped when a forward takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size
+        route per size, and compute a size as a larger one that is at least 5% faster. After one untimed forward,
+        two rounds: every route once, then again one token and where two or more routes are within 15% of their
+        size's best (the second round is skipped when a forward takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size
         as it will be computed, for `speculation.ForwardCost`.
 
         float32: whether oneDNN's route can apply (the model computes in float32)."""
@@ -211,6 +211,7 @@ class RowPlan:
                 self.forced = None
             times[size, route] = min(seconds, times.get((size, route), float("inf")))
 
+        timed_forward(1)  # untimed: the first forward of a series runs slow, and t(1) anchors the whole curve
         for size in self.sizes:
             for route in self.candidates(size, float32):
                 measure(size, route)
@@ -218,7 +219,7 @@ class RowPlan:
             for size in self.sizes:
                 best = min(times[size, r] for r in self.candidates(size, float32))
                 close = [r for r in self.candidates(size, float32) if times[size, r] <= self.RECHECK * best]
-                for route in close if len(close) > 1 else ():
+                for route in close if len(close) > 1 or size == 1 else ():
                     measure(size, route)
         best = {size: min((times[size, r], r) for r in self.candidates(size, float32)) for size in self.sizes}
         self.routes, self._by_rows, effective = {}, {}, {}

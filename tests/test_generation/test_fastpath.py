@@ -82,6 +82,7 @@ def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
     assert plan.routes[12] == ("linear", 16)  # 12 rows computed as 16
     assert effective[12] == pytest.approx(2.5e-3) and effective[2] == pytest.approx(0.75e-3)
     assert all(route != "mm" for size, route in calls if size > RowPlan.MM_MAX_ROWS)  # mm only for few rows
+    assert calls[0] == (1, None) and calls.count((1, "linear")) == 2  # a warm-up, then one token twice
     assert calls.count((2, "mm")) == 1 and calls.count((2, "linear")) == 1  # a clear winner: timed once
     assert calls.count((6, "onednn")) == 2 and calls.count((6, "linear")) == 2  # within 15%: timed again
     assert (24, "onednn") not in calls and (16, "onednn") in calls
