@@ -415,7 +415,8 @@ def _plan_draft(proposals, stats, cost, uncached, max_nodes, chain_only, adaptiv
     (`speculation.plan`), as a `Draft` (a chain when every row keeps one path)."""
     trees = []
     for candidates in proposals:
-        tree = Tree()
+        # planning by cost: candidates stop where they are nearly sure to be rejected (a Jacobi block is 64 guesses)
+        tree = Tree(min_reach=Tree.MIN_REACH if adaptive else 0.0)
         for tokens, source in candidates:
             tree.add(tokens, source, stats)
         trees.append(tree)

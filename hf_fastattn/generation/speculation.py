@@ -48,6 +48,7 @@ class ForwardCost:
         self.seconds: dict[int, float] = {}
         self.calibrated = False
         self._curve: dict[int, float] | None = None  # `curve()`, until the next `record`
+        self._at: dict[int, float] = {}  # `t(n)` so far, until the next `record` (a pass asks for many n)
 
     @classmethod
     def for_model(cls, model, batch: int = 1) -> ForwardCost:
@@ -59,7 +60,7 @@ class ForwardCost:
         """A measured forward over `tokens` tokens per row."""
         bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
         seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
-        self._curve = None
+        self._curve, self._at = None, {}
         old = self.seconds.get(bucket)
         # a running minimum that forgets slowly: noise only ever adds time
         self.seconds[bucket] = seconds if old is None else min(seconds, old * 1.02 + 0.02 * seconds)
@@ -78,6 +79,12 @@ class ForwardCost:
         return out
 
     def __call__(self, tokens: int) -> float:
+        known = self._at.get(tokens)
+        if known is None:
+            known = self._at[tokens] = self._interpolate(tokens)
+        return known
+
+    def _interpolate(self, tokens: int) -> float:
         if not self.seconds:
             return 1.0 + self.PRIOR_PER_TOKEN * (tokens - 1)
         points = self.curve()
@@ -139,6 +146,7 @@ class AcceptanceStats:
         self.counts: dict[tuple, list[float]] = {}
         self.calibrate = calibrate
         self.expected = self.observed = 0.0  # this call's first guesses: chances summed, acceptances counted
+        self._p: dict[tuple, float] = {}  # `p` so far, until the next `update`
 
     @classmethod
     def for_model(cls, model, carried: float = 8.0) -> AcceptanceStats:
@@ -168,8 +176,12 @@ class AcceptanceStats:
         return min(1.5, max(self.CALL_FLOOR, (self.observed + self.CALL_WEIGHT) / (self.expected + self.CALL_WEIGHT)))
 
     def p(self, source: str, depth: int) -> float:
-        chance = self._mean(source, depth)
-        return chance if depth > 1 else min(0.98, chance * self.call_factor())
+        known = self._p.get((source, depth))
+        if known is None:
+            chance = self._mean(source, depth)
+            known = chance if depth > 1 else min(0.98, chance * self.call_factor())
+            self._p[source, depth] = known
+        return known
 
     def _mean(self, source: str, depth: int) -> float:
         kind = source.split(":")[0].split(ALT)[0]
@@ -182,6 +194,7 @@ class AcceptanceStats:
         return (hits + self.strength * prior) / (tries + self.strength)
 
     def update(self, source: str, depth: int, accepted: bool) -> None:
+        self._p = {}
         if depth == 1:
             self.expected += self._mean(source, depth)
             self.observed += accepted
@@ -201,7 +214,10 @@ class Tree:
     Candidates are added most trusted first; a node created below a parent that already has a child is an
     alternative, and its source carries the `ALT` suffix (its chance is learned apart: `AcceptanceStats`)."""
 
-    def __init__(self):
+    MIN_REACH = 1e-3  # what the decoding loop passes as `min_reach` when it plans by cost
+
+    def __init__(self, min_reach: float = 0.0):
+        self.min_reach = min_reach  # a candidate's remaining tokens are not added once reaching them is less likely
         self.tokens: list[int] = []
         self.parents: list[int] = []
         self.sources: list[str] = []
@@ -218,6 +234,8 @@ class Tree:
             child = self.children.get((node, token))
             depth = self.depths[node] + 1 if node >= 0 else 1
             above = self.reach[node] if node >= 0 else 1.0
+            if child is None and above < self.min_reach:
+                break  # (the nodes below could add at most `min_reach` expected tokens between them)
             if child is None:
                 label = source + ALT if node in self._has_child else source
                 child = len(self.tokens)

@@ -251,6 +251,21 @@ def test_plan_guesses_only_what_pays_for_its_cost():
     assert plan([_tree([sure], stats), _tree([hopeless], stats)], _cost(0.2), 1, 16) == [[], []]
 
 
+def test_tree_stops_building_where_a_guess_is_nearly_sure_to_fail():
+    """With `min_reach`, a candidate's tokens past the point where reaching them is less likely than that are not
+    built (planning could gain at most that much from them); without it every token is a node."""
+    stats = AcceptanceStats(prior={"jacobi": 0.05})
+    block = list(range(10, 74))  # a Jacobi block of 64 guesses: reach 0.05, 0.05 * 0.075, ...
+    full, cut = Tree(), Tree(min_reach=Tree.MIN_REACH)
+    full.add(block, "jacobi", stats)
+    cut.add(block, "jacobi", stats)
+    assert len(full.tokens) == 64
+    assert 1 <= len(cut.tokens) < 5 and cut.tokens == block[: len(cut.tokens)]
+    assert all(r >= Tree.MIN_REACH for r in cut.reach[:-1]) and cut.reach[-1] < Tree.MIN_REACH
+    cut.add([10, 11, 99], "text:4", AcceptanceStats())  # a likelier source lifts the shared nodes: its branch is built
+    assert cut.tokens[-1] == 99 and cut.reach[-1] > 0.1
+
+
 def test_acceptance_stats_learn_per_source_and_depth():
     stats = AcceptanceStats(prior={"text": 0.5}, strength=2.0)
     for _ in range(8):
