@@ -116,8 +116,7 @@ class RowPlan:
         self.batch = batch
         self.key = key  # where `save` files it (`plan_key`); None: not saved
         self.routes: dict[int, tuple[str, int]] = {}  # measured size -> (route, size computed)
-        self.seconds: dict[int, float] = {}  # measured size -> seconds of a forward as routed (what `calibrate` returned)
-        self.measured = False
+        self.seconds: dict[int, float] = {}  # measured size -> seconds of a forward as routed (`calibrate`'s result)
         self.forced: str | None = None  # while calibrating: every row count takes this route
         self._by_rows: dict[int, tuple[str, int]] = {}  # `route`'s answers so far
 
@@ -143,7 +142,7 @@ class RowPlan:
             return False
         if set(routes) != set(seconds) or any(r not in ROUTES for r, _ in routes.values()):
             return False
-        self.routes, self.seconds, self._by_rows, self.measured = routes, seconds, {}, True
+        self.routes, self.seconds, self._by_rows = routes, seconds, {}
         return True
 
     def save(self) -> None:
@@ -160,6 +159,11 @@ class RowPlan:
             os.replace(tmp, path)
         except OSError:
             pass
+
+    @property
+    def measured(self) -> bool:
+        """Whether the plan holds measurements (from `calibrate` or a saved file)."""
+        return bool(self.seconds)
 
     @property
     def sizes(self) -> tuple[int, ...]:
@@ -195,8 +199,8 @@ class RowPlan:
         """Time `timed_forward(k)` (a forward over k tokens per row, undone) per size and route, keep the fastest
         route per size, and compute a size as a larger one that is at least 5% faster. After one untimed forward,
         two rounds: every route once, then again one token and where two or more routes are within 15% of their
-        size's best (the second round is skipped when a forward takes over 0.25 s: a large model on a CPU). Returns `{size: seconds}` of each size
-        as it will be computed, for `speculation.ForwardCost`.
+        size's best (the second round is skipped when a forward takes over 0.25 s: a large model on a CPU).
+        Returns `{size: seconds}` of each size as it will be computed, for `speculation.ForwardCost`.
 
         float32: whether oneDNN's route can apply (the model computes in float32)."""
         times: dict[tuple[int, str], float] = {}
@@ -233,7 +237,7 @@ class RowPlan:
                 size_computed = size
             self.routes[size] = (route, size_computed)
             effective[size] = seconds
-        self.seconds, self.measured = effective, True
+        self.seconds = effective
         self.save()
         return effective
 

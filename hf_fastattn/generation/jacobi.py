@@ -335,8 +335,8 @@ def jacobi_decoding(
                         forward, cache, ids, positions, mask, at, k, trees, model.dtype
                     )
                     if row_plan is not None:  # measured now, or earlier (in this process or a saved one)
-                        measured = row_plan.seconds if row_plan.measured else None
-                        for k, seconds in (measured or row_plan.calibrate(timed, model.dtype == torch.float32)).items():
+                        times = row_plan.seconds or row_plan.calibrate(timed, model.dtype == torch.float32)
+                        for k, seconds in times.items():
                             cost.record(k, seconds)
                         cost.calibrated = True
                     else:

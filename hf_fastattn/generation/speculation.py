@@ -168,9 +168,9 @@ class AcceptanceStats:
 
     def call_factor(self) -> float:
         """How this call's first guesses (depth 1) fare against the chances the counts gave them: accepted over
-        expected, smoothed by `CALL_WEIGHT` and kept within [`CALL_FLOOR`, 1.5]. The counts carried from earlier calls speak
-        per source; a prompt unlike them (open-ended after input-grounded ones) misses with every source at once, and
-        this factor, which scales every first guess's chance, learns that from all of them together."""
+        expected, smoothed by `CALL_WEIGHT` and kept within [`CALL_FLOOR`, 1.5]. The counts carried from earlier
+        calls speak per source; a prompt unlike them (open-ended after input-grounded ones) misses with every source
+        at once, and this factor, which scales every first guess's chance, learns that from all of them together."""
         if not self.calibrate:
             return 1.0
         return min(1.5, max(self.CALL_FLOOR, (self.observed + self.CALL_WEIGHT) / (self.expected + self.CALL_WEIGHT)))
