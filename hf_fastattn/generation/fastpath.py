@@ -63,6 +63,8 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
     Returns:
         `[..., out_features]`, contiguous (the next layer's input).
     """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     weight, bias = module.weight, module.bias
     rows = x.numel() // weight.shape[1] if x.numel() else 0
     padded = max(rows, rows_computed)
@@ -113,6 +115,8 @@ class RowPlan:
     RECHECK = 1.15  # the second round re-times the routes within 15% of a size's best
 
     def __init__(self, batch: int = 1, key: str | None = None):
+        if not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int (rows per forward), got {batch!r}")
         self.batch = batch
         self.key = key  # where `save` files it (`plan_key`); None: not saved
         self.routes: dict[int, tuple[str, int]] = {}  # measured size -> (route, size computed)

@@ -194,3 +194,11 @@ def test_row_plans_are_saved_per_machine_threads_batch_and_model(monkeypatch, tm
     assert RowPlan(batch=1, key=key).load()
     (tmp_path / "row_plans.json").write_text(json.dumps({key: {"routes": {"2": ["gemm", 2]}, "seconds": {"2": 1}}}))
     assert not RowPlan(batch=1, key=key).load()  # an unknown route is not taken
+
+
+def test_bad_route_and_batch_are_refused():
+    layer = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match=r"route must be one of \('linear', 'mm', 'onednn'\), got 'gemm'"):
+        routed_linear(layer, torch.randn(2, 4), "gemm")
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        RowPlan(batch=0)
