@@ -18,9 +18,12 @@ class Forward:
         self.kwargs = dict(extra_kwargs, use_cache=True, return_dict=True)
         self.kwargs[cache_argument(model)] = cache  # looked up once: inspecting the signature costs ~0.1 ms
         self.keep_logits = model._supports_logits_to_keep() if hasattr(model, "_supports_logits_to_keep") else False
+        self.prepare = None  # called with the tokens per row before each forward (`fastpath.FastPath.prepare`)
 
     def __call__(self, tokens, positions, mask, num_logits: int) -> torch.Tensor:
         keep = {"logits_to_keep": num_logits} if self.keep_logits else {}
+        if self.prepare is not None:
+            self.prepare(tokens.shape[1])
         out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, **keep, **self.kwargs)
         return out.logits[:, -num_logits:].float()
 

@@ -249,10 +249,12 @@ def jacobi_decoding(
 
     # how the linear layers compute a forward over a few rows: measured below on the first pass (CPU only)
     row_plan = RowPlan.for_model(model, batch) if fast_path and model.device.type == "cpu" else None
-    with fast_verification(model, row_plan, enabled=fast_path), growable_layers(cache if fast_path else None):
+    with fast_verification(model, row_plan, enabled=fast_path) as fast, growable_layers(cache if fast_path else None):
+        forward.prepare = None if fast is None else fast.prepare
         while unfinished.max() > 0:
             # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
             # positions, which must fit)
+            pass_started = time.perf_counter()
             max_depth = max(max_length - length - 1, 0)
             proposals = guesser.get_candidates(ids[:, :length], max_depth)
             draft = _plan_draft(
@@ -287,8 +289,10 @@ def jacobi_decoding(
             num_logits = q + 1 + min(fed.shape[1] - q - 1, guesser.learns_from)
             started = time.perf_counter()
             logits = forward(fed, fed_positions, fed_mask, num_logits)
-            if fed.shape[1] <= 128 and not logits.is_cuda:  # (a GPU forward is asynchronous: not timed)
-                cost.record(fed.shape[1], time.perf_counter() - started)
+            forward_seconds = time.perf_counter() - started
+            on_clock = fed.shape[1] <= 128 and not logits.is_cuda  # (a GPU forward is asynchronous: not timed)
+            if on_clock:
+                cost.record(fed.shape[1], forward_seconds)
             passes += 1
 
             # 3. commit the tokens the forward proves (greedy), or samples (exactly plain sampling), at least one
@@ -324,6 +328,8 @@ def jacobi_decoding(
 
             # 5. the model's own predictions at every position are the next guesses (the Jacobi update)
             guesser.update_candidate_strategy(ids[:, :length], draft, logits, n, path)
+            if on_clock and saved is None:  # (a snapshot pass re-feeds its tokens: its cost is not this shape's)
+                cost.record_overhead(fed.shape[1], time.perf_counter() - pass_started - forward_seconds)
             if jacobi_trace is not None:
                 jacobi_trace.append(_trace_record(old_len, draft, logits[:, -(q + 1) :], path, n))
 

@@ -17,7 +17,8 @@ on a CPU a 135M model's forward over 8 tokens costs ~1.2x one over 1 token, over
 
 `ForwardCost` is `t(n)`: measured for this model on this machine (a few timed forwards on the first call, cached
 per model, thread count and batch size) and refined online from every pass's own forward time (a running minimum per size
-bucket, slowly forgotten, so noise on a shared machine does not inflate it).
+bucket, slowly forgotten, so noise on a shared machine does not inflate it), plus the decoding loop's own time around
+a forward of that size (a running mean: verifying and rolling back guesses is Python work too).
 
 Nothing here touches the tokens that are committed: verification alone decides them, so planning cannot change the
 output, only the speed.
@@ -43,9 +44,14 @@ class ForwardCost:
     """
 
     PRIOR_PER_TOKEN = 0.04  # prior extra cost of each fed token beyond the first, as a fraction of t(1)
+    OVERHEAD_WEIGHT = 0.1  # weight of a new pass in the running mean of the loop's own time per bucket
 
     def __init__(self):
         self.seconds: dict[int, float] = {}
+        # the decoding loop's own time around a forward over n tokens (planning, verification, rollback, the guesser's
+        # update): a running mean per bucket. A pass with guesses costs more of it: SmolLM2-135M, 1 thread, 0.6 ms
+        # around a one-token forward, 1.3 ms around three tokens, ~5 ms around 13-64 (a forward over one: 55 ms)
+        self.overhead: dict[int, float] = {}
         self.calibrated = False
         self._curve: dict[int, float] | None = None  # `curve()`, until the next `record`
         self._at: dict[int, float] = {}  # `t(n)` so far, until the next `record` (a pass asks for many n)
@@ -65,6 +71,28 @@ class ForwardCost:
         # a running minimum that forgets slowly: noise only ever adds time
         self.seconds[bucket] = seconds if old is None else min(seconds, old * 1.02 + 0.02 * seconds)
 
+    def record_overhead(self, tokens: int, seconds: float) -> None:
+        """The loop's own time (outside the model) of a pass that fed `tokens` tokens per row."""
+        bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
+        self._at = {}
+        old = self.overhead.get(bucket)
+        self.overhead[bucket] = seconds if old is None else old + self.OVERHEAD_WEIGHT * (seconds - old)
+
+    def _overhead(self, tokens: int) -> float:
+        """The loop's own time around a forward over `tokens` tokens: interpolated between the buckets measured, the
+        nearest one's beyond them (0 before any)."""
+        if not self.overhead:
+            return 0.0
+        known = sorted(self.overhead)
+        if tokens <= known[0]:
+            return self.overhead[known[0]]
+        if tokens >= known[-1]:
+            return self.overhead[known[-1]]
+        hi = next(b for b in known if b >= tokens)
+        lo = known[known.index(hi) - 1]
+        w = (tokens - lo) / (hi - lo)
+        return (1 - w) * self.overhead[lo] + w * self.overhead[hi]
+
     def curve(self) -> dict[int, float]:
         """The measured points, made non-decreasing from the right: a forward over more tokens is never cheaper, so
         a size measured slower than a larger one was measured in a noisy moment and gets the larger one's time."""
@@ -79,9 +107,10 @@ class ForwardCost:
         return out
 
     def __call__(self, tokens: int) -> float:
+        """Seconds of a pass feeding `tokens` tokens per row: the forward and the loop's own time around it."""
         known = self._at.get(tokens)
         if known is None:
-            known = self._at[tokens] = self._interpolate(tokens)
+            known = self._at[tokens] = self._interpolate(tokens) + self._overhead(tokens)
         return known
 
     def _interpolate(self, tokens: int) -> float:

@@ -170,6 +170,34 @@ def test_fast_verification_keeps_logits_and_restores_the_model(routes, monkeypat
     assert not any("forward" in m.__dict__ for m in model.modules())
 
 
+def test_fast_path_keeps_only_what_a_forward_of_each_size_uses():
+    """`FastPath.prepare`: the linear wrappers only for a size the plan routes otherwise than `F.linear` (or while
+    calibrating), the attention swap only for several tokens; the logits are those of the plain model."""
+    model = tiny_llama()
+    plan = RowPlan()
+    plan.routes = {1: ("linear", 1), 2: ("linear", 2), 3: ("mm", 3), 4: ("linear", 6)}
+
+    def wrapped():
+        return [m for m in model.modules() if "forward" in m.__dict__]
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8, 9]])
+    reference = model(ids).logits
+    with fast_verification(model, plan) as fast:
+        for tokens, linear, attention in ((1, False, False), (2, False, True), (3, True, True), (4, True, True)):
+            fast.prepare(tokens)
+            assert (len(wrapped()) > 0) == linear, tokens
+            assert (model.config._attn_implementation == ATTENTION_NAME) == attention, tokens
+            torch.testing.assert_close(model(ids).logits, reference)
+        fast.prepare(1)
+        plan.forced = "mm"  # calibrating: every size takes the forced route
+        fast.prepare(1)
+        assert wrapped()
+        plan.forced = None
+    assert not wrapped() and model.config._attn_implementation == "sdpa"
+    with fast_verification(model, plan, enabled=False) as fast:
+        assert fast is None and not wrapped()
+
+
 def test_row_plans_are_saved_per_machine_threads_batch_and_model(monkeypatch, tmp_path):
     from hf_fastattn.generation.fastpath import plan_key
 

@@ -301,6 +301,38 @@ def test_forward_cost_interpolates_and_forgets_noise_slowly():
     assert cost(6) == pytest.approx(2.0)
 
 
+def test_forward_cost_adds_the_loops_own_time_per_size():
+    """The loop's time around a forward (a running mean per bucket, interpolated between) is part of a pass's
+    cost: a guessing pass whose Python work outweighs its expected tokens is not planned."""
+    cost = ForwardCost()
+    cost.record(1, 1.0)
+    cost.record(4, 1.0)
+    assert cost(2) == pytest.approx(1.0)  # nothing measured around the forwards yet
+    cost.record_overhead(1, 0.1)
+    cost.record_overhead(4, 0.4)
+    assert cost(1) == pytest.approx(1.1) and cost(4) == pytest.approx(1.4)
+    assert cost(2) == pytest.approx(1.2) and cost(64) == pytest.approx(cost._interpolate(64) + 0.4)
+    cost.record_overhead(4, 1.4)  # a running mean: one slow pass moves it by a tenth of the difference
+    assert cost(4) == pytest.approx(1.0 + 0.4 + ForwardCost.OVERHEAD_WEIGHT * 1.0)
+    stats = AcceptanceStats(prior={"text": 0.9})
+    sure = _tree([([5, 6, 7, 8], "text:3")], stats)
+    free = _cost(0.0)
+    assert plan([sure], free, 1, 16) == [[0, 1, 2, 3]]
+    free.record_overhead(1, 0.0)
+    free.record_overhead(2, 5.0)  # verifying anything costs five forwards of bookkeeping
+    assert plan([sure], free, 1, 16) == [[]]
+
+
+def test_decoding_records_the_loops_own_time(monkeypatch):
+    model = tiny_bigram_llama()
+    cost = _cost(0.1)
+    monkeypatch.setattr(ForwardCost, "for_model", classmethod(lambda cls, model, batch=1: cost))
+    ids = torch.tensor([[5, 17, 33, 8, 61, 12, 5, 17]])
+    greedy, out = _both(model, ids, None, mode="lookahead", max_new_tokens=12, pad_token_id=PAD)
+    assert out.sequences.tolist() == greedy.tolist()
+    assert 1 in cost.overhead and all(0 < seconds < 1 for seconds in cost.overhead.values())
+
+
 def test_jacobi_modes_stop_guessing_on_a_model_whose_guesses_fail(monkeypatch):
     """The random model's Jacobi guesses are nearly always wrong: with the cost model most passes guess nothing
     (plain greedy steps); adaptive=False keeps the textbook window (every remaining position at first). The cost
