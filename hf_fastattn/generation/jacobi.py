@@ -251,6 +251,7 @@ def jacobi_decoding(
     row_plan = RowPlan.for_model(model, batch) if fast_path and model.device.type == "cpu" else None
     with fast_verification(model, row_plan, enabled=fast_path) as fast, growable_layers(cache if fast_path else None):
         forward.prepare = None if fast is None else fast.prepare
+        cost.computed_tokens = None if row_plan is None else row_plan.computed_tokens
         while unfinished.max() > 0:
             # 1. candidates for the next positions; keep what is worth verifying (the forward scores up to depth + 1
             # positions, which must fit)

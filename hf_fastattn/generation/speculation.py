@@ -52,6 +52,9 @@ class ForwardCost:
         # update): a running mean per bucket. A pass with guesses costs more of it: SmolLM2-135M, 1 thread, 0.6 ms
         # around a one-token forward, 1.3 ms around three tokens, ~5 ms around 13-64 (a forward over one: 55 ms)
         self.overhead: dict[int, float] = {}
+        # tokens per row a forward over n really computes (`fastpath.RowPlan.computed_tokens`: padded to a measured
+        # size); None: n
+        self.computed_tokens = None
         self.calibrated = False
         self._curve: dict[int, float] | None = None  # `curve()`, until the next `record`
         self._at: dict[int, float] = {}  # `t(n)` so far, until the next `record` (a pass asks for many n)
@@ -64,6 +67,7 @@ class ForwardCost:
 
     def record(self, tokens: int, seconds: float) -> None:
         """A measured forward over `tokens` tokens per row."""
+        tokens = self._computed(tokens)
         bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
         seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
         self._curve, self._at = None, {}
@@ -110,8 +114,11 @@ class ForwardCost:
         """Seconds of a pass feeding `tokens` tokens per row: the forward and the loop's own time around it."""
         known = self._at.get(tokens)
         if known is None:
-            known = self._at[tokens] = self._interpolate(tokens) + self._overhead(tokens)
+            known = self._at[tokens] = self._interpolate(self._computed(tokens)) + self._overhead(tokens)
         return known
+
+    def _computed(self, tokens: int) -> int:
+        return tokens if self.computed_tokens is None else self.computed_tokens(tokens)
 
     def _interpolate(self, tokens: int) -> float:
         if not self.seconds:

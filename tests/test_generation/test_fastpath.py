@@ -86,9 +86,11 @@ def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
     assert calls.count((2, "mm")) == 1 and calls.count((2, "linear")) == 1  # a clear winner: timed once
     assert calls.count((6, "onednn")) == 2 and calls.count((6, "linear")) == 2  # within 15%: timed again
     assert (24, "onednn") not in calls and (16, "onednn") in calls
-    # any row count: the next measured size's route; beyond the largest measured, F.linear
-    assert plan.route(1) == ("linear", 1) and plan.route(5) == ("onednn", 5) and plan.route(10) == ("linear", 16)
+    # a row count between measured sizes is computed as the next measured size (its time is the one known);
+    # beyond the largest measured, F.linear as it is
+    assert plan.route(1) == ("linear", 1) and plan.route(5) == ("onednn", 6) and plan.route(10) == ("linear", 16)
     assert plan.route(40) == ("linear", 40)
+    assert [plan.computed_tokens(k) for k in (1, 2, 5, 7, 9, 12, 13, 16, 17, 40)] == [1, 2, 6, 8, 16, 16, 16, 16, 24, 40]
     plan.forced = "mm"
     assert plan.route(10) == ("mm", 10)
     noisy = RowPlan(batch=2)  # a one-token step is never computed as more, however its time came out

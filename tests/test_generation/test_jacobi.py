@@ -299,6 +299,9 @@ def test_forward_cost_interpolates_and_forgets_noise_slowly():
     assert cost(64) > cost(8)  # beyond the largest measured size: it keeps growing
     cost.record(6, 9.0)  # an outlier at a size measured once: a larger size was cheaper, so that counts
     assert cost(6) == pytest.approx(2.0)
+    cost.computed_tokens = lambda n: 8 if 4 < n <= 8 else n  # (RowPlan.computed_tokens: sizes 5-7 padded to 8)
+    cost.record(5, 7.0)  # a forward over 5 tokens computed 8: counted as one over 8
+    assert cost(5) == cost(7) == cost(8) < 2.2 and cost(4) < cost(5)
 
 
 def test_forward_cost_adds_the_loops_own_time_per_size():
