@@ -14,6 +14,7 @@ from gen_helpers import tiny_bigram_llama
 from hf_fastattn.cli import main as cli_main
 from hf_fastattn.generation import ddgviz
 from hf_fastattn.generation.ddgviz import trace_grid
+from hf_fastattn.showcase.bench.jacobi import HEADER, _kind_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -178,7 +179,22 @@ def test_bench_jacobi_model_quick(tmp_path):
     for row in ("greedy", "prompt_lookup", "lookahead", "jacobi", "gs_jacobi", "hybrid", "plain sampling"):
         assert re.search(rf"\|\s+{row} \|", report), row
     greedy_rows = [line for line in report.splitlines() if re.match(r"\|\s+(greedy|prompt_lookup|lookahead|jacobi|gs_jacobi|hybrid) \|", line)]
-    assert greedy_rows and all(line.rstrip().endswith("2/2 |") for line in greedy_rows)  # identical to greedy
+    method_rows = [line for line in greedy_rows if line.count("|") == len(HEADER) + 1]  # (not the by-kind table)
+    assert method_rows and all(line.rstrip().endswith("2/2 |") for line in method_rows)  # identical to greedy
+    assert "by task kind" in report  # (--quick: two input-grounded prompts, no open-ended one)
+
+
+def test_bench_jacobi_reports_grounded_and_open_ended_prompts_apart():
+    res = {
+        "greedy": {"time": [2.0, 2.0, 1.0]},
+        "prompt_lookup": {"time": [1.0, 2.0, 2.0]},
+        "lookahead": {"time": [1.0, 1.0, 2.0]},
+    }
+    rows = _kind_rows(res, ["greedy", "prompt_lookup", "lookahead"], ["summarize", "answer", "open-ended"])
+    assert rows == [
+        ["prompt_lookup", "1.33x", "1.00x", "0.50x", "1.00x"],
+        ["lookahead", "2.00x", "1.50x", "0.50x", "1.00x"],
+    ]
 
 
 @pytest.mark.parametrize("script", ["jacobi_generate.py", "ddgviz_demo.py"])

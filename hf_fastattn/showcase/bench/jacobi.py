@@ -385,6 +385,27 @@ def _rows(res, methods, reference="prompt_lookup", identical=True, labels=None):
     return rows
 
 
+def _kind_rows(res, methods, kinds, reference="prompt_lookup"):
+    """Per method: total time of greedy (and of `reference`) over the method's, on the input-grounded prompts and
+    on the open-ended ones apart (the issue's targets are per kind)."""
+    groups = {
+        "grounded": [i for i, k in enumerate(kinds) if k != "open-ended"],
+        "open-ended": [i for i, k in enumerate(kinds) if k == "open-ended"],
+    }
+
+    def ratio(method, base, idx):
+        if base not in res or not idx:
+            return "-"
+        return f"{sum(res[base]['time'][i] for i in idx) / sum(res[method]['time'][i] for i in idx):.2f}x"
+
+    return [
+        [m, *(ratio(m, base, idx) for idx in groups.values() for base in (methods[0], reference))]
+        for m in methods[1:]
+    ]
+
+
+KIND_HEADER = ["method", "grounded vs greedy", "grounded vs prompt lookup", "open-ended vs greedy",
+               "open-ended vs prompt lookup"]  # fmt: skip
 HEADER = ["method", "forwards/token", "tokens/forward", "vs greedy", "vs prompt lookup", "worst prompt", "identical"]
 
 
@@ -420,6 +441,10 @@ def run_real(args, argv) -> int:
                 for i, (kind, _) in enumerate(tasks)
             ]
             sections.append((f"per prompt, {threads} thread(s) (vs greedy)", format_table(["task", *chosen[1:]], per_task)))
+            kinds = [kind for kind, _ in tasks]
+            sections.append((f"by task kind, {threads} thread(s): {len(kinds) - kinds.count('open-ended')} "
+                             f"input-grounded prompts, {kinds.count('open-ended')} open-ended",
+                             format_table(KIND_HEADER, _kind_rows(res, chosen, kinds))))  # fmt: skip
     threads = args.thread_counts[0]
     with torch_threads(threads):
         if not args.quick:  # batch 4: transformers' assisted decoding (prompt lookup) is batch 1 only
