@@ -401,7 +401,7 @@ def test_flags_override_the_recipe_and_say_so():
                             "gradient_checkpointing": "blocks of 64 tokens (< 1024)"}
     assert plan.source("transfer_lr") == "recipe 'hedgehog'" and r.transfer_lr == RECIPES["hedgehog"].transfer_lr
     blocks = 10_000 // 64
-    assert plan.transfer_steps == int(blocks * 0.3) // 4 and plan.max_tokens == 10_000
+    assert plan.transfer_steps == int(blocks * RECIPES["hedgehog"].transfer) // 4 and plan.max_tokens == 10_000
     # --recipe picks another, --method may then be left out
     other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000", context=128)
     assert other.method == "t2r"
@@ -485,6 +485,8 @@ def test_convert_cli_encoder_runs_stage_one_of_the_default_recipe(tmp_path, toke
     attention transfer on the whole budget, and the printout says why the two settings differ from the recipe."""
     import json
 
+    from hf_fastattn.conversion.recipes import RECIPES
+
     src = tmp_path / "bert"
     tiny_model("bert").save_pretrained(src)
     tokenizer.save_pretrained(src)
@@ -496,7 +498,7 @@ def test_convert_cli_encoder_runs_stage_one_of_the_default_recipe(tmp_path, toke
     assert "encoder: no LM head to fine-tune" in printed and "encoder: the sliding-window hybrid" in printed
     saved = json.loads((out / "fastattn_recipe.json").read_text())
     assert (saved["finetune"], saved["options"]["hybrid"], saved["transfer_steps"], saved["finetune_steps"]) == (
-        "none", False, 1, 0)  # 2 blocks of the model's context (256 positions) at batch 2
+        "none", False, 2 // RECIPES["hedgehog"].transfer_batch, 0)  # 2 blocks of the model's context (256 positions)
     assert saved["seq_len"] == 256
     from transformers import AutoModel
 
