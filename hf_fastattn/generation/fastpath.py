@@ -185,21 +185,22 @@ class RowPlan:
         return known
 
     def _decide(self, rows: int) -> tuple[str, int]:
-        tokens = -(-rows // self.batch)
-        computed = self.computed_tokens(tokens)
-        if rows <= 1 or computed == tokens and tokens not in self.routes:
+        size = self._size_for(-(-rows // self.batch))
+        if rows <= 1 or size is None:
             return "linear", rows
-        size = next(s for s in sorted(self.routes) if s >= tokens)
-        return self.routes[size][0], max(rows, computed * self.batch)
+        route, computed = self.routes[size]
+        return route, max(rows, computed * self.batch)
+
+    def _size_for(self, tokens: int) -> int | None:
+        """The smallest measured size of at least `tokens` tokens per row (None: beyond them, or not measured)."""
+        return next((s for s in sorted(self.routes) if s >= tokens), None)
 
     def computed_tokens(self, tokens: int) -> int:
         """The tokens per row a forward over `tokens` tokens per row computes: a size between two measured ones as
         the next measured size (whose time is known: on this project's Xeon `F.linear` over 13-15 rows took 2.7x a
         one-token forward, 16 rows 2.1x), a measured size as its plan says, a size beyond them as it is."""
-        size = next((s for s in sorted(self.routes) if s >= tokens), None)
-        if tokens <= 1 or size is None:
-            return tokens
-        return self.routes[size][1]
+        size = self._size_for(tokens)
+        return tokens if tokens <= 1 or size is None else self.routes[size][1]
 
     def candidates(self, size: int, float32: bool) -> list[str]:
         """The routes worth timing for `size` tokens per row."""

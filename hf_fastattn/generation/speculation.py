@@ -36,6 +36,11 @@ BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _PERSISTENT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {(threads, batch): ForwardCost}
 
 
+def _bucket(tokens: int) -> int:
+    """The size of `BUCKETS` nearest to `tokens`, where a time measured over `tokens` tokens is kept."""
+    return min(BUCKETS, key=lambda b: abs(b - tokens))
+
+
 class ForwardCost:
     """Seconds of one forward as a function of the tokens fed per row, `t(n)`, piecewise linear over `BUCKETS`.
 
@@ -68,7 +73,7 @@ class ForwardCost:
     def record(self, tokens: int, seconds: float) -> None:
         """A measured forward over `tokens` tokens per row."""
         tokens = self._computed(tokens)
-        bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
+        bucket = _bucket(tokens)
         seconds = seconds * bucket / tokens if tokens > bucket else seconds  # (a conservative rescale)
         self._curve, self._at = None, {}
         old = self.seconds.get(bucket)
@@ -77,7 +82,7 @@ class ForwardCost:
 
     def record_overhead(self, tokens: int, seconds: float) -> None:
         """The loop's own time (outside the model) of a pass that fed `tokens` tokens per row."""
-        bucket = min(BUCKETS, key=lambda b: abs(b - tokens))
+        bucket = _bucket(tokens)
         self._at = {}
         old = self.overhead.get(bucket)
         self.overhead[bucket] = seconds if old is None else old + self.OVERHEAD_WEIGHT * (seconds - old)
