@@ -42,11 +42,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..kernels.rows_linear import available as rows_kernel_available
+from ..kernels.rows_linear import rows_linear
+
 ATTENTION_NAME = "hf_fastattn_gqa_sdpa"  # registered with transformers while a decoding call uses it
 _registered = False
 
 
-ROUTES = ("linear", "mm", "onednn")  # the ways `routed_linear` computes the same product (module docstring)
+ROUTES = ("linear", "mm", "onednn", "rows")  # the ways `routed_linear` computes the same product (module docstring)
+ROWS_MAX_ROWS = 16  # the "rows" kernel is offered up to this many rows (MKL's own blocking wins from 16 on)
 
 
 def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", rows_computed: int = 0) -> torch.Tensor:
@@ -55,9 +59,11 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
     Args:
         module: a plain `nn.Linear`.
         x: `[..., in_features]`; its rows are all leading positions (batch x tokens).
-        route: "linear" (`F.linear`), "mm" (`(W @ x^T)^T`) or "onednn" (`torch.ops.mkldnn._linear_pointwise` on the
-            plain weight). A route that does not apply (not a CPU tensor, another dtype than the weight's; oneDNN:
-            not float32, under autograd, or torch built without it) falls back to `F.linear`.
+        route: "linear" (`F.linear`), "mm" (`(W @ x^T)^T`), "onednn" (`torch.ops.mkldnn._linear_pointwise` on the
+            plain weight) or "rows" (`kernels.rows_linear`, our AVX-512 kernel that streams the weight once). A
+            route that does not apply (not a CPU tensor, another dtype than the weight's; oneDNN and rows: not
+            float32 or under autograd; oneDNN: torch built without it; rows: the kernel not available, more than
+            `ROWS_MAX_ROWS` rows) falls back to `F.linear`.
         rows_computed: compute this many rows if more than x has (the extra rows repeat the last one and are
             dropped): for a row count the BLAS multiplies more slowly than a larger one.
 
@@ -81,6 +87,8 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
         out = out if bias is None else out + bias
     elif route == "onednn":
         out = torch.ops.mkldnn._linear_pointwise(rows_in, weight, bias, "none", [], "")
+    elif route == "rows" and padded <= ROWS_MAX_ROWS:
+        return rows_linear(rows_in, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
     else:
         out = nn.functional.linear(rows_in, weight, bias)
     return out[:rows].contiguous().view(*x.shape[:-1], weight.shape[0])
@@ -93,9 +101,13 @@ def _applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
         return False
     if route == "mm":
         return True
-    # oneDNN's op has no backward: only where autograd records nothing
+    # oneDNN's op and our kernel have no backward: only where autograd records nothing
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return x.dtype == torch.float32 and torch.backends.mkldnn.is_available() and not needs_grad
+    if x.dtype != torch.float32 or needs_grad:
+        return False
+    if route == "rows":
+        return weight.is_contiguous() and rows_kernel_available()
+    return torch.backends.mkldnn.is_available()
 
 
 class RowPlan:
@@ -208,7 +220,9 @@ class RowPlan:
             return ["linear"]
         rows = size * self.batch
         mm = ["mm"] if rows <= self.MM_MAX_ROWS else []
-        return ["linear", *mm] + (["onednn"] if float32 and rows <= self.ONEDNN_MAX_ROWS else [])
+        onednn = ["onednn"] if float32 and rows <= self.ONEDNN_MAX_ROWS else []
+        ours = ["rows"] if float32 and rows <= ROWS_MAX_ROWS and rows_kernel_available() else []
+        return ["linear", *mm, *onednn, *ours]
 
     def calibrate(self, timed_forward, float32: bool) -> dict[int, float]:
         """Time `timed_forward(k)` (a forward over k tokens per row, undone) per size and route, keep the fastest
@@ -267,7 +281,8 @@ def plan_key(model, threads: int, batch: int) -> str:
             shapes[shape] = shapes.get(shape, 0) + 1
     cpu = f"{_cpu_name()} {torch.backends.cpu.get_cpu_capability()} x{os.cpu_count()}"
     layers = ",".join(f"{o}x{i}*{n}" for (o, i), n in sorted(shapes.items()))
-    return f"{cpu} | torch {torch.__version__} | {threads} threads | batch {batch} | {model.dtype} | {layers}"
+    routes = "+".join(r for r in ROUTES if r != "rows" or rows_kernel_available())  # a plan timed every route offered
+    return f"{cpu} | torch {torch.__version__} | {threads} threads | batch {batch} | {model.dtype} | {layers} | {routes}"
 
 
 def _cpu_name() -> str:

@@ -15,10 +15,12 @@ from transformers.cache_utils import DynamicCache
 from hf_fastattn.generation.fastpath import (
     ATTENTION_NAME,
     ROUTES,
+    ROWS_MAX_ROWS,
     RowPlan,
     fast_verification,
     gqa_sdpa_attention,
     routed_linear,
+    rows_kernel_available,
 )
 from hf_fastattn.integration.cache import cache_argument
 
@@ -52,15 +54,38 @@ def test_routed_linear_equals_linear(route, rows, dtype):
         torch.testing.assert_close(x.grad, layer.weight.sum(0).expand_as(x), **tol)
 
 
-def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
+def test_rows_route_runs_our_kernel_only_where_it_applies(monkeypatch):
+    """"rows" computes float32 products of up to `ROWS_MAX_ROWS` rows (padding included) with `kernels.rows_linear`
+    and leaves everything else to `F.linear` (the values: `test_routed_linear_equals_linear`)."""
+    import hf_fastattn.generation.fastpath as fastpath
+
+    calls = []
+    monkeypatch.setattr(fastpath, "rows_kernel_available", lambda: True)
+    monkeypatch.setattr(fastpath, "rows_linear", lambda x, w, b: calls.append(x.shape[0]) or torch.nn.functional.linear(x, w, b))
+    layer = torch.nn.Linear(24, 40)
+    routed_linear(layer, torch.randn(1, 5, 24), "rows")
+    routed_linear(layer, torch.randn(1, 5, 24), "rows", ROWS_MAX_ROWS)
+    routed_linear(layer, torch.randn(1, 5, 24), "rows", ROWS_MAX_ROWS + 1)  # padded beyond: F.linear
+    routed_linear(layer.double(), torch.randn(1, 5, 24, dtype=torch.float64), "rows")  # not float32
+    with torch.enable_grad():
+        routed_linear(layer.float(), torch.randn(1, 5, 24, requires_grad=True), "rows")  # under autograd
+    assert calls == [5, ROWS_MAX_ROWS]
+
+
+def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size(monkeypatch):
     """A machine where `mm` wins at 2-3 rows, oneDNN at 6-8, and 12 rows cost more than 16 (the routes are then
-    timed twice where close, and the plan hands the forward cost the times of what it will run)."""
+    timed twice where close, and the plan hands the forward cost the times of what it will run); our kernel, where
+    it builds, is slower than every other route here."""
 
     def seconds(size, route):
         base = {1: 1.0, 2: 1.5, 3: 1.6, 4: 2.0, 6: 2.2, 8: 2.4, 12: 3.0, 16: 2.5, 24: 3.5, 32: 4.0}[size]
         if route == "mm":
             return base * (0.5 if size <= 3 else 2.0)
-        return base * (0.9 if route == "onednn" and size in (6, 8) else 1.0)
+        if route == "rows":
+            return base * 1.5
+        if route == "onednn":  # (not a tie with linear elsewhere: the fake clock's rounding would decide it)
+            return base * (0.9 if size in (6, 8) else 1.05)
+        return base
 
     plan = RowPlan(batch=1)
     calls = []
@@ -94,6 +119,7 @@ def test_row_plan_keeps_the_fastest_route_and_pads_to_a_faster_size():
     plan.forced = "mm"
     assert plan.route(10) == ("mm", 10)
     noisy = RowPlan(batch=2)  # a one-token step is never computed as more, however its time came out
+    fake_clock[0] = 0.0
     time.perf_counter = lambda: fake_clock[0]
     try:
         noisy.calibrate(lambda k: fake_clock.__setitem__(0, fake_clock[0] + (5.0 if k == 1 else 1.0)), float32=False)
@@ -108,8 +134,10 @@ def test_row_plan_counts_rows_per_batch_row():
     plan.routes = {1: ("linear", 1), 2: ("onednn", 2), 3: ("linear", 4), 4: ("linear", 4)}
     assert plan.route(4) == ("onednn", 4)  # 2 tokens per row
     assert plan.route(6) == ("linear", 8)  # 3 tokens per row, computed as 4
-    assert plan.candidates(4, float32=True) == ["linear", "mm", "onednn"]
-    assert plan.candidates(8, float32=False) == ["linear"]  # 16 rows: no mm; not float32: no oneDNN
+    ours = ["rows"] if rows_kernel_available() else []  # our kernel, where it builds (tests/test_kernels)
+    assert plan.candidates(4, float32=True) == ["linear", "mm", "onednn", *ours]
+    assert plan.candidates(8, float32=False) == ["linear"]  # 16 rows: no mm; not float32: no oneDNN nor ours
+    assert RowPlan(batch=3).candidates(6, float32=True) == ["linear"]  # 18 rows: beyond oneDNN and ours
     assert RowPlan(batch=4).sizes == (1, 2, 3, 4, 6, 8, 12, 16)  # at most 64 rows timed
 
 
@@ -228,7 +256,7 @@ def test_row_plans_are_saved_per_machine_threads_batch_and_model(monkeypatch, tm
 
 def test_bad_route_and_batch_are_refused():
     layer = torch.nn.Linear(4, 3)
-    with pytest.raises(ValueError, match=r"route must be one of \('linear', 'mm', 'onednn'\), got 'gemm'"):
+    with pytest.raises(ValueError, match=r"route must be one of \('linear', 'mm', 'onednn', 'rows'\), got 'gemm'"):
         routed_linear(layer, torch.randn(2, 4), "gemm")
     with pytest.raises(ValueError, match="batch must be a positive int"):
         RowPlan(batch=0)

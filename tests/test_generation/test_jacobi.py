@@ -20,6 +20,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 from transformers.cache_utils import DynamicCache
 
 from hf_fastattn.generation import MODES, JacobiDecoderOutput, jacobi_decoding, jacobi_generate
+from hf_fastattn.generation.fastpath import rows_kernel_available
 from hf_fastattn.generation.jacobi import build_draft
 from hf_fastattn.generation.rollback import keep_path, needs_snapshot, rollback, snapshot
 from hf_fastattn.generation.speculation import AcceptanceStats, ForwardCost, Tree, plan
@@ -561,7 +562,8 @@ def test_first_call_measures_the_linear_routes_and_the_cost_curve_with_them(monk
     assert out.sequences.tolist() == greedy.tolist()
     plan = RowPlan.for_model(model, 1)
     assert plan.measured and set(plan.routes) == set(RowPlan.SIZES)
-    assert {route for _, route in timed} == {None, "linear", "mm", "onednn"}  # (None: the untimed warm-up)
+    routes = {None, "linear", "mm", "onednn"} | ({"rows"} if rows_kernel_available() else set())
+    assert {route for _, route in timed} == routes  # (None: the untimed warm-up)
     assert {k for k, _ in timed} == set(RowPlan.SIZES)
     cost = ForwardCost.for_model(model, 1)
     assert cost.calibrated
