@@ -55,7 +55,8 @@ def _load():
         _module = load(
             name="hf_fastattn_rows_linear",
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-mavx512f", "-mfma"],
+            extra_cflags=["-O3", "-mavx512f", "-mfma", "-fopenmp"],  # (OpenMP: at::parallel_for's threads)
+            extra_ldflags=["-fopenmp"],
             verbose=False,
         )
     except Exception as err:  # no compiler, no ninja, a failed build: the other routes remain
