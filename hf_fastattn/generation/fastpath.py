@@ -12,8 +12,8 @@ one CPU to the next. Two costs outside the model's arithmetic:
   `torch.mm(W, x^T)^T` (the small activation as the packed operand), oneDNN's matmul on the plain weight
   (`torch.ops.mkldnn._linear_pointwise`) and our AVX-512 kernel that streams the weight once for all the rows
   (`kernels.rows_linear`, up to `ROWS_MAX_ROWS` rows, where it builds), picks the fastest per size, and computes
-  a size as a larger one (extra rows repeating the last, dropped after) where the larger one is measurably faster. Measured on SmolLM2-135M, fp32,
-  200 cached tokens, whole forward, on two CPUs: the stop-21 machine (AVX2), 1 thread, 2 / 4 / 8 tokens 75 / 81 /
+  a size as a larger one (extra rows repeating the last, dropped after) where the larger one is measurably faster.
+  Measured on SmolLM2-135M, fp32, 200 cached tokens, whole forward, on two CPUs: the stop-21 machine (AVX2), 1 thread, 2 / 4 / 8 tokens 75 / 81 /
   124 ms with `mm` against 94 / 100 / 112 with `F.linear`, one token 60; this project's Xeon with AVX-512, 1 thread,
   `F.linear` 2 / 3 / 4 / 8 / 12 / 16 tokens 72 / 76 / 105 / 133 / 160 / 132 ms (one token 64) and `mm` 131 ms at 2
   to 5 tokens: `mm` doubles the cost there, where it saved a fifth on the other CPU. Our kernel on that Xeon (stop
