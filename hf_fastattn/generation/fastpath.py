@@ -5,19 +5,20 @@ small model one token is memory-bound (every weight read once per forward), so a
 almost for free; whether they do depends on which GEMM kernel the BLAS picks for a few rows, and that differs from
 one CPU to the next. Two costs outside the model's arithmetic:
 
-* **Linear layers.** How `F.linear(x, W)` runs for 2..~32 rows is MKL's choice: on some CPUs it packs the
-  transposed weight into its panel layout on every call (an extra read and write of every weight, most of a
-  memory-bound forward), on others it jumps at 4 rows and again at 12. So the route is *measured*, not assumed:
-  `RowPlan` times whole forwards over k tokens with each of four routes to the same product, `F.linear` (MKL),
-  `torch.mm(W, x^T)^T` (the small activation as the packed operand), oneDNN's matmul on the plain weight
+* **Linear layers.** How `F.linear(x, W)` runs for 2..~32 rows is MKL's choice: on some CPUs it packs the transposed
+  weight into its panel layout on every call (an extra read and write of every weight, most of a memory-bound
+  forward), on others it jumps at 4 rows and again at 12. So the route is *measured*, not assumed: `RowPlan` times
+  whole forwards over k tokens with each of four routes to the same product, `F.linear` (MKL), `torch.mm(W, x^T)^T`
+  (the small activation as the packed operand), oneDNN's matmul on the plain weight
   (`torch.ops.mkldnn._linear_pointwise`) and our AVX-512 kernel that streams the weight once for all the rows
-  (`kernels.rows_linear`, up to `ROWS_MAX_ROWS` rows, where it builds), picks the fastest per size, and computes
-  a size as a larger one (extra rows repeating the last, dropped after) where the larger one is measurably faster.
-  Measured on SmolLM2-135M, fp32, 200 cached tokens, whole forward, on two CPUs: the stop-21 machine (AVX2), 1 thread, 2 / 4 / 8 tokens 75 / 81 /
-  124 ms with `mm` against 94 / 100 / 112 with `F.linear`, one token 60; this project's Xeon with AVX-512, 1 thread,
-  `F.linear` 2 / 3 / 4 / 8 / 12 / 16 tokens 72 / 76 / 105 / 133 / 160 / 132 ms (one token 64) and `mm` 131 ms at 2
-  to 5 tokens: `mm` doubles the cost there, where it saved a fifth on the other CPU. Our kernel on that Xeon (stop
-  28): 4 / 8 / 12 tokens 67 / 76 / 88 ms against 82 / 101 / 114 for the best of the other three (one token 55-57).
+  (`kernels.rows_linear`, up to `ROWS_MAX_ROWS` rows, where it builds), picks the fastest per size, and computes a
+  size as a larger one (extra rows repeating the last, dropped after) where the larger one is measurably faster.
+  Measured on SmolLM2-135M, fp32, 200 cached tokens, whole forward, on two CPUs: the stop-21 machine (AVX2), 1
+  thread, 2 / 4 / 8 tokens 75 / 81 / 124 ms with `mm` against 94 / 100 / 112 with `F.linear`, one token 60; this
+  project's Xeon with AVX-512, 1 thread, `F.linear` 2 / 3 / 4 / 8 / 12 / 16 tokens 72 / 76 / 105 / 133 / 160 / 132
+  ms (one token 64) and `mm` 131 ms at 2 to 5 tokens: `mm` doubles the cost there, where it saved a fifth on the
+  other CPU. Our kernel on that Xeon (stop 28): 4 / 8 / 12 tokens 67 / 76 / 88 ms against 82 / 101 / 114 for the
+  best of the other three (one token 55-57).
 * **Grouped-query attention with a mask.** transformers' sdpa path uses `enable_gqa` only when there is no mask,
   and for one query token packs the query heads onto the K/V heads; a speculative forward has several query tokens
   and a mask, so it falls back to `repeat_kv`, which copies the whole K/V cache of every layer (3x for SmolLM2's 9
