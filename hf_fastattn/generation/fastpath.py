@@ -78,7 +78,7 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
     weight, bias = module.weight, module.bias
     rows = x.numel() // weight.shape[1] if x.numel() else 0
     padded = max(rows, rows_computed)
-    if rows == 0 or (route == "linear" and padded == rows) or not _applies(route, x, weight):
+    if rows == 0 or (route == "linear" and padded == rows) or not _applies(route, x, weight, padded):
         return nn.functional.linear(x, weight, bias)
     rows_in = x.reshape(rows, weight.shape[1])
     if padded > rows:
@@ -90,14 +90,15 @@ def routed_linear(module: nn.Linear, x: torch.Tensor, route: str = "linear", row
         out = out if bias is None else out + bias
     elif route == "onednn":
         out = torch.ops.mkldnn._linear_pointwise(rows_in, weight, bias, "none", [], "")
-    elif route == "rows" and padded <= ROWS_MAX_ROWS:
+    elif route == "rows":
         return rows_linear(rows_in, weight, bias)[:rows].view(*x.shape[:-1], weight.shape[0])
     else:
         out = nn.functional.linear(rows_in, weight, bias)
     return out[:rows].contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def _applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+def _applies(route: str, x: torch.Tensor, weight: torch.Tensor, rows: int) -> bool:
+    """Whether `route` can compute `x`'s product with `weight` over `rows` rows (padding included)."""
     if route == "linear":
         return True
     if x.device.type != "cpu" or x.dtype != weight.dtype:
@@ -109,7 +110,7 @@ def _applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
     if x.dtype != torch.float32 or needs_grad:
         return False
     if route == "rows":
-        return weight.is_contiguous() and rows_kernel_available()
+        return rows <= ROWS_MAX_ROWS and weight.is_contiguous() and rows_kernel_available()
     return torch.backends.mkldnn.is_available()
 
 

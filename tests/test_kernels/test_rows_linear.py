@@ -51,6 +51,8 @@ def test_takes_a_non_contiguous_input_and_rejects_what_it_cannot_compute():
     weight = torch.randn(8, 32)
     x = torch.randn(32, 3).t()  # [3, 32], not contiguous
     torch.testing.assert_close(module.rows_linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="CPU tensors only"):
+        module.rows_linear(x.to("meta"), weight.to("meta"))
     with pytest.raises(RuntimeError, match="float32 only"):
         module.rows_linear(x.double(), weight.double())
     with pytest.raises(RuntimeError, match="contiguous"):

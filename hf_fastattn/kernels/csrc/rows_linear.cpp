@@ -70,6 +70,7 @@ void block(const float* x, int64_t M, int64_t K, const float* W, int64_t j, int6
 
 torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, const c10::optional<torch::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), "rows_linear: x [M, K], weight [N, K]");
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "rows_linear: CPU tensors only");
   TORCH_CHECK(x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat, "rows_linear: float32 only");
   TORCH_CHECK(weight.is_contiguous(), "rows_linear: the weight must be contiguous");
   const auto xc = x.contiguous();
@@ -80,7 +81,8 @@ torch::Tensor rows_linear(const torch::Tensor& x, const torch::Tensor& weight, c
   float* yp = y.data_ptr<float>();
   torch::Tensor b;
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat, "rows_linear: bias [N] float32");
+    TORCH_CHECK(bias->numel() == N && bias->scalar_type() == at::kFloat && bias->device().is_cpu(),
+                "rows_linear: bias [N] float32 on the CPU");
     b = bias->contiguous();
   }
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
