@@ -26,8 +26,9 @@ from ._jit import check_dtypes, dot_precision, interpreting, lazy_jit
 
 PATTERNS = {"strided": 0, "fixed": 1}
 MAX_HEAD_DIM = 256
-# a finite "minus infinity": masked scores never win the running max, and exp(NEG - m) underflows to 0
-NEG = -1.0e30
+# a finite "minus infinity": masked scores never win the running max, and exp(NEG - m) underflows to 0 (a
+# constexpr: compiled Triton refuses plain module globals inside a kernel, the interpreter does not)
+NEG = tl.constexpr(-1.0e30)
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 

@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 if device == "cuda":
                     torch.cuda.empty_cache()  # the inputs of `measure` are gone: give their memory back before N grows
+            # progress as measured (the first call of a kernel compiles it; fla autotunes): a run cut short by a time
+            # limit still shows what it measured
+            fwd, both = results[name]["fwd"][-1], results[name]["fwd+bwd"][-1]
+            print(f"N={n} {name}: fwd {_ms(fwd)} ms, fwd+bwd {_ms(both)} ms", flush=True)
 
     rows = []
     for i, n in enumerate(args.lengths):
