@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ..kernels import chunk_linear
 from . import memory
 from .common import group_heads, repeat_kv
 from .feature_maps import EluFeatureMap
@@ -55,7 +56,45 @@ def _chunk_products(
     the denominators (with `ones`), else both side by side. state: `[BH, F, E (+ 1 with ones)]` sum of b_j
     [c_j | 1]^T before the first position (after the last when `reverse`). Returns `(out [BH, N, E or E + 1], the
     state after the last position)`.
+
+    Where the C++ kernel of `kernels/chunk_linear` is available (AVX-512, float32 CPU tensors) it does the work
+    (`_kernel_products`, ~2x faster at N = 16K); `_torch_chunk_products` is the same arithmetic in torch.
     """
+    if chunk_linear.supports(a, b, c):
+        return _kernel_products(a, b, c, reverse=reverse, maps=maps, keep=keep, ones=ones, normalize=normalize, state=state)
+    return _torch_chunk_products(
+        a, b, c, chunk=chunk, segment=segment, reverse=reverse, maps=maps, keep=keep, ones=ones,
+        normalize=normalize, state=state,
+    )  # fmt: skip
+
+
+def _kernel_products(a, b, c, *, reverse, maps, keep, ones, normalize, state):
+    """`_chunk_products` through the C++ kernel: elu + 1 applied inside it where it can (no key mask), other maps
+    and the key mask applied here first."""
+    bh, n, _ = a.shape
+    e = c.shape[-1]
+    kernel_map = None
+    if maps is not None:
+        if maps[0] is _elu_plus_one and maps[1] is _elu_plus_one and keep is None and a.shape[-1] % 16 == 0:
+            kernel_map = "elu"
+        else:
+            a, b = maps[0](a), maps[1](b)
+    if keep is not None:
+        b = b * keep[..., None]
+    start = None if state is None else (state[..., :e], state[..., e] if ones else None)
+    out, den, s, z = chunk_linear.chunk_products(
+        a, b, c, reverse=reverse, ones=ones, normalize=normalize, map=kernel_map, state=start,
+        out=memory.empty(bh, n, e, like=a), eps=_EPS,
+    )  # fmt: skip
+    if not ones:
+        return out, s
+    if not normalize:
+        out = torch.cat([out, den.unsqueeze(-1)], -1)
+    return out, torch.cat([s, z.unsqueeze(-1)], -1)
+
+
+def _torch_chunk_products(a, b, c, *, chunk, segment, reverse, maps, keep, ones, normalize, state):
+    """`_chunk_products` in torch (see there)."""
     bh, n, _ = a.shape
     e = c.shape[-1]
     out = memory.empty(bh, n, e + 1 if ones and not normalize else e, like=a)
@@ -176,18 +215,27 @@ class _Workspace:
         return (*loaded, m)
 
 
+def _normalized_products(qf, kf, v, chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalized causal linear attention `(out [BH, N, Dv], den [BH, N, 1] clamped)` on feature-mapped inputs:
+    the kernel returns both directly, the torch path as products beside their denominators."""
+    if chunk_linear.supports(qf, kf, v):
+        out, den, _, _ = chunk_linear.chunk_products(qf, kf, v, ones=True, normalize=True, eps=_EPS)
+        return out, den.clamp_min(_EPS).unsqueeze(-1)
+    num_den, _ = _chunk_products(qf, kf, v, chunk=chunk, ones=True)
+    den = num_den[..., -1:].clamp_min(_EPS)
+    return num_den[..., :-1] / den, den
+
+
 class _CausalLinearFunction(torch.autograd.Function):
-    """Normalized causal linear attention on feature-mapped `[BH, N, F]` qf, kf and `[BH, N, Dv]` v, with a
-    backward of three more `_chunk_products` (the gradients of a causal product are causal products too):
+    """Normalized causal linear attention on feature-mapped `[BH, N, F]` qf, kf and `[BH, N, Dv]` v (forward:
+    `_normalized_products`), with a backward of three `_chunk_products` (the gradients of a causal product are causal products too):
     with w_ij = qf_i . kf_j, out = num / den and dN = [dout / den | -(dout . out) / den]:
     dqf_i = sum_{j <= i} (dN_i . [v_j | 1]) kf_j, dkf_j = sum_{i >= j} ([v_j | 1] . dN_i) qf_i,
     dv_j = sum_{i >= j} (kf_j . qf_i) dout_i / den_i."""
 
     @staticmethod
     def forward(ctx, qf, kf, v, chunk):
-        num_den, _ = _chunk_products(qf, kf, v, chunk=chunk, ones=True)
-        den = num_den[..., -1:].clamp_min(_EPS)
-        out = num_den[..., :-1] / den
+        out, den = _normalized_products(qf, kf, v, chunk)
         ctx.save_for_backward(qf, kf, v, out, den)
         ctx.chunk = chunk
         return out

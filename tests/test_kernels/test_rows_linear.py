@@ -64,8 +64,8 @@ def test_takes_a_non_contiguous_input_and_rejects_what_it_cannot_compute():
 
 
 def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setattr(module, "_tried", False)
-    monkeypatch.setattr(module, "_module", None)
+    monkeypatch.setattr(module._EXTENSION, "_tried", False)
+    monkeypatch.setattr(module._EXTENSION, "_module", None)
     monkeypatch.setenv("HF_FASTATTN_CPU_KERNELS", "0")
     assert not module.available()
     with pytest.raises(RuntimeError, match="not available"):

@@ -14,6 +14,19 @@ from .helpers import assert_bf16_close, assert_fp16_close, assert_matches_refere
 LENGTHS = [1, 63, 500]
 
 
+@pytest.fixture(autouse=True, params=["cpu-kernel", "torch-products"])
+def cpu_products(request, monkeypatch):
+    """Every test twice on the CPU: with the C++ kernel of `kernels/chunk_linear` where it is available, and with
+    the causal products in torch (`_torch_chunk_products`, what a CPU without AVX-512 runs)."""
+    from hf_fastattn.kernels import chunk_linear
+
+    if request.param == "torch-products":
+        monkeypatch.setattr(chunk_linear, "supports", lambda *tensors: False)
+    elif not chunk_linear.available():
+        pytest.skip("the CPU kernel is not available here (no AVX-512 or no compiler)")
+    return request.param
+
+
 class ScaledSoftplus(nn.Module):
     """A custom feature map with parameters: proves any nn.Module plugs in."""
 
@@ -238,13 +251,20 @@ def _spy_products(monkeypatch):
     from hf_fastattn.ops import linear_cpu  # the CPU fast path's home
 
     calls = []
-    real = linear_cpu._chunk_products
+    real, real_normalized = linear_cpu._chunk_products, linear_cpu._normalized_products
 
     def spy(*args, **kwargs):
         calls.append(kwargs.get("reverse", False))
         return real(*args, **kwargs)
 
+    def spy_normalized(*args, **kwargs):  # the forward's product, however computed
+        calls.append("normalized")
+        with monkeypatch.context() as quiet:
+            quiet.setattr(linear_cpu, "_chunk_products", real)
+            return real_normalized(*args, **kwargs)
+
     monkeypatch.setattr(linear_cpu, "_chunk_products", spy)
+    monkeypatch.setattr(linear_cpu, "_normalized_products", spy_normalized)
     return calls
 
 
@@ -271,7 +291,7 @@ def test_fast_path_forward_and_backward(monkeypatch, n, hkv, feature_map):
         k,
         v,
     )
-    assert calls == [False, False, True, True]
+    assert calls == ["normalized", False, True, True]
 
 
 @pytest.mark.parametrize("n", [1, 40, 300])

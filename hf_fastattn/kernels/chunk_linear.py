@@ -1,0 +1,98 @@
+"""A CPU kernel for the chunked causal products of linear attention (`csrc/chunk_linear.cpp`), compiled on first use.
+
+`chunk_products(a, b, c, ...)` computes out_i = sum_{j <= i} (a_i . b_j) c_j (j >= i with `reverse`) for float32
+`[BH, N, F]` a, b and `[BH, N, E]` c, chunk by chunk with a carried state, as `ops.linear_cpu._chunk_products` does
+with batched matmuls, but one (batch, head) row per thread with a chunk's work in cache and the products in
+AVX-512 register tiles (several times faster at N = 16K: `hf-fastattn bench attention`). `map="elu"` applies
+elu(x) + 1 to a and b as each chunk is read. Widths that are not multiples of 16 are zero-padded (a copy). Built by `cpu_build.CpuExtension`: not offered without AVX-512, when the build fails or when
+`HF_FASTATTN_CPU_KERNELS=0`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cpu_build import CpuExtension
+
+_EXTENSION = CpuExtension("hf_fastattn_chunk_linear", "chunk_linear.cpp")
+MAPS = (None, "elu")
+
+
+def available() -> bool:
+    """Whether the kernel can run here (compiling it now if needed)."""
+    return _EXTENSION.load() is not None
+
+
+def supports(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> bool:
+    """Whether these inputs fit the kernel (3-d float32 CPU tensors) and it is available here."""
+    return all(x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 3 for x in (a, b, c)) and available()
+
+
+def _pad_to_16(x: torch.Tensor) -> torch.Tensor:
+    """x with zero columns appended up to a multiple of 16 (zero features add nothing to a . b)."""
+    pad = -x.shape[-1] % 16
+    return torch.nn.functional.pad(x, (0, pad)) if pad else x
+
+
+def chunk_products(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    *,
+    reverse: bool = False,
+    ones: bool = False,
+    normalize: bool = False,
+    map: str | None = None,
+    state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    out: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The causal products, without autograd.
+
+    Args:
+        a, b: `[BH, N, F]` float32 (features, or inputs of the map). c: `[BH, N, E]`.
+        reverse: sum over j >= i instead of j <= i.
+        ones: also the denominators den_i = sum_j a_i . b_j (the products with a column of ones after c).
+        normalize: return out_i / max(den_i, eps) (with `ones`).
+        map: None, or "elu" for elu(x) + 1 applied to a and b.
+        state: `(S [BH, F, E], z [BH, F] or None)`, the sums of b_j c_j^T and b_j before the first position (after
+            the last when reverse); not modified.
+        out: a `[BH, N, E]` float32 buffer for the output (e.g. on huge pages, `ops.memory`).
+
+    Returns:
+        `(out, den [BH, N] or None, S, z or None)`, S and z the state at the other end.
+
+    Raises:
+        RuntimeError: the kernel is not available here, or the inputs do not fit it (`supports`).
+    """
+    module = _EXTENSION.load()
+    if module is None:
+        raise RuntimeError("chunk_products: the CPU kernel is not available here (see hf_fastattn.kernels.chunk_linear)")
+    if map not in MAPS:
+        raise ValueError(f"chunk_products: map must be one of {MAPS}, got {map!r}")
+    if not supports(a, b, c) or a.shape != b.shape or c.shape[:2] != a.shape[:2]:
+        raise RuntimeError(
+            "chunk_products: expected float32 CPU tensors a, b [BH, N, F] and c [BH, N, E], got "
+            f"{tuple(a.shape)} {a.dtype} {a.device}, {tuple(b.shape)}, {tuple(c.shape)} {c.dtype} {c.device}"
+        )
+    bh, n, f = a.shape
+    e = c.shape[-1]
+    if map == "elu" and f % 16:
+        raise ValueError(f"chunk_products: map='elu' needs a feature width that is a multiple of 16, got {f}")
+    a, b, c = (_pad_to_16(x).contiguous() for x in (a, b, c))
+    fp, ep = a.shape[-1], c.shape[-1]
+    padded_out = out if out is not None and ep == e else torch.empty(bh, n, ep, dtype=torch.float32)
+    s = a.new_zeros(bh, fp, ep)
+    z = a.new_zeros(bh, fp) if ones else a.new_empty(0, 0)
+    if state is not None:
+        s[:, :f, :e] = state[0]
+        if ones and state[1] is not None:
+            z[:, :f] = state[1]
+    den = a.new_empty(bh, n) if ones else a.new_empty(0, 0)
+    module.chunk_products(a, b, c, padded_out, den, s, z, reverse, ones, normalize, map == "elu", eps)
+    if ep != e:
+        result = padded_out[..., :e]
+        out = result if out is None else out.copy_(result)
+    else:
+        out = padded_out
+    return out, (den if ones else None), s[:, :f, :e], (z[:, :f] if ones else None)
