@@ -46,6 +46,8 @@ def chunk_products(
     state: tuple[torch.Tensor, torch.Tensor | None] | None = None,
     out: torch.Tensor | None = None,
     eps: float = 1e-6,
+    row_a: torch.Tensor | None = None,
+    row_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The causal products, without autograd.
 
@@ -58,6 +60,9 @@ def chunk_products(
         state: `(S [BH, F, E], z [BH, F] or None)`, the sums of b_j c_j^T and b_j before the first position (after
             the last when reverse); not modified.
         out: a `[BH, N, E]` float32 buffer for the output (e.g. on huge pages, `ops.memory`).
+        row_a, row_b: `[BH, N]` terms added to the weights, a_i . b_j + row_a_i + row_b_j (the products with a
+            column [row_a | 1] after a and [1 | row_b] after b, which the kernel appends in its chunk copies);
+            no `state` with them.
 
     Returns:
         `(out, den [BH, N] or None, S, z or None)`, S and z the state at the other end.
@@ -79,8 +84,12 @@ def chunk_products(
     e = c.shape[-1]
     if map == "elu" and f % 16:
         raise ValueError(f"chunk_products: map='elu' needs a feature width that is a multiple of 16, got {f}")
+    rows = [a.new_empty(0, 0) if r is None else r.float().contiguous() for r in (row_a, row_b)]
+    extra = 16 if row_a is not None or row_b is not None else 0
+    if extra and state is not None:
+        raise ValueError("chunk_products: row_a / row_b cannot be combined with a state")
     a, b, c = (_pad_to_16(x).contiguous() for x in (a, b, c))
-    fp, ep = a.shape[-1], c.shape[-1]
+    fp, ep = a.shape[-1] + extra, c.shape[-1]
     padded_out = out if out is not None and ep == e else torch.empty(bh, n, ep, dtype=torch.float32)
     s = a.new_zeros(bh, fp, ep)
     z = a.new_zeros(bh, fp) if ones else a.new_empty(0, 0)
@@ -89,7 +98,7 @@ def chunk_products(
         if ones and state[1] is not None:
             z[:, :f] = state[1]
     den = a.new_empty(bh, n) if ones else a.new_empty(0, 0)
-    module.chunk_products(a, b, c, padded_out, den, s, z, reverse, ones, normalize, map == "elu", eps)
+    module.chunk_products(a, b, c, *rows, padded_out, den, s, z, reverse, ones, normalize, map == "elu", eps)
     if ep != e:
         result = padded_out[..., :e]
         out = result if out is None else out.copy_(result)

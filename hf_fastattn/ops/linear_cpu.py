@@ -253,6 +253,49 @@ class _CausalLinearFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _CausalEluLinearFunction(torch.autograd.Function):
+    """`_CausalLinearFunction` for the elu + 1 feature map through the C++ kernel, on raw `[BH, N, D]` q, k (D a
+    multiple of 16) and `[BH, N, Dv]` v: the forward maps q and k inside the kernel, so no mapped copy is written
+    or kept; the backward maps them once (onto huge pages), runs the three products with the denominators' column
+    folded in as the kernel's row term (dN_i . [v_j | 1] = g_i . v_j + alpha_i) and applies elu's derivative,
+    which is min(elu(x) + 1, 1)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        bh, n, _ = q.shape
+        out, den, _, _ = chunk_linear.chunk_products(
+            q, k, v, ones=True, normalize=True, map="elu", out=memory.empty(bh, n, v.shape[-1], like=v), eps=_EPS
+        )
+        ctx.save_for_backward(q, k, v, out, den.clamp_min_(_EPS))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, den = ctx.saved_tensors
+        bh, n, d = q.shape
+        e = v.shape[-1]
+        scratch = memory.empty(bh, n, max(d, e), like=q)
+        qf = _elu_plus_one(q, out=memory.empty(bh, n, d, like=q), scratch=scratch[..., :d])
+        kf = _elu_plus_one(k, out=memory.empty(bh, n, d, like=q), scratch=scratch[..., :d])
+        g = torch.div(grad, den.unsqueeze(-1), out=memory.empty(bh, n, e, like=v))
+        # dN_i . [v_j | 1] = g_i . v_j + alpha_i with alpha_i = -(g_i . out_i): the kernel's row term
+        alpha = torch.mul(g, out, out=scratch[..., :e]).sum(-1).neg_()
+        dq = dk = dv = None
+        if ctx.needs_input_grad[0]:
+            dq = chunk_linear.chunk_products(g, v, kf, row_a=alpha, out=memory.empty(bh, n, d, like=q))[0]
+        if ctx.needs_input_grad[1]:
+            dk = chunk_linear.chunk_products(
+                v, g, qf, reverse=True, row_b=alpha, out=memory.empty(bh, n, d, like=q)
+            )[0]
+        if ctx.needs_input_grad[2]:
+            dv = chunk_linear.chunk_products(kf, qf, g, reverse=True, out=memory.empty(bh, n, e, like=v))[0]
+        if dq is not None:
+            dq.mul_(qf.clamp_(max=1))
+        if dk is not None:
+            dk.mul_(kf.clamp_(max=1))
+        return dq, dk, dv
+
+
 def _needs_grad(feature_map, *tensors: torch.Tensor) -> bool:
     """Whether autograd must see the computation: grad mode on and an input or a feature map weight needing grad."""
     if not torch.is_grad_enabled():
@@ -288,6 +331,9 @@ def _fast_causal(q, k, v, feature_map, key_mask, initial_state, output_final_sta
     q, k, v = q.float(), repeat_kv(k.float(), h), repeat_kv(v.float(), h)
     keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(h, 0)
     if _needs_grad(feature_map, q, k, v):  # the feature maps under autograd, the products in `_CausalLinearFunction`
+        qflat, kflat, vflat = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+        if type(feature_map) is EluFeatureMap and keep is None and q.shape[-1] % 16 == 0 and chunk_linear.supports(qflat, kflat, vflat):
+            return _CausalEluLinearFunction.apply(qflat, kflat, vflat).reshape(b, h, n, dv), None
         fmap = _flat_map(feature_map, b, h, inplace=False)
         qf, kf = fmap(q.flatten(0, 1)), fmap(k.flatten(0, 1))
         if keep is not None:

@@ -92,6 +92,26 @@ def test_elu_map_inside_the_kernel(n, reverse):
 
 
 @needs_kernel
+@pytest.mark.parametrize("n", [1, 64, 150])
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+@pytest.mark.parametrize("terms", ["a", "b", "ab"])
+def test_row_terms(n, reverse, terms):
+    """row_a / row_b: weights a_i . b_j + row_a_i + row_b_j (what the backward of linear attention uses for the
+    denominators' column), against the naive products of those weights."""
+    gen = torch.Generator().manual_seed(n)
+    a, b, c = torch.randn(2, n, 16, generator=gen), torch.randn(2, n, 16, generator=gen), torch.randn(2, n, 32, generator=gen)
+    ra = torch.randn(2, n, generator=gen) if "a" in terms else None
+    rb = torch.randn(2, n, generator=gen) if "b" in terms else None
+    out = module.chunk_products(a, b, c, reverse=reverse, row_a=ra, row_b=rb)[0]
+    allowed = torch.ones(n, n, dtype=torch.bool)
+    allowed = allowed.triu() if reverse else allowed.tril()
+    w = a @ b.transpose(1, 2) + (0 if ra is None else ra[:, :, None]) + (0 if rb is None else rb[:, None, :])
+    close(out, (w * allowed) @ c)
+    with pytest.raises(ValueError, match="cannot be combined with a state"):
+        module.chunk_products(a, b, c, row_a=torch.zeros(2, n), state=(torch.zeros(2, 16, 32), None))
+
+
+@needs_kernel
 def test_out_buffer_and_bad_inputs():
     a, b, c = torch.rand(2, 10, 16), torch.rand(2, 10, 16), torch.randn(2, 10, 16)
     buffer = torch.empty(2, 10, 16)

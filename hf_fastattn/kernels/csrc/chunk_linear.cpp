@@ -49,15 +49,17 @@ inline __m512 elu_plus_one(__m512 x) {
   return _mm512_add_ps(neg, _mm512_max_ps(x, _mm512_setzero_ps()));
 }
 
-// copy `rows` rows of width `width` (a multiple of 16) from src (row stride `width`) to dst, mapped or not, and zero
-// the rows after them up to kC
-inline void load_rows(const float* src, int64_t rows, int64_t width, bool map, float* dst) {
-  for (int64_t r = 0; r < rows; ++r)
+// copy `rows` rows of width `width` (a multiple of 16) from src (row stride `width`) to dst (row stride `stride`
+// >= width), mapped or not, zero the columns after `width` and the rows after `rows` up to kC
+inline void load_rows(const float* src, int64_t rows, int64_t width, bool map, float* dst, int64_t stride) {
+  for (int64_t r = 0; r < rows; ++r) {
     for (int64_t f = 0; f < width; f += 16) {
       const __m512 x = _mm512_loadu_ps(src + r * width + f);
-      _mm512_storeu_ps(dst + r * width + f, map ? elu_plus_one(x) : x);
+      _mm512_storeu_ps(dst + r * stride + f, map ? elu_plus_one(x) : x);
     }
-  std::fill(dst + rows * width, dst + kC * width, 0.f);
+    std::fill(dst + r * stride + width, dst + (r + 1) * stride, 0.f);
+  }
+  std::fill(dst + rows * stride, dst + kC * stride, 0.f);
 }
 
 // dst[f, j] = src[j, f] for a 16 x 16 block (row strides lds, ldd): 32-bit, then 64-bit unpacks within 128-bit
@@ -132,23 +134,32 @@ inline void zero(__m512 (&acc)[kR][4]) {
 }
 
 struct Problem {
-  int64_t n, f, e;
+  int64_t n, f, fk, e;  // fk: the width of the products, f + 16 with the row terms ra / rb
   bool reverse, ones, normalize, map;
   float eps;
 };
 
-// one (batch, head) row: a, b [n, f], c [n, e], out [n, e], den [n] (with ones), S [f, e] and z [f] in and out
-void run_row(const Problem& p, const float* a, const float* b, const float* c, float* out, float* den, float* S,
-             float* z) {
-  const int64_t F = p.f, E = p.e;
+// one (batch, head) row: a, b [n, f], c [n, e], ra, rb [n] or null, out [n, e], den [n] (with ones), S [fk, e] and
+// z [fk] in and out. With ra / rb the weights are a_i . b_j + ra_i + rb_j: a's rows get the columns [ra_i, 1] and
+// b's rows [1, rb_j] after their f features (in the chunk's copies only), so the same products carry them.
+void run_row(const Problem& p, const float* a, const float* b, const float* c, const float* ra, const float* rb,
+             float* out, float* den, float* S, float* z) {
+  const int64_t F = p.fk, E = p.e;
   std::vector<float> qa(kC * F), kb(kC * F), kt(F * kC), vc(kC * E), w(kC * kC), rowden(kC);
   const int64_t nc = (p.n + kC - 1) / kC;
   for (int64_t t = 0; t < nc; ++t) {
     const int64_t ch = p.reverse ? nc - 1 - t : t;
     const int64_t i0 = ch * kC, len = std::min(kC, p.n - i0);
-    load_rows(a + i0 * F, len, F, p.map, qa.data());
-    load_rows(b + i0 * F, len, F, p.map, kb.data());
-    load_rows(c + i0 * E, len, E, false, vc.data());
+    load_rows(a + i0 * p.f, len, p.f, p.map, qa.data(), F);
+    load_rows(b + i0 * p.f, len, p.f, p.map, kb.data(), F);
+    load_rows(c + i0 * E, len, E, false, vc.data(), E);
+    if (F > p.f)
+      for (int64_t j = 0; j < len; ++j) {
+        qa[j * F + p.f] = ra ? ra[i0 + j] : 0.f;
+        qa[j * F + p.f + 1] = rb ? 1.f : 0.f;
+        kb[j * F + p.f] = ra ? 1.f : 0.f;
+        kb[j * F + p.f + 1] = rb ? rb[i0 + j] : 0.f;
+      }
     for (int64_t j = 0; j < kC; j += 16)
       for (int64_t f = 0; f < F; f += 16) transpose16(kb.data() + j * F + f, F, kt.data() + f * kC + j, kC);
     for (int64_t r0 = 0; r0 < len; r0 += kR) {
@@ -223,12 +234,13 @@ void check(const torch::Tensor& x, const char* name, int64_t dims) {
   TORCH_CHECK(x.dim() == dims && x.is_contiguous(), "chunk_linear: ", name, " must be contiguous with ", dims, " dims");
 }
 
-// a, b [BH, N, F]; c [BH, N, E]; out [BH, N, E] (written); den [BH, N] (written, with ones); S [BH, F, E] and
-// z [BH, F] (the state before the first position, after the last when reverse; updated in place to the state at
-// the other end). F and E multiples of 16.
-void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c, torch::Tensor& out,
-                    torch::Tensor& den, torch::Tensor& S, torch::Tensor& z, bool reverse, bool ones, bool normalize,
-                    bool map, double eps) {
+// a, b [BH, N, F]; c [BH, N, E]; ra, rb [BH, N] or empty (row terms added to the weights); out [BH, N, E]
+// (written); den [BH, N] (written, with ones); S [BH, FK, E] and z [BH, FK] (the state before the first position,
+// after the last when reverse; updated in place to the state at the other end), FK = F, or F + 16 with ra or rb.
+// F and E multiples of 16.
+void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c, const torch::Tensor& ra,
+                    const torch::Tensor& rb, torch::Tensor& out, torch::Tensor& den, torch::Tensor& S,
+                    torch::Tensor& z, bool reverse, bool ones, bool normalize, bool map, double eps) {
   for (auto* x : {&a, &b}) check(*x, "a / b", 3);
   check(c, "c", 3);
   check(out, "out", 3);
@@ -236,23 +248,33 @@ void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch:
   const int64_t BH = a.size(0), N = a.size(1), F = a.size(2), E = c.size(2);
   TORCH_CHECK(b.sizes() == a.sizes() && c.size(0) == BH && c.size(1) == N, "chunk_linear: a, b [BH, N, F], c [BH, N, E]");
   TORCH_CHECK(F % 16 == 0 && E % 16 == 0 && F > 0 && E > 0, "chunk_linear: F and E must be multiples of 16");
-  TORCH_CHECK(out.sizes() == c.sizes() && S.size(0) == BH && S.size(1) == F && S.size(2) == E,
-              "chunk_linear: out [BH, N, E], S [BH, F, E]");
+  const bool has_ra = ra.numel() > 0, has_rb = rb.numel() > 0;
+  for (auto* x : {&ra, &rb})
+    if (x->numel() > 0) {
+      check(*x, "ra / rb", 2);
+      TORCH_CHECK(x->size(0) == BH && x->size(1) == N, "chunk_linear: ra / rb [BH, N]");
+    }
+  const int64_t FK = has_ra || has_rb ? F + 16 : F;
+  TORCH_CHECK(out.sizes() == c.sizes() && S.size(0) == BH && S.size(1) == FK && S.size(2) == E,
+              "chunk_linear: out [BH, N, E], S [BH, FK, E]");
   if (ones) {
     check(z, "z", 2);
     check(den, "den", 2);
-    TORCH_CHECK(z.size(0) == BH && z.size(1) == F && den.size(0) == BH && den.size(1) == N,
-                "chunk_linear: z [BH, F], den [BH, N]");
+    TORCH_CHECK(z.size(0) == BH && z.size(1) == FK && den.size(0) == BH && den.size(1) == N,
+                "chunk_linear: z [BH, FK], den [BH, N]");
   }
-  const Problem p{N, F, E, reverse, ones, normalize && ones, map, float(eps)};
+  const Problem p{N, F, FK, E, reverse, ones, normalize && ones, map, float(eps)};
+  const float* rap = has_ra ? ra.data_ptr<float>() : nullptr;
+  const float* rbp = has_rb ? rb.data_ptr<float>() : nullptr;
   const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *cp = c.data_ptr<float>();
   float *op = out.data_ptr<float>(), *sp = S.data_ptr<float>();
   float* zp = ones ? z.data_ptr<float>() : nullptr;
   float* dp = ones ? den.data_ptr<float>() : nullptr;
   at::parallel_for(0, BH, 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i)
-      run_row(p, ap + i * N * F, bp + i * N * F, cp + i * N * E, op + i * N * E, dp ? dp + i * N : nullptr,
-              sp + i * F * E, zp ? zp + i * F : nullptr);
+      run_row(p, ap + i * N * F, bp + i * N * F, cp + i * N * E, rap ? rap + i * N : nullptr,
+              rbp ? rbp + i * N : nullptr, op + i * N * E, dp ? dp + i * N : nullptr, sp + i * FK * E,
+              zp ? zp + i * FK : nullptr);
   });
 }
 
