@@ -48,6 +48,8 @@ def chunk_products(
     eps: float = 1e-6,
     row_a: torch.Tensor | None = None,
     row_b: torch.Tensor | None = None,
+    map_c: bool = False,
+    elu_grad_at: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """The causal products, without autograd.
 
@@ -63,6 +65,9 @@ def chunk_products(
         row_a, row_b: `[BH, N]` terms added to the weights, a_i . b_j + row_a_i + row_b_j (the products with a
             column [row_a | 1] after a and [1 | row_b] after b, which the kernel appends in its chunk copies);
             no `state` with them.
+        map_c: apply elu(x) + 1 to c (whatever `map` is).
+        elu_grad_at: `[BH, N, E]` x: the output multiplied by elu's derivative at x (e^min(x, 0)), the backward of
+            the feature map applied as the output is written.
 
     Returns:
         `(out, den [BH, N] or None, S, z or None)`, S and z the state at the other end.
@@ -82,8 +87,10 @@ def chunk_products(
         )
     bh, n, f = a.shape
     e = c.shape[-1]
-    if map == "elu" and f % 16:
-        raise ValueError(f"chunk_products: map='elu' needs a feature width that is a multiple of 16, got {f}")
+    if (map == "elu" and f % 16) or (map_c and e % 16):
+        raise ValueError(f"chunk_products: the elu map needs widths that are multiples of 16, got F={f}, E={e}")
+    if elu_grad_at is not None and (tuple(elu_grad_at.shape) != (bh, n, e) or e % 16):
+        raise ValueError(f"chunk_products: elu_grad_at must be [BH, N, E] = {(bh, n, e)} with E a multiple of 16")
     rows = [a.new_empty(0, 0) if r is None else r.float().contiguous() for r in (row_a, row_b)]
     extra = 16 if row_a is not None or row_b is not None else 0
     if extra and state is not None:
@@ -98,7 +105,10 @@ def chunk_products(
         if ones and state[1] is not None:
             z[:, :f] = state[1]
     den = a.new_empty(bh, n) if ones else a.new_empty(0, 0)
-    module.chunk_products(a, b, c, *rows, padded_out, den, s, z, reverse, ones, normalize, map == "elu", eps)
+    dx = a.new_empty(0, 0, 0) if elu_grad_at is None else elu_grad_at.float().contiguous()
+    module.chunk_products(
+        a, b, c, *rows, dx, padded_out, den, s, z, reverse, ones, normalize, map == "elu", map_c, eps
+    )
     if ep != e:
         result = padded_out[..., :e]
         out = result if out is None else out.copy_(result)

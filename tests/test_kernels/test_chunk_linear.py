@@ -112,6 +112,18 @@ def test_row_terms(n, reverse, terms):
 
 
 @needs_kernel
+@pytest.mark.parametrize("reverse", [False, True], ids=["causal", "reverse"])
+def test_elu_on_c_and_elu_derivative_on_the_output(reverse):
+    """map_c maps c inside the kernel; elu_grad_at multiplies the output by elu's derivative there (autograd's)."""
+    a, b, c, at = torch.rand(2, 90, 16), torch.rand(2, 90, 16), torch.randn(2, 90, 32) * 2, torch.randn(2, 90, 32) * 2
+    x = at.clone().requires_grad_(True)
+    (derivative,) = torch.autograd.grad(F.elu(x).sum(), x)
+    out = module.chunk_products(a, b, c, reverse=reverse, map_c=True, elu_grad_at=at)[0]
+    ref = naive(a, b, F.elu(c) + 1, reverse=reverse, ones=False, normalize=False, state=None)[0] * derivative
+    close(out, ref)
+
+
+@needs_kernel
 def test_out_buffer_and_bad_inputs():
     a, b, c = torch.rand(2, 10, 16), torch.rand(2, 10, 16), torch.randn(2, 10, 16)
     buffer = torch.empty(2, 10, 16)
@@ -124,8 +136,12 @@ def test_out_buffer_and_bad_inputs():
         module.chunk_products(a, b[:, :5], c)
     with pytest.raises(ValueError, match="map must be one of"):
         module.chunk_products(a, b, c, map="relu")
-    with pytest.raises(ValueError, match="multiple of 16"):
+    with pytest.raises(ValueError, match="multiples of 16"):
         module.chunk_products(a[..., :15], b[..., :15], c, map="elu")
+    with pytest.raises(ValueError, match="multiples of 16"):
+        module.chunk_products(a, b, c[..., :15], map_c=True)
+    with pytest.raises(ValueError, match=r"elu_grad_at must be \[BH, N, E\]"):
+        module.chunk_products(a, b, c, elu_grad_at=c[:, :5])
 
 
 def test_switched_off_by_the_environment(monkeypatch):

@@ -11,8 +11,9 @@
 // diagonal), the outputs W c + a S accumulated in registers, then S += b^T c. The products are 4-row x 64-column
 // register tiles (16 accumulators, a broadcast of a's element times four 16-lane rows of the right operand).
 //
-// `map` = 1 applies elu(x) + 1 to a and b as a chunk is loaded (the feature map of Katharopoulos et al.): no mapped
-// copy of q and k is ever written to memory. exp is computed as 2^n * p(f) with n = round(x log2 e) (vscalefps) and
+// `map` applies elu(x) + 1 to a and b as a chunk is loaded (the feature map of Katharopoulos et al.), `map_c` to c:
+// no mapped copy of q and k is ever written to memory. `dx` multiplies the output by elu's derivative at dx (the
+// backward of the map). exp is computed as 2^n * p(f) with n = round(x log2 e) (vscalefps) and
 // a degree-7 polynomial on [-1/2, 1/2] (relative error below 1e-7).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -135,7 +136,7 @@ inline void zero(__m512 (&acc)[kR][4]) {
 
 struct Problem {
   int64_t n, f, fk, e;  // fk: the width of the products, f + 16 with the row terms ra / rb
-  bool reverse, ones, normalize, map;
+  bool reverse, ones, normalize, map, map_c;
   float eps;
 };
 
@@ -143,7 +144,7 @@ struct Problem {
 // z [fk] in and out. With ra / rb the weights are a_i . b_j + ra_i + rb_j: a's rows get the columns [ra_i, 1] and
 // b's rows [1, rb_j] after their f features (in the chunk's copies only), so the same products carry them.
 void run_row(const Problem& p, const float* a, const float* b, const float* c, const float* ra, const float* rb,
-             float* out, float* den, float* S, float* z) {
+             const float* dx, float* out, float* den, float* S, float* z) {
   const int64_t F = p.fk, E = p.e;
   std::vector<float> qa(kC * F), kb(kC * F), kt(F * kC), vc(kC * E), w(kC * kC), rowden(kC);
   const int64_t nc = (p.n + kC - 1) / kC;
@@ -152,7 +153,7 @@ void run_row(const Problem& p, const float* a, const float* b, const float* c, c
     const int64_t i0 = ch * kC, len = std::min(kC, p.n - i0);
     load_rows(a + i0 * p.f, len, p.f, p.map, qa.data(), F);
     load_rows(b + i0 * p.f, len, p.f, p.map, kb.data(), F);
-    load_rows(c + i0 * E, len, E, false, vc.data(), E);
+    load_rows(c + i0 * E, len, E, p.map_c, vc.data(), E);
     if (F > p.f)
       for (int64_t j = 0; j < len; ++j) {
         qa[j * F + p.f] = ra ? ra[i0 + j] : 0.f;
@@ -201,7 +202,14 @@ void run_row(const Problem& p, const float* a, const float* b, const float* c, c
         for (int64_t r = 0; r < rows; ++r) {
           float* dst = out + (i0 + r0 + r) * E + e0;
           const __m512 scale = _mm512_set1_ps(p.normalize ? 1.f / std::max(rowden[r], p.eps) : 1.f);
-          for (int v = 0; v < nv; ++v) _mm512_storeu_ps(dst + 16 * v, _mm512_mul_ps(acc[r][v], scale));
+          for (int v = 0; v < nv; ++v) {
+            __m512 x = _mm512_mul_ps(acc[r][v], scale);
+            if (dx != nullptr) {  // times elu's derivative at dx: e^min(dx, 0)
+              const __m512 at = _mm512_loadu_ps(dx + (i0 + r0 + r) * E + e0 + 16 * v);
+              x = _mm512_mul_ps(x, exp2_neg(_mm512_mul_ps(_mm512_min_ps(at, _mm512_setzero_ps()), _mm512_set1_ps(kLog2e))));
+            }
+            _mm512_storeu_ps(dst + 16 * v, x);
+          }
         }
       }
       if (p.ones && den != nullptr)
@@ -239,8 +247,9 @@ void check(const torch::Tensor& x, const char* name, int64_t dims) {
 // after the last when reverse; updated in place to the state at the other end), FK = F, or F + 16 with ra or rb.
 // F and E multiples of 16.
 void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch::Tensor& c, const torch::Tensor& ra,
-                    const torch::Tensor& rb, torch::Tensor& out, torch::Tensor& den, torch::Tensor& S,
-                    torch::Tensor& z, bool reverse, bool ones, bool normalize, bool map, double eps) {
+                    const torch::Tensor& rb, const torch::Tensor& dx, torch::Tensor& out, torch::Tensor& den,
+                    torch::Tensor& S, torch::Tensor& z, bool reverse, bool ones, bool normalize, bool map, bool map_c,
+                    double eps) {
   for (auto* x : {&a, &b}) check(*x, "a / b", 3);
   check(c, "c", 3);
   check(out, "out", 3);
@@ -263,7 +272,12 @@ void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch:
     TORCH_CHECK(z.size(0) == BH && z.size(1) == FK && den.size(0) == BH && den.size(1) == N,
                 "chunk_linear: z [BH, FK], den [BH, N]");
   }
-  const Problem p{N, F, FK, E, reverse, ones, normalize && ones, map, float(eps)};
+  if (dx.numel() > 0) {
+    check(dx, "dx", 3);
+    TORCH_CHECK(dx.sizes() == c.sizes(), "chunk_linear: dx [BH, N, E]");
+  }
+  const float* dxp = dx.numel() > 0 ? dx.data_ptr<float>() : nullptr;
+  const Problem p{N, F, FK, E, reverse, ones, normalize && ones, map, map_c, float(eps)};
   const float* rap = has_ra ? ra.data_ptr<float>() : nullptr;
   const float* rbp = has_rb ? rb.data_ptr<float>() : nullptr;
   const float *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>(), *cp = c.data_ptr<float>();
@@ -273,7 +287,7 @@ void chunk_products(const torch::Tensor& a, const torch::Tensor& b, const torch:
   at::parallel_for(0, BH, 1, [&](int64_t first, int64_t last) {
     for (int64_t i = first; i < last; ++i)
       run_row(p, ap + i * N * F, bp + i * N * F, cp + i * N * E, rap ? rap + i * N : nullptr,
-              rbp ? rbp + i * N : nullptr, op + i * N * E, dp ? dp + i * N : nullptr, sp + i * FK * E,
+              rbp ? rbp + i * N : nullptr, dxp ? dxp + i * N * E : nullptr, op + i * N * E, dp ? dp + i * N : nullptr, sp + i * FK * E,
               zp ? zp + i * FK : nullptr);
   });
 }
