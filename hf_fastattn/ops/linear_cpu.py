@@ -39,6 +39,8 @@ def _chunk_products(
     ones: bool = False,
     normalize: bool = False,
     state: torch.Tensor | None = None,
+    row_a: torch.Tensor | None = None,
+    row_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """out_i = sum_{j <= i} (a_i . b_j) c_j (j >= i when `reverse`) for `[BH, N, *]` tensors, without autograd.
 
@@ -55,20 +57,30 @@ def _chunk_products(
     65-wide product costs 20-35% more than a 64-wide one (measured). normalize: return the products divided by
     the denominators (with `ones`), else both side by side. state: `[BH, F, E (+ 1 with ones)]` sum of b_j
     [c_j | 1]^T before the first position (after the last when `reverse`). Returns `(out [BH, N, E or E + 1], the
-    state after the last position)`.
+    state after the last position)`. row_a, row_b: `[BH, N]` terms added to the weights, (a_i . b_j + row_a_i +
+    row_b_j) (no `state` with them).
 
     Where the C++ kernel of `kernels/chunk_linear` is available (AVX-512, float32 CPU tensors) it does the work
     (`_kernel_products`, ~2x faster at N = 16K); `_torch_chunk_products` is the same arithmetic in torch.
     """
     if chunk_linear.supports(a, b, c):
-        return _kernel_products(a, b, c, reverse=reverse, maps=maps, keep=keep, ones=ones, normalize=normalize, state=state)
+        return _kernel_products(
+            a, b, c, reverse=reverse, maps=maps, keep=keep, ones=ones, normalize=normalize, state=state,
+            row_a=row_a, row_b=row_b,
+        )  # fmt: skip
+    if row_a is not None or row_b is not None:  # as columns: [a | row_a | 1] . [b | 1 | row_b]
+        ones_column = a.new_ones(*a.shape[:2], 1)
+        if row_a is not None:
+            a, b = torch.cat([a, row_a.unsqueeze(-1)], -1), torch.cat([b, ones_column], -1)
+        if row_b is not None:
+            a, b = torch.cat([a, ones_column], -1), torch.cat([b, row_b.unsqueeze(-1)], -1)
     return _torch_chunk_products(
         a, b, c, chunk=chunk, segment=segment, reverse=reverse, maps=maps, keep=keep, ones=ones,
         normalize=normalize, state=state,
     )  # fmt: skip
 
 
-def _kernel_products(a, b, c, *, reverse, maps, keep, ones, normalize, state):
+def _kernel_products(a, b, c, *, reverse, maps, keep, ones, normalize, state, row_a=None, row_b=None):
     """`_chunk_products` through the C++ kernel: elu + 1 applied inside it where it can (no key mask), other maps
     and the key mask applied here first."""
     bh, n, _ = a.shape
@@ -84,7 +96,7 @@ def _kernel_products(a, b, c, *, reverse, maps, keep, ones, normalize, state):
     start = None if state is None else (state[..., :e], state[..., e] if ones else None)
     out, den, s, z = chunk_linear.chunk_products(
         a, b, c, reverse=reverse, ones=ones, normalize=normalize, map=kernel_map, state=start,
-        out=memory.empty(bh, n, e, like=a), eps=_EPS,
+        out=memory.empty(bh, n, e, like=a), eps=_EPS, row_a=row_a, row_b=row_b,
     )  # fmt: skip
     if not ones:
         return out, s
@@ -245,10 +257,9 @@ class _CausalLinearFunction(torch.autograd.Function):
         qf, kf, v, out, den = ctx.saved_tensors
         chunk = ctx.chunk
         g = grad / den
-        dn = torch.cat([g, -(g * out).sum(-1, keepdim=True)], dim=-1)
-        v1 = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
-        dq = _chunk_products(dn, v1, kf, chunk=chunk)[0] if ctx.needs_input_grad[0] else None
-        dk = _chunk_products(v1, dn, qf, chunk=chunk, reverse=True)[0] if ctx.needs_input_grad[1] else None
+        alpha = (g * out).sum(-1).neg_()  # dN_i . [v_j | 1] = g_i . v_j + alpha_i
+        dq = _chunk_products(g, v, kf, chunk=chunk, row_a=alpha)[0] if ctx.needs_input_grad[0] else None
+        dk = _chunk_products(v, g, qf, chunk=chunk, reverse=True, row_b=alpha)[0] if ctx.needs_input_grad[1] else None
         dv = _chunk_products(kf, qf, g, chunk=chunk, reverse=True)[0] if ctx.needs_input_grad[2] else None
         return dq, dk, dv, None
 
