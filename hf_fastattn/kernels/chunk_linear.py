@@ -18,6 +18,39 @@ _EXTENSION = CpuExtension("hf_fastattn_chunk_linear", "chunk_linear.cpp")
 MAPS = (None, "elu")
 
 
+@torch.library.custom_op(
+    "hf_fastattn::chunk_products_cpu", mutates_args=("out", "den", "state", "key_sum"), device_types="cpu"
+)
+def _chunk_products_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    c: torch.Tensor,
+    row_a: torch.Tensor,
+    row_b: torch.Tensor,
+    elu_grad_at: torch.Tensor,
+    out: torch.Tensor,
+    den: torch.Tensor,
+    state: torch.Tensor,
+    key_sum: torch.Tensor,
+    reverse: bool,
+    ones: bool,
+    normalize: bool,
+    map_ab: bool,
+    map_c: bool,
+    eps: float,
+) -> None:
+    """The C++ kernel as a torch operator (so `torch.compile` keeps it in its graph): writes out, den, and the
+    state (S, z) in place; empty tensors for what is not given."""
+    _EXTENSION.load().chunk_products(
+        a, b, c, row_a, row_b, elu_grad_at, out, den, state, key_sum, reverse, ones, normalize, map_ab, map_c, eps
+    )
+
+
+@_chunk_products_op.register_fake
+def _(a, b, c, row_a, row_b, elu_grad_at, out, den, state, key_sum, reverse, ones, normalize, map_ab, map_c, eps):
+    return None
+
+
 def available() -> bool:
     """Whether the kernel can run here (compiling it now if needed)."""
     return _EXTENSION.load() is not None
@@ -75,8 +108,7 @@ def chunk_products(
     Raises:
         RuntimeError: the kernel is not available here, or the inputs do not fit it (`supports`).
     """
-    module = _EXTENSION.load()
-    if module is None:
+    if _EXTENSION.load() is None:
         raise RuntimeError("chunk_products: the CPU kernel is not available here (see hf_fastattn.kernels.chunk_linear)")
     if map not in MAPS:
         raise ValueError(f"chunk_products: map must be one of {MAPS}, got {map!r}")
@@ -106,9 +138,7 @@ def chunk_products(
             z[:, :f] = state[1]
     den = a.new_empty(bh, n) if ones else a.new_empty(0, 0)
     dx = a.new_empty(0, 0, 0) if elu_grad_at is None else elu_grad_at.float().contiguous()
-    module.chunk_products(
-        a, b, c, *rows, dx, padded_out, den, s, z, reverse, ones, normalize, map == "elu", map_c, eps
-    )
+    _chunk_products_op(a, b, c, *rows, dx, padded_out, den, s, z, reverse, ones, normalize, map == "elu", map_c, eps)
     if ep != e:
         result = padded_out[..., :e]
         out = result if out is None else out.copy_(result)

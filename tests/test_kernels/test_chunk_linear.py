@@ -153,3 +153,26 @@ def test_switched_off_by_the_environment(monkeypatch):
     assert not module.supports(a, a, a)
     with pytest.raises(RuntimeError, match="not available"):
         module.chunk_products(a, a, a)
+
+
+@needs_kernel
+def test_registered_as_a_torch_operator():
+    """The kernel is the custom op `hf_fastattn::chunk_products_cpu` (schema, fake tensor and autograd registration
+    checked by `torch.library.opcheck`), so `torch.compile` keeps it in its graph: a compiled linear attention,
+    forward and backward, equals eager."""
+    from hf_fastattn.ops import linear_attention
+
+    n = 70
+    a, b, c = torch.rand(2, n, 16), torch.rand(2, n, 16), torch.randn(2, n, 32)
+    args = (a, b, c, torch.rand(2, n), torch.empty(0, 0), torch.empty(0, 0, 0), torch.empty(2, n, 32),
+            torch.empty(2, n), torch.zeros(2, 32, 32), torch.zeros(2, 32), False, True, True, False, False, 1e-6)  # fmt: skip
+    torch.library.opcheck(module._chunk_products_op, args)
+    q, k, v = (torch.randn(1, 2, 90, 16, requires_grad=True) for _ in range(3))
+    compiled = torch.compile(lambda q, k, v: linear_attention(q, k, v, causal=True))
+    out = compiled(q, k, v)
+    (grads,) = [torch.autograd.grad(out.sum(), (q, k, v))]
+    ref = linear_attention(q, k, v, causal=True)
+    ref_grads = torch.autograd.grad(ref.sum(), (q, k, v))
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
