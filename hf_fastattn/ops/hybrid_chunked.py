@@ -141,6 +141,12 @@ def sliding_window_linear_attention(
         folded = phi_k[:, :, :first].transpose(-1, -2) @ v1[:, :, :first]
         state = folded if state is None else state + folded
 
+    # the linear part at once where the C++ kernel applies (a whole sequence without a carried state): keys
+    # j <= i - W as a causal product against the features and values shifted W positions later
+    lin = None
+    if p0 == 0 and state is None and nq > 0:
+        lin = _lagged_products(phi_q, phi_k, vf, window)
+
     c = min(64 if chunk_size is None else chunk_size, max(nq, 1))
     f = phi_q.shape[-1]
     per_query = b * h * (c + window + sink_k.shape[2] + 2 * f + f * (dv + 1) / c)
@@ -150,7 +156,7 @@ def sliding_window_linear_attention(
         e = min(nq, s + seg)
         out, state = _segment(
             qf[:, :, s:e], phi_q[:, :, s:e], kf, v1, phi_k, mask, p0 + s, e - s, c, window, scaling, state,
-            gamma, lam, sink_k, sink_v1, sink_pos,
+            gamma, lam, sink_k, sink_v1, sink_pos, None if lin is None else lin[:, :, s:e],
         )
         outs.append(out)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
@@ -185,11 +191,25 @@ def _sink_set(kf, v1, is_sink, sinks, sink_kv, h):
     return torch.cat(keys, dim=2), torch.cat(values, dim=2), torch.cat(positions, dim=1)
 
 
+def _lagged_products(phi_q, phi_k, v, window: int) -> torch.Tensor | None:
+    """The linear part sum_{j <= i - W} phi_q_i . phi_k_j [v_j | 1] for every query of a whole sequence,
+    `[B, H, N, Dv + 1]`, through the C++ kernel (`linear_cpu.linear_products`); None where it does not apply."""
+    from .linear_cpu import linear_products
+
+    b, h, n, f = phi_q.shape
+    shifted_k, shifted_v = (F.pad(x, (0, 0, window, 0))[:, :, :n] for x in (phi_k, v))
+    out = linear_products(
+        phi_q.reshape(b * h, n, f), shifted_k.reshape(b * h, n, f), shifted_v.reshape(b * h, n, v.shape[-1])
+    )
+    return None if out is None else out.view(b, h, n, -1)
+
+
 def _segment(q, phi_q, kf, v1, phi_k, mask, a0, length, c, window, scaling, state, gamma, lam, sink_k, sink_v1,
-             sink_pos):
+             sink_pos, lin=None):
     """Queries at positions [a0, a0 + length) (q `[B, H, L, D]`, phi_q its features), `state` `[B, H, F, Dv + 1]` of
     the linear keys before a0 - W + 1 (or None). Returns (numerator | denominator `[B, H, L, Dv + 1]`, the state of
-    the linear keys before a0 + L - W + 1)."""
+    the linear keys before a0 + L - W + 1). `lin`: the linear part of these queries already computed
+    (`_lagged_products`; no state is then returned)."""
     b, h, _, d = q.shape
     nc = -(-length // c)
     pad = nc * c - length
@@ -221,6 +241,9 @@ def _segment(q, phi_q, kf, v1, phi_k, mask, a0, length, c, window, scaling, stat
     if sink_pos is not None:
         out = out + torch.exp((sink_scores - m).masked_fill(~sink_ok, float("-inf"))) @ sink_v1.unsqueeze(2)
     g = gamma.view(1, h, 1, 1, 1)
+    if lin is not None:
+        lin = F.pad(lin, (0, 0, 0, pad)).reshape(b, h, nc, c, -1)
+        return (g * out + lam.view(1, h, 1, 1, 1) * lin).reshape(b, h, nc * c, -1)[:, :, :length], None
     # linear part: the state before each chunk's band (exclusive cumulative sum of the chunks' first C band keys) and,
     # inside the band, keys j <= i - W (band index t < r) whose features are not zeroed
     pk_blocks = pks[:, :, : nc * c].reshape(b, h, nc, c, -1)

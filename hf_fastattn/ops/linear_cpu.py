@@ -264,6 +264,43 @@ class _CausalLinearFunction(torch.autograd.Function):
         return dq, dk, dv, None
 
 
+class _LinearProductsFunction(torch.autograd.Function):
+    """Unnormalized causal linear attention through the C++ kernel, `[BH, N, Dv + 1]` = (sum_{j <= i} (qf_i . kf_j)
+    v_j | sum_{j <= i} qf_i . kf_j) for feature-mapped `[BH, N, F]` qf, kf and `[BH, N, Dv]` v (the hybrid's linear
+    part, whose denominators join the softmax part's before the division). With dnum, dden the gradients of the two:
+    dqf_i = sum_{j <= i} (dnum_i . v_j + dden_i) kf_j, dkf_j = sum_{i >= j} (v_j . dnum_i + dden_i) qf_i and
+    dv_j = sum_{i >= j} (kf_j . qf_i) dnum_i: three kernel calls, dden as the kernel's row terms."""
+
+    @staticmethod
+    def forward(ctx, qf, kf, v):
+        out, den, _, _ = chunk_linear.chunk_products(qf, kf, v, ones=True)
+        ctx.save_for_backward(qf, kf, v)
+        return torch.cat([out, den.unsqueeze(-1)], -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qf, kf, v = ctx.saved_tensors
+        e = v.shape[-1]
+        dnum, dden = grad[..., :e].contiguous(), grad[..., e].contiguous()
+        needs = ctx.needs_input_grad
+        dq = chunk_linear.chunk_products(dnum, v, kf, row_a=dden)[0] if needs[0] else None
+        dk = chunk_linear.chunk_products(v, dnum, qf, reverse=True, row_b=dden)[0] if needs[1] else None
+        dv = chunk_linear.chunk_products(kf, qf, dnum, reverse=True)[0] if needs[2] else None
+        return dq, dk, dv
+
+
+def linear_products(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """`[BH, N, Dv + 1]` (numerators | denominators) of causal linear attention on feature-mapped `[BH, N, F]` qf,
+    kf through the C++ kernel, differentiable; None where the kernel does not apply (the caller keeps its own
+    path)."""
+    if not chunk_linear.supports(qf, kf, v):
+        return None
+    if _needs_grad(None, qf, kf, v):
+        return _LinearProductsFunction.apply(qf, kf, v)
+    out, den, _, _ = chunk_linear.chunk_products(qf, kf, v, ones=True)
+    return torch.cat([out, den.unsqueeze(-1)], -1)
+
+
 def _plain_empty(*shape: int, like: torch.Tensor) -> torch.Tensor:
     """A buffer on ordinary pages. The backward's half-dozen N-sized buffers are not put on huge pages: with the
     usual `defrag=madvise` setting, once other work has fragmented memory, faulting that many madvised huge pages

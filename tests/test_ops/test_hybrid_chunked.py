@@ -20,6 +20,19 @@ from hf_fastattn.ops.reference import hybrid_attention_reference, naive_hybrid_a
 B, H, HKV, D = 2, 4, 2, 8
 
 
+@pytest.fixture(autouse=True, params=["cpu-kernel", "torch-products"])
+def cpu_products(request, monkeypatch):
+    """Every test twice on the CPU: the linear part of a whole sequence through the C++ kernel of
+    `kernels/chunk_linear` where it is available, and in torch chunk by chunk (what a CPU without AVX-512 runs)."""
+    from hf_fastattn.kernels import chunk_linear
+
+    if request.param == "torch-products":
+        monkeypatch.setattr(chunk_linear, "supports", lambda *tensors: False)
+    elif not chunk_linear.available():
+        pytest.skip("the CPU kernel is not available here (no AVX-512 or no compiler)")
+    return request.param
+
+
 def _maps(kind: str, separate: bool, seed: int = 0):
     torch.manual_seed(seed)
     make = (lambda: HedgehogFeatureMap(H, D)) if kind == "hedgehog" else (lambda: T2RFeatureMap(H, D, 12))
