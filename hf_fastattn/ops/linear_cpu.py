@@ -258,35 +258,36 @@ class _CausalLinearFunction(torch.autograd.Function):
         chunk = ctx.chunk
         g = grad / den
         alpha = (g * out).sum(-1).neg_()  # dN_i . [v_j | 1] = g_i . v_j + alpha_i
-        dq = _chunk_products(g, v, kf, chunk=chunk, row_a=alpha)[0] if ctx.needs_input_grad[0] else None
-        dk = _chunk_products(v, g, qf, chunk=chunk, reverse=True, row_b=alpha)[0] if ctx.needs_input_grad[1] else None
-        dv = _chunk_products(kf, qf, g, chunk=chunk, reverse=True)[0] if ctx.needs_input_grad[2] else None
-        return dq, dk, dv, None
+        return (*_product_grads(g, alpha, qf, kf, v, ctx.needs_input_grad, chunk), None)
+
+
+def _product_grads(g, r, qf, kf, v, needs, chunk: int = _FAST_CHUNK):
+    """The gradients `(dqf, dkf, dv)` (None where not needed) of causal products whose weights qf_i . kf_j meet
+    the outputs' gradient as g_i . v_j + r_i: dqf_i = sum_{j <= i} (g_i . v_j + r_i) kf_j,
+    dkf_j = sum_{i >= j} (v_j . g_i + r_i) qf_i and dv_j = sum_{i >= j} (kf_j . qf_i) g_i."""
+    dq = _chunk_products(g, v, kf, chunk=chunk, row_a=r)[0] if needs[0] else None
+    dk = _chunk_products(v, g, qf, chunk=chunk, reverse=True, row_b=r)[0] if needs[1] else None
+    dv = _chunk_products(kf, qf, g, chunk=chunk, reverse=True)[0] if needs[2] else None
+    return dq, dk, dv
 
 
 class _LinearProductsFunction(torch.autograd.Function):
     """Unnormalized causal linear attention through the C++ kernel, `[BH, N, Dv + 1]` = (sum_{j <= i} (qf_i . kf_j)
     v_j | sum_{j <= i} qf_i . kf_j) for feature-mapped `[BH, N, F]` qf, kf and `[BH, N, Dv]` v (the hybrid's linear
-    part, whose denominators join the softmax part's before the division). With dnum, dden the gradients of the two:
-    dqf_i = sum_{j <= i} (dnum_i . v_j + dden_i) kf_j, dkf_j = sum_{i >= j} (v_j . dnum_i + dden_i) qf_i and
-    dv_j = sum_{i >= j} (kf_j . qf_i) dnum_i: three kernel calls, dden as the kernel's row terms."""
+    part, whose denominators join the softmax part's before the division). With dnum, dden the gradients of the two,
+    the backward is `_product_grads(dnum, dden, ...)`: three products, dden as their row terms."""
 
     @staticmethod
     def forward(ctx, qf, kf, v):
-        out, den, _, _ = chunk_linear.chunk_products(qf, kf, v, ones=True)
         ctx.save_for_backward(qf, kf, v)
-        return torch.cat([out, den.unsqueeze(-1)], -1)
+        return _chunk_products(qf, kf, v, ones=True)[0]
 
     @staticmethod
     def backward(ctx, grad):
         qf, kf, v = ctx.saved_tensors
         e = v.shape[-1]
         dnum, dden = grad[..., :e].contiguous(), grad[..., e].contiguous()
-        needs = ctx.needs_input_grad
-        dq = chunk_linear.chunk_products(dnum, v, kf, row_a=dden)[0] if needs[0] else None
-        dk = chunk_linear.chunk_products(v, dnum, qf, reverse=True, row_b=dden)[0] if needs[1] else None
-        dv = chunk_linear.chunk_products(kf, qf, dnum, reverse=True)[0] if needs[2] else None
-        return dq, dk, dv
+        return _product_grads(dnum, dden, qf, kf, v, ctx.needs_input_grad)
 
 
 def linear_products(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
@@ -297,8 +298,7 @@ def linear_products(qf: torch.Tensor, kf: torch.Tensor, v: torch.Tensor) -> torc
         return None
     if _needs_grad(None, qf, kf, v):
         return _LinearProductsFunction.apply(qf, kf, v)
-    out, den, _, _ = chunk_linear.chunk_products(qf, kf, v, ones=True)
-    return torch.cat([out, den.unsqueeze(-1)], -1)
+    return _chunk_products(qf, kf, v, ones=True)[0]
 
 
 def _plain_empty(*shape: int, like: torch.Tensor) -> torch.Tensor:
@@ -312,9 +312,10 @@ def _plain_empty(*shape: int, like: torch.Tensor) -> torch.Tensor:
 class _CausalEluLinearFunction(torch.autograd.Function):
     """`_CausalLinearFunction` for the elu + 1 feature map through the C++ kernel, on raw `[BH, N, D]` q, k (D a
     multiple of 16) and `[BH, N, Dv]` v: the forward maps q and k inside the kernel, so no mapped copy is written
-    or kept; the backward maps them once (onto huge pages), runs the three products with the denominators' column
-    folded in as the kernel's row term (dN_i . [v_j | 1] = g_i . v_j + alpha_i) and applies elu's derivative,
-    which is min(elu(x) + 1, 1)."""
+    or kept; the backward's three products (the same as `_product_grads`'s) read the raw q and k and map them
+    where they are read, fold the denominators' column in as the kernel's row term (dN_i . [v_j | 1] = g_i . v_j +
+    alpha_i) and apply elu's derivative, e^min(x, 0), as dq and dk are written. Its buffers are on ordinary pages
+    (`_plain_empty`)."""
 
     @staticmethod
     def forward(ctx, q, k, v):
@@ -384,13 +385,14 @@ def _fast_causal(q, k, v, feature_map, key_mask, initial_state, output_final_sta
     keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(h, 0)
     if _needs_grad(feature_map, q, k, v):  # the feature maps under autograd, the products in `_CausalLinearFunction`
         qflat, kflat, vflat = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-        if type(feature_map) is EluFeatureMap and keep is None and q.shape[-1] % 16 == 0 and chunk_linear.supports(qflat, kflat, vflat):
+        elu_in_kernel = type(feature_map) is EluFeatureMap and keep is None and q.shape[-1] % 16 == 0
+        if elu_in_kernel and chunk_linear.supports(qflat, kflat, vflat):
             return _CausalEluLinearFunction.apply(qflat, kflat, vflat).reshape(b, h, n, dv), None
         fmap = _flat_map(feature_map, b, h, inplace=False)
-        qf, kf = fmap(q.flatten(0, 1)), fmap(k.flatten(0, 1))
+        qf, kf = fmap(qflat), fmap(kflat)
         if keep is not None:
             kf = kf * keep[..., None]
-        out = _CausalLinearFunction.apply(qf, kf, v.flatten(0, 1), chunk)
+        out = _CausalLinearFunction.apply(qf, kf, vflat, chunk)
         return out.reshape(b, h, n, dv), None
     fmap = _flat_map(feature_map, b, h)
     state = None
