@@ -37,8 +37,9 @@ class Recipe:
         lora_rank: LoRA rank of stage 2 with finetune="lora".
         seq_len: tokens per training block (the budget is counted in these blocks); None (the default): the
             model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
-        gradient_checkpointing: activation checkpointing of the decoder layers in both stages; None (the default):
-            on for blocks of `CHECKPOINT_FROM` tokens or more (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
+        gradient_checkpointing: activation checkpointing of the decoder layers in both stages ("finetune": stage 2
+            only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but for attention transfer
+            only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
             with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`).
     """
 
@@ -58,7 +59,7 @@ class Recipe:
     warmup: float = 0.1
     lora_rank: int = 16
     seq_len: int | None = None
-    gradient_checkpointing: bool | None = None
+    gradient_checkpointing: bool | str | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed (the rest is checked by
@@ -71,10 +72,10 @@ class Recipe:
             isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2
         ):
             raise ValueError(f"recipe setting seq_len must be an int >= 2 or None (the model's context), got {self.seq_len!r}")
-        if self.gradient_checkpointing is not None and not isinstance(self.gradient_checkpointing, bool):
+        if self.gradient_checkpointing not in (None, "finetune") and not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(
-                f"recipe setting gradient_checkpointing must be True, False or None (auto), got "
-                f"{self.gradient_checkpointing!r}"
+                f"recipe setting gradient_checkpointing must be True, False, 'finetune' (stage 2 only) or None (auto), "
+                f"got {self.gradient_checkpointing!r}"
             )
         if not isinstance(self.options, dict):
             raise ValueError(f"recipe setting options must be a dict, got {self.options!r}")
@@ -201,6 +202,10 @@ MAX_SEQ_LEN = 2048
 # 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
 # one more forward per step
 CHECKPOINT_FROM = 1024
+# attention transfer (stage 1) keeps only each layer's converted attention for its backward (SmolLM2-135M at one 2048-
+# token block: 5.9 GB for the process without checkpointing), while checkpointing recomputes whole layers, softmax
+# attention and MLP included (2048-token steps 15% faster without it): it is checkpointed from steps of this many tokens
+TRANSFER_CHECKPOINT_FROM = 8192
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
@@ -420,7 +425,12 @@ def make_plan(
     if r.gradient_checkpointing is None:
         on = r.seq_len >= CHECKPOINT_FROM
         relation = ">=" if on else "<"
-        sources["gradient_checkpointing"] = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
+        source = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
+        step = r.transfer_batch * r.seq_len
+        if on and r.transfer > 0 and r.transfer_mode == "attention" and step < TRANSFER_CHECKPOINT_FROM:
+            on = "finetune"
+            source += f"; stage 2 only: attention transfer steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
+        sources["gradient_checkpointing"] = source
         r = dataclasses.replace(r, gradient_checkpointing=on)
     if (max_tokens is None) == (steps is None):
         raise ValueError("give the budget as max_tokens (tokens, every stage counted) or as steps, not both")

@@ -124,6 +124,8 @@ class UptrainConfig:
         recomputed in the backward instead of kept, for long blocks (see `benchmarks/bench_uptrain_memory.py`);
         the same gradients, about one more forward of compute. Stage 2 enables the input embeddings' gradients as
         transformers does for peft; stage 1 does not (no gradient crosses layers there). Turned off again after.
+        "finetune": stage 2 only (stage 1's attention transfer holds little but recomputes a whole layer, softmax
+        attention and MLP included, to redo its feature maps).
     """
 
     transfer_steps: int = 0
@@ -146,7 +148,7 @@ class UptrainConfig:
     transfer_score_weight: float = 0.0
     weight_decay: float = 0.0
     lr_scheduler: str = "cosine"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = False
 
     def __post_init__(self):
         if self.finetune not in ("lora", "full", "attention", "none"):
@@ -174,9 +176,10 @@ class UptrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "finetune":
             raise ValueError(
-                f"gradient_checkpointing must be True or False, got {self.gradient_checkpointing!r}"
+                "gradient_checkpointing must be True, False or 'finetune' (stage 2 only), got "
+                f"{self.gradient_checkpointing!r}"
             )
 
 
@@ -276,7 +279,7 @@ def uptrain(
             map_lr=cfg.transfer_lr if has_maps else None,
             score_weight=cfg.transfer_score_weight,
         )
-        with activation_checkpointing(model, cfg.gradient_checkpointing, input_grads=False):
+        with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
             trainer.train()
     elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
@@ -290,7 +293,7 @@ def uptrain(
             data_collator=data_collator,
             score_weight=cfg.transfer_score_weight,
         )
-        with activation_checkpointing(model, cfg.gradient_checkpointing, input_grads=False):
+        with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
             trainer.train()
     if cfg.finetune_steps and cfg.finetune != "none":
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
@@ -313,7 +316,7 @@ def uptrain(
             )
         if cfg.finetune == "lora":
             refuse_fsdp(trainer, "finetune='lora' (its adapters are merged after training)")
-        with activation_checkpointing(target, cfg.gradient_checkpointing):
+        with activation_checkpointing(target, bool(cfg.gradient_checkpointing)):
             trainer.train()
         if cfg.finetune == "lora":
             model = target.merge_and_unload()

@@ -281,3 +281,28 @@ def test_default_block_length_is_the_models_context():
     assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=128)) == 128
     assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=8192)) == MAX_SEQ_LEN == 2048
     assert recipe_seq_len("mqa", PretrainedConfig()) == MAX_SEQ_LEN
+
+
+def test_default_checkpointing_by_stage():
+    """The automatic activation checkpointing: none for short blocks; from `CHECKPOINT_FROM` tokens per block for
+    both stages, except attention transfer, whose steps are checkpointed only from `TRANSFER_CHECKPOINT_FROM` tokens
+    (it holds only the converted attention; stage 2 only, "finetune", below that); explicit settings win."""
+    from hf_fastattn.conversion.recipes import TRANSFER_CHECKPOINT_FROM, make_plan
+
+    def plan(name, context, **overrides):
+        return make_plan(name, max_tokens=64 * context, context=context, overrides=overrides)
+
+    assert plan("hedgehog", 256).recipe.gradient_checkpointing is False
+    long = plan("hedgehog", 2048)  # the recipe's attention transfer at batch 1: 2048 tokens per step
+    assert long.recipe.gradient_checkpointing == "finetune"
+    assert long.source("gradient_checkpointing") == (
+        f"blocks of 2048 tokens (>= 1024); stage 2 only: attention transfer steps of 2048 tokens "
+        f"(< {TRANSFER_CHECKPOINT_FROM})"
+    )
+    assert long.uptrain_config().gradient_checkpointing == "finetune"
+    assert plan("hedgehog", 2048, transfer_batch=4).recipe.gradient_checkpointing is True
+    assert plan("hedgehog", 2048, transfer=0.0).recipe.gradient_checkpointing is True
+    assert plan("mqa", 2048).recipe.gradient_checkpointing is True  # layer transfer: both stages
+    assert plan("hedgehog", 2048, gradient_checkpointing=True).recipe.gradient_checkpointing is True
+    with pytest.raises(ValueError, match="gradient_checkpointing must be True, False, 'finetune'"):
+        plan("hedgehog", 2048, gradient_checkpointing="stage1")
