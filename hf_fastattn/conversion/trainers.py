@@ -70,9 +70,9 @@ def distillation_kl(
     # (8 x 0.4 GB of zero-fill and addition at 2048 tokens x 49K words), split's backward concatenates the pieces once
     for s, t, m in zip(student.split(chunk), teacher.split(chunk), mask.split(chunk), strict=True):
         with torch.no_grad():
-            t = t.float() / temperature if temperature != 1 else t.float()
-            p = F.softmax(t, -1)
-            plogp = torch.special.xlogy(p, p).sum(-1)
+            logp = F.log_softmax(t.float() / temperature if temperature != 1 else t.float(), -1)  # finite
+            p = logp.exp()
+            plogp = (p * logp).sum(-1)
         rows = (s, p, plogp, m, temperature)
         total = total + (checkpoint(_kl_rows, *rows, use_reentrant=False) if grad else _kl_rows(*rows))
     return total
