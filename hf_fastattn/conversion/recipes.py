@@ -38,8 +38,8 @@ class Recipe:
         seq_len: tokens per training block (the budget is counted in these blocks); None (the default): the
             model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
         gradient_checkpointing: activation checkpointing of the decoder layers in both stages ("finetune": stage 2
-            only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but for attention transfer
-            only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
+            only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but stage 1 without the
+            attention-score loss only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
             with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`).
     """
 
@@ -202,9 +202,11 @@ MAX_SEQ_LEN = 2048
 # 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
 # one more forward per step
 CHECKPOINT_FROM = 1024
-# attention transfer (stage 1) keeps only each layer's converted attention for its backward (SmolLM2-135M at one 2048-
-# token block: 5.9 GB for the process without checkpointing), while checkpointing recomputes whole layers, softmax
-# attention and MLP included (2048-token steps 15% faster without it): it is checkpointed from steps of this many tokens
+# stage 1 (attention or layer transfer, fed the original's inputs) keeps only each layer's attention module for its
+# backward, while checkpointing recomputes whole layers, softmax attention and MLP included. SmolLM2-135M, alone on 2
+# cores: the hedgehog recipe's attention transfer (one 2048-token block per step) 12.6 -> 7.1 s per step without it
+# (5.9 GB process), mqa's layer transfer (two blocks) 9 s less per step (5.3 GB). So stage 1 is checkpointed only
+# from steps of this many tokens, or with Hedgehog's attention-score loss (its N x N weights per layer and head)
 TRANSFER_CHECKPOINT_FROM = 8192
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
@@ -427,9 +429,9 @@ def make_plan(
         relation = ">=" if on else "<"
         source = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
         step = r.transfer_batch * r.seq_len
-        if on and r.transfer > 0 and r.transfer_mode == "attention" and step < TRANSFER_CHECKPOINT_FROM:
+        if on and r.transfer > 0 and r.score == 0 and step < TRANSFER_CHECKPOINT_FROM:
             on = "finetune"
-            source += f"; stage 2 only: attention transfer steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
+            source += f"; stage 2 only: stage-1 steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
         sources["gradient_checkpointing"] = source
         r = dataclasses.replace(r, gradient_checkpointing=on)
     if (max_tokens is None) == (steps is None):

@@ -406,8 +406,10 @@ def test_flags_override_the_recipe_and_say_so():
     other = _plan_of("--recipe", "t2r-hybrid", "--max-tokens", "1000", context=128)
     assert other.method == "t2r"
     assert other.recipe == dataclasses.replace(RECIPES["t2r-hybrid"], seq_len=128, gradient_checkpointing=False)
-    # gradient checkpointing: on from 1024-token blocks, a flag either way wins
-    assert _plan_of("--method", "mqa", "--max-tokens", "1000", context=1024).recipe.gradient_checkpointing is True
+    # gradient checkpointing: on from 1024-token blocks (stage 2 only below 8192 tokens per stage-1 step), a flag
+    # either way wins
+    assert _plan_of("--method", "mqa", "--max-tokens", "1000", context=1024).recipe.gradient_checkpointing == "finetune"
+    assert _plan_of("--method", "t2r", "--max-tokens", "1000", context=1024).recipe.gradient_checkpointing is True
     off = _plan_of("--method", "mqa", "--max-tokens", "1000", "--no-gradient-checkpointing", context=2048)
     assert off.recipe.gradient_checkpointing is False
     assert off.source("gradient_checkpointing") == "--no-gradient-checkpointing"

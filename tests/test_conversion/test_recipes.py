@@ -285,8 +285,9 @@ def test_default_block_length_is_the_models_context():
 
 def test_default_checkpointing_by_stage():
     """The automatic activation checkpointing: none for short blocks; from `CHECKPOINT_FROM` tokens per block for
-    both stages, except attention transfer, whose steps are checkpointed only from `TRANSFER_CHECKPOINT_FROM` tokens
-    (it holds only the converted attention; stage 2 only, "finetune", below that); explicit settings win."""
+    both stages, except stage 1 without the attention-score loss, checkpointed only from `TRANSFER_CHECKPOINT_FROM`
+    tokens per step (it holds only the attention modules; stage 2 only, "finetune", below that); explicit settings
+    win."""
     from hf_fastattn.conversion.recipes import TRANSFER_CHECKPOINT_FROM, make_plan
 
     def plan(name, context, **overrides):
@@ -296,13 +297,14 @@ def test_default_checkpointing_by_stage():
     long = plan("hedgehog", 2048)  # the recipe's attention transfer at batch 1: 2048 tokens per step
     assert long.recipe.gradient_checkpointing == "finetune"
     assert long.source("gradient_checkpointing") == (
-        f"blocks of 2048 tokens (>= 1024); stage 2 only: attention transfer steps of 2048 tokens "
+        f"blocks of 2048 tokens (>= 1024); stage 2 only: stage-1 steps of 2048 tokens "
         f"(< {TRANSFER_CHECKPOINT_FROM})"
     )
     assert long.uptrain_config().gradient_checkpointing == "finetune"
     assert plan("hedgehog", 2048, transfer_batch=4).recipe.gradient_checkpointing is True
     assert plan("hedgehog", 2048, transfer=0.0).recipe.gradient_checkpointing is True
-    assert plan("mqa", 2048).recipe.gradient_checkpointing is True  # layer transfer: both stages
+    assert plan("mqa", 2048).recipe.gradient_checkpointing == "finetune"  # layer transfer, 2 x 2048 tokens a step
+    assert plan("t2r", 2048).recipe.gradient_checkpointing is True  # the attention-score loss: N x N weights
     assert plan("hedgehog", 2048, gradient_checkpointing=True).recipe.gradient_checkpointing is True
     with pytest.raises(ValueError, match="gradient_checkpointing must be True, False, 'finetune'"):
         plan("hedgehog", 2048, gradient_checkpointing="stage1")
