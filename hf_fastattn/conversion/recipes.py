@@ -72,7 +72,8 @@ class Recipe:
             isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2
         ):
             raise ValueError(f"recipe setting seq_len must be an int >= 2 or None (the model's context), got {self.seq_len!r}")
-        if self.gradient_checkpointing not in (None, "finetune") and not isinstance(self.gradient_checkpointing, bool):
+        allowed = self.gradient_checkpointing in (None, CHECKPOINT_STAGE2_ONLY)
+        if not allowed and not isinstance(self.gradient_checkpointing, bool):
             raise ValueError(
                 f"recipe setting gradient_checkpointing must be True, False, 'finetune' (stage 2 only) or None (auto), "
                 f"got {self.gradient_checkpointing!r}"
@@ -202,6 +203,8 @@ MAX_SEQ_LEN = 2048
 # 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
 # one more forward per step
 CHECKPOINT_FROM = 1024
+# the `gradient_checkpointing` value that checkpoints stage 2 only (also `UptrainConfig`'s)
+CHECKPOINT_STAGE2_ONLY = "finetune"
 # stage 1 (attention or layer transfer, fed the original's inputs) keeps only each layer's attention module for its
 # backward, while checkpointing recomputes whole layers, softmax attention and MLP included. SmolLM2-135M, alone on 2
 # cores: the hedgehog recipe's attention transfer (one 2048-token block per step) 12.6 -> 7.1 s per step without it
@@ -430,7 +433,7 @@ def make_plan(
         source = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
         step = r.transfer_batch * r.seq_len
         if on and r.transfer > 0 and r.score == 0 and step < TRANSFER_CHECKPOINT_FROM:
-            on = "finetune"
+            on = CHECKPOINT_STAGE2_ONLY
             source += f"; stage 2 only: stage-1 steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
         sources["gradient_checkpointing"] = source
         r = dataclasses.replace(r, gradient_checkpointing=on)

@@ -21,6 +21,7 @@ from transformers import Trainer, TrainingArguments
 
 from .families import attention_modules, family_of
 from .losses import _unwrap
+from .recipes import CHECKPOINT_STAGE2_ONLY
 from .trainers import (
     NEW_PARAMETER_NAMES,
     AttentionTransferTrainer,
@@ -124,8 +125,8 @@ class UptrainConfig:
         recomputed in the backward instead of kept, for long blocks (see `benchmarks/bench_uptrain_memory.py`);
         the same gradients, about one more forward of compute. Stage 2 enables the input embeddings' gradients as
         transformers does for peft; stage 1 does not (no gradient crosses layers there). Turned off again after.
-        "finetune": stage 2 only (stage 1's attention transfer holds little but recomputes a whole layer, softmax
-        attention and MLP included, to redo its feature maps).
+        `CHECKPOINT_STAGE2_ONLY` ("finetune"): stage 2 only (stage 1, fed the original's inputs, keeps little for its
+        backward, while checkpointing recomputes whole layers, softmax attention and MLP included).
     """
 
     transfer_steps: int = 0
@@ -176,7 +177,7 @@ class UptrainConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != "finetune":
+        if not isinstance(self.gradient_checkpointing, bool) and self.gradient_checkpointing != CHECKPOINT_STAGE2_ONLY:
             raise ValueError(
                 "gradient_checkpointing must be True, False or 'finetune' (stage 2 only), got "
                 f"{self.gradient_checkpointing!r}"
