@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from .uptraining import CHECKPOINT_STAGE2_ONLY, UptrainConfig
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -203,8 +205,6 @@ MAX_SEQ_LEN = 2048
 # 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
 # one more forward per step
 CHECKPOINT_FROM = 1024
-# the `gradient_checkpointing` value that checkpoints stage 2 only (also `UptrainConfig`'s)
-CHECKPOINT_STAGE2_ONLY = "finetune"
 # stage 1 (attention or layer transfer, fed the original's inputs) keeps only each layer's attention module for its
 # backward, while checkpointing recomputes whole layers, softmax attention and MLP included. SmolLM2-135M, alone on 2
 # cores: the hedgehog recipe's attention transfer (one 2048-token block per step) 12.6 -> 7.1 s per step without it
@@ -340,8 +340,6 @@ class RecipePlan:
 
     def uptrain_config(self, output_dir: str = "fastattn-uptrain", seed: int = 0, save_steps: int = 0):
         """The `UptrainConfig` of this plan (validates the training settings)."""
-        from .uptraining import UptrainConfig
-
         r = self.recipe
         return UptrainConfig(
             transfer_steps=self.transfer_steps,

@@ -21,7 +21,6 @@ from transformers import Trainer, TrainingArguments
 
 from .families import attention_modules, family_of
 from .losses import _unwrap
-from .recipes import CHECKPOINT_STAGE2_ONLY
 from .trainers import (
     NEW_PARAMETER_NAMES,
     AttentionTransferTrainer,
@@ -32,6 +31,8 @@ from .trainers import (
 )
 
 STAGES = ("attention_transfer", "lora", "full", "attention")
+# the `gradient_checkpointing` value that checkpoints stage 2 only (the recipes' automatic rule picks it for short blocks)
+CHECKPOINT_STAGE2_ONLY = "finetune"
 
 # ---------------------------------------------------------------------------------------------------------------
 # which parameters train in each stage
