@@ -168,6 +168,13 @@ RECIPES = {
         batch=1,
         lr=3e-3,
     ),
+    # the same hybrid under T2R's hybrid stages ("layer" transfer of maps and projections, then full fine-tuning),
+    # Hedgehog's map learning rate
+    "hedgehog-layer": Recipe(
+        "hedgehog",
+        {"hybrid": True, "window": 64, "window_init": 4.0},
+        **{**_LAYER_TRANSFER_THEN_FULL, "transfer_lr": 1e-2},
+    ),
     # pure linear Hedgehog (no softmax window), for comparison
     "hedgehog-linear": Recipe("hedgehog", {}, **_PURE_LINEAR),
     # T2R as the paper has it: linear attention only, with its learned ReLU map (1024 features for 32-dim heads)
