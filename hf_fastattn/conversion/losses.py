@@ -28,6 +28,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.pytorch_utils import Conv1D
 
 from ..integration.registry import (
     _is_causal,
@@ -261,6 +262,78 @@ def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float 
         return _stage1_loss(modules, score_weight)
 
 
+def _frozen_blocks(module: nn.Module, attention: set[int], prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The largest submodules of `module` (name, module) outside the attention modules that hold no trainable
+    parameter and do matrix products (a Linear or Conv1D inside): an LLM's MLPs, its LM head."""
+    for name, child in module.named_children():
+        full = f"{prefix}{name}"
+        inner = list(child.modules())
+        if any(id(m) in attention for m in inner):
+            if id(child) not in attention:
+                yield from _frozen_blocks(child, attention, full + ".")
+            continue
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params) and any(isinstance(m, nn.Linear | Conv1D) for m in inner):
+            yield full, child
+
+
+def _drops_out(base: nn.Module, modules: list[nn.Module]) -> bool:
+    """Whether a dropout (p > 0, training mode) outside the attention `modules` (whose outputs layer transfer
+    replaces) makes `base`'s residual stream differ from that of its teacher, which runs in eval mode."""
+    inside = {id(m) for a in modules for m in a.modules()}
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0 and id(m) not in inside
+        for m in base.modules()
+    )
+
+
+def _same_weights(block: nn.Module, twin: nn.Module) -> bool:
+    """Whether `block`'s parameters and buffers equal `twin`'s (checked at every entry: ~0.1 s for SmolLM2-135M's
+    MLPs and head, against seconds per step)."""
+    mine, theirs = block.state_dict(keep_vars=True), twin.state_dict(keep_vars=True)
+    return mine.keys() == theirs.keys() and all(
+        v.shape == theirs[k].shape and torch.equal(v.detach(), theirs[k].detach()) for k, v in mine.items()
+    )
+
+
+def _answer_from(queue: list, block: nn.Module):
+    """A `forward` for `block` that returns the next output in `queue` (its teacher twin's), computing only when
+    there is none."""
+    original = type(block).forward
+
+    def forward(*args, **kwargs):
+        out = queue.pop(0) if queue else None
+        return original(block, *args, **kwargs) if out is None else out
+
+    return forward
+
+
+def _reuse_teacher_outputs(base: nn.Module, tbase: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+    """Make the student's frozen blocks (`_frozen_blocks`) whose weights equal the teacher's matching module return
+    the output that module computed in the teacher's forward just run (layer transfer keeps the residual stream the
+    teacher's, so their inputs are the same; not while a dropout outside the attention modules is active): the student's forward then computes only its attention modules. The
+    teacher's outputs are captured by hooks on the teacher, in call order (a module called twice is answered twice);
+    returns the patched student modules (restore by popping their instance `forward` and removing their
+    `_fastattn_teacher_hooks`)."""
+    if _drops_out(base, modules):
+        return []
+    teacher_modules = dict(tbase.named_modules())
+    patched = []
+    for name, block in _frozen_blocks(base, {id(m) for m in modules}):
+        twin = teacher_modules.get(name)
+        if twin is None or type(twin) is not type(block) or not _same_weights(block, twin):
+            continue
+        queue: list = []
+
+        def capture(module, args, output, queue=queue):
+            queue.append(output.detach() if isinstance(output, torch.Tensor) else None)
+
+        block.forward = _answer_from(queue, block)
+        block.__dict__["_fastattn_teacher_hooks"] = [twin.register_forward_hook(capture)]
+        patched.append(block)
+    return patched
+
+
 @contextlib.contextmanager
 def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Module]]:
     """Inside: a forward of `model` (possibly DDP- or peft-wrapped) regresses each attention module's output onto
@@ -321,12 +394,19 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
 
     handles = [m.register_forward_hook(capture(i)) for i, m in enumerate(targets)]
     handles += [m.register_forward_hook(regress(i)) for i, m in enumerate(modules)]
+    # without checkpointing (whose backward would call the skipped modules again), the student's frozen blocks
+    # (MLPs, ...) return the teacher's outputs instead of computing them again on the same inputs
+    skipped = [] if keep else _reuse_teacher_outputs(base, tbase, modules)
     base._fastattn_layer_transfer = (tbase, modules)
     try:
         yield modules
     finally:
         for h in handles:
             h.remove()
+        for m in skipped:
+            m.__dict__.pop("forward", None)
+            for h in m.__dict__.pop("_fastattn_teacher_hooks", []):
+                h.remove()
         for m in modules:
             m.__dict__.pop("_fastattn_token_mask", None)
             m.__dict__.pop("_fastattn_norm", None)

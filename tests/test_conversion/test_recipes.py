@@ -170,11 +170,12 @@ def test_every_method_has_a_default_recipe_and_plans_split_token_budgets():
         else:
             assert plan.tokens == 40 * recipe.seq_len, name  # batch sizes 1 and 2 divide 40 blocks and their shares
             assert stage1 == int(40 * recipe.transfer) * recipe.seq_len, name
-    # steps instead of tokens: stage 1 gets the recipe's share of the blocks (hedgehog 0.6 at batch 1: 52 blocks for
-    # 35 of stage 2)
-    plan, r = make_plan("hedgehog", steps=35), RECIPES["hedgehog"]
-    stage1_blocks = int(35 * r.batch * r.transfer / (1 - r.transfer))
-    assert (plan.finetune_steps, plan.transfer_steps) == (35, stage1_blocks // r.transfer_batch) == (35, 52)
+    # steps instead of tokens: stage 1 gets the recipe's share of the blocks (hedgehog-lora 0.6 at batch 1: 52 blocks
+    # for 35 of stage 2; hedgehog 0.75 at batch 1: 105)
+    for name, expected in (("hedgehog-lora", 52), ("hedgehog", 105)):
+        plan, r = make_plan("hedgehog", name, steps=35), RECIPES[name]
+        stage1_blocks = int(35 * r.batch * r.transfer / (1 - r.transfer))
+        assert (plan.finetune_steps, plan.transfer_steps) == (35, stage1_blocks // r.transfer_batch) == (35, expected)
     assert plan.max_tokens is None
 
 
