@@ -308,17 +308,19 @@ def _answer_from(queue: list, block: nn.Module):
     return forward
 
 
-def _reuse_teacher_outputs(base: nn.Module, tbase: nn.Module, modules: list[nn.Module]) -> list[nn.Module]:
+def _reuse_teacher_outputs(
+    base: nn.Module, tbase: nn.Module, modules: list[nn.Module]
+) -> tuple[list[nn.Module], list[torch.utils.hooks.RemovableHandle]]:
     """Make the student's frozen blocks (`_frozen_blocks`) whose weights equal the teacher's matching module return
-    the output that module computed in the teacher's forward just run (layer transfer keeps the residual stream the
-    teacher's, so their inputs are the same; not while a dropout outside the attention modules is active): the student's forward then computes only its attention modules. The
-    teacher's outputs are captured by hooks on the teacher, in call order (a module called twice is answered twice);
-    returns the patched student modules (restore by popping their instance `forward` and removing their
-    `_fastattn_teacher_hooks`)."""
+    the output that module computed in the teacher's forward just run: layer transfer keeps the residual stream the
+    teacher's, so their inputs are the same (not while a dropout outside the attention modules is active). The
+    student's forward then computes only its attention modules. The teacher's outputs are captured by hooks on the
+    teacher, in call order (a module called twice is answered twice). Returns the patched student modules (restore
+    by popping their instance `forward`) and the teacher's hooks (to remove)."""
     if _drops_out(base, modules):
-        return []
+        return [], []
     teacher_modules = dict(tbase.named_modules())
-    patched = []
+    patched, hooks = [], []
     for name, block in _frozen_blocks(base, {id(m) for m in modules}):
         twin = teacher_modules.get(name)
         if twin is None or type(twin) is not type(block) or not _same_weights(block, twin):
@@ -329,9 +331,9 @@ def _reuse_teacher_outputs(base: nn.Module, tbase: nn.Module, modules: list[nn.M
             queue.append(output.detach() if isinstance(output, torch.Tensor) else None)
 
         block.forward = _answer_from(queue, block)
-        block.__dict__["_fastattn_teacher_hooks"] = [twin.register_forward_hook(capture)]
+        hooks.append(twin.register_forward_hook(capture))
         patched.append(block)
-    return patched
+    return patched, hooks
 
 
 @contextlib.contextmanager
@@ -396,7 +398,8 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
     handles += [m.register_forward_hook(regress(i)) for i, m in enumerate(modules)]
     # without checkpointing (whose backward would call the skipped modules again), the student's frozen blocks
     # (MLPs, ...) return the teacher's outputs instead of computing them again on the same inputs
-    skipped = [] if keep else _reuse_teacher_outputs(base, tbase, modules)
+    skipped, teacher_hooks = ([], []) if keep else _reuse_teacher_outputs(base, tbase, modules)
+    handles += teacher_hooks
     base._fastattn_layer_transfer = (tbase, modules)
     try:
         yield modules
@@ -405,8 +408,6 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             h.remove()
         for m in skipped:
             m.__dict__.pop("forward", None)
-            for h in m.__dict__.pop("_fastattn_teacher_hooks", []):
-                h.remove()
         for m in modules:
             m.__dict__.pop("_fastattn_token_mask", None)
             m.__dict__.pop("_fastattn_norm", None)
