@@ -452,7 +452,7 @@ def run_real(args, argv) -> int:
             _generate(model, *batched[0], "lookahead", 8)  # warm-up: the cost curve and linear routes at batch 4
             _generate(model, *batched[0], "greedy", 8)
             chosen = ["greedy", "lookahead", "hybrid"]
-            res = _time_setting(model, batched, chosen, args.new_tokens, 1, label="batch 4")
+            res = _time_setting(model, batched, chosen, args.new_tokens, args.repeats, label="batch 4")
             results["greedy_b4"] = res
             sections.append((f"greedy decoding, {threads} thread(s), batch 4 (prompt lookup refuses batch > 1)",
                              format_table(HEADER, _rows(res, chosen))))  # fmt: skip
@@ -465,7 +465,7 @@ def run_real(args, argv) -> int:
     command = "hf-fastattn bench jacobi " + " ".join(argv or [])
     info = (
         f"{args.model}, fp32; {len(tasks)} chat prompts ({', '.join(k for k, _ in tasks)}), {args.new_tokens} new "
-        f"tokens, best of {args.repeats} interleaved runs (batch 4 and sampling: 1); torch threads per section as titled; {machine_line(threads=False)}"
+        f"tokens, best of {args.repeats} interleaved runs (sampling: 1); torch threads per section as titled; {machine_line(threads=False)}"
     )
     note = (
         "forwards/token: model forwards per new token (greedy: 1); vs greedy / vs prompt lookup: total time of greedy "
