@@ -18,8 +18,11 @@ linear-attention kernel (it lived in `hf_fastattn.kernels.fastmax`, which re-exp
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..kernels import fast2_causal
 from . import memory
 from .common import fast_normalize, fastmax_weight, repeat_kv, use_triton
 from .dropout import key_dropout
@@ -84,9 +87,15 @@ def _causal_order2_inference(q, k, v, temperature: float, key_mask, chunk: int) 
     inside a chunk the weights f(q_hat . k_hat / T) in D dimensions, before it the state S = sum phi(k) v^T,
     z = sum phi(k) of F = 1 + D + D(D+1)/2 features, read with phi(q) and updated in place (`baddbmm_`). q and k
     are normalized (`fast_normalize`) a chunk at a time, and the features of a chunk (`_order2_features_t`) never
-    exist for the whole sequence: nothing N-sized is made but the output."""
+    exist for the whole sequence: nothing N-sized is made but the output. Where the C++ kernel of
+    `kernels/csrc/fast2_causal.cpp` is available (AVX-512), the same algorithm runs there, one (batch, K/V head) per
+    thread (1.4x faster at N=16K than this loop)."""
     _group(q, k, v)  # checks the shapes
     b, h, n, d = q.shape
+    if fast2_causal.supports(q, k, v):
+        out = memory.empty(b, h, n, v.shape[-1], like=q, dtype=torch.float32)
+        fast2_causal.fast2_causal(q, k, v, temperature=temperature, key_mask=key_mask, chunk=chunk, out=out)
+        return out.to(v.dtype)
     hkv, dv = k.shape[1], v.shape[-1]
     qf, kf, vf = q.float().flatten(0, 1), k.float().flatten(0, 1), v.float().flatten(0, 1)
     keep = None if key_mask is None else key_mask.to(torch.float32).repeat_interleave(h, 0)
@@ -128,6 +137,55 @@ def _causal_order2_inference(q, k, v, temperature: float, key_mask, chunk: int) 
         k_outer.baddbmm_(kk.transpose(1, 2), kc)
         torch.div(num, den.clamp_min_(1e-6), out=out[:, start:end])
     return out.reshape(b, h, n, dv).to(v.dtype)
+
+
+def _kernel_feature_scale(d: int, temperature: float) -> torch.Tensor:
+    """`[F]`: `FastmaxFeatureMap`'s order-2 features of k_hat are these times the C++ kernel's keys' features
+    ([1, k, k_a k_b for a <= b] against [1, k / sqrt(T), k_a k_b / T, with the diagonal / sqrt(2)]), so the two
+    states differ by this row scale."""
+    rows, cols = torch.triu_indices(d, d)
+    quad = torch.where(rows == cols, 1 / (math.sqrt(2) * temperature), 1 / temperature).double()
+    return torch.cat([torch.ones(1).double(), torch.full((d,), 1 / math.sqrt(temperature)).double(), quad]).float()
+
+
+def _order2_kernel_with_state(q, k, v, temperature, padding_mask, initial_state, output_final_state, chunk):
+    """Causal order 2 without autograd with a state in and out, on the C++ kernel (`kernels/fast2_causal`): the
+    family's state `(S [B, Hkv, F, Dv], z [B, Hkv, F])` over `FastmaxFeatureMap`'s features converted to the kernel's
+    (S over its own features and the moments count, sum k_hat, sum k_hat k_hat^T, which z holds: its first entry,
+    its linear entries and its upper triangle) and back."""
+    _group(q, k, v)  # checks the shapes
+    b, _, n, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    f = 1 + d + d * (d + 1) // 2
+    if initial_state is not None and (
+        tuple(initial_state[0].shape) != (b, hkv, f, dv) or tuple(initial_state[1].shape) != (b, hkv, f)
+    ):
+        raise ValueError(
+            f"fast attention: initial_state must be (S {[b, hkv, f, dv]}, z {[b, hkv, f]}) for these inputs, got "
+            f"{[list(x.shape) for x in initial_state]}"
+        )
+    scale = _kernel_feature_scale(d, temperature)
+    rows, cols = torch.triu_indices(d, d)
+    state = fast2_causal.new_state(b, hkv, d, dv)
+    if initial_state is not None:
+        s0, z0 = (x.float() for x in initial_state)
+        state[0].copy_(s0 / scale[:, None])
+        state[1].copy_(z0[..., 1 : d + 1] * math.sqrt(temperature))
+        upper = z0[..., d + 1 :] / scale[d + 1 :]
+        state[2][..., rows, cols] = upper
+        state[2][..., cols, rows] = upper
+        state[3].copy_(z0[..., 0])
+    out = memory.empty(b, q.shape[1], n, dv, like=q, dtype=torch.float32)
+    fast2_causal.fast2_causal(
+        q, k, v, temperature=temperature, key_mask=padding_mask, chunk=chunk, out=out, state=state
+    )
+    final = None
+    if output_final_state:
+        z = torch.cat(
+            [state[3][..., None], state[1] / math.sqrt(temperature), state[2][..., rows, cols] * scale[d + 1 :]], -1
+        )
+        final = (state[0].mul_(scale[:, None]), z)
+    return out.to(v.dtype), final
 
 
 class _NormalizedFeatureMap(torch.nn.Module):
@@ -182,7 +240,13 @@ def fast_attention_with_state(
     validate_fast_options(order, temperature)
     v = key_dropout(v, dropout_p)
     triton = use_triton(backend, q, k, v)  # the family's one backend choice
+    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
     if initial_state is not None or output_final_state:
+        if causal and order == 2 and inference and not triton and not decode and q.shape[2] > 1:
+            if fast2_causal.supports(q, k, v):  # a prefill: the C++ kernel (one-token steps stay recurrent)
+                return _order2_kernel_with_state(
+                    q, k, v, temperature, padding_mask, initial_state, output_final_state, chunk_size or _ORDER2_CHUNK
+                )
         # with a state: linear attention with fastmax's features of the normalized q and k
         def intra(qc: torch.Tensor, kc: torch.Tensor) -> torch.Tensor:
             return fastmax_weight(qc @ kc.transpose(-1, -2) / temperature, order)
@@ -200,7 +264,6 @@ def fast_attention_with_state(
         return fast_attention_triton(
             q, k, v, causal=causal, order=order, temperature=temperature, key_mask=padding_mask
         ), None
-    inference = not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)))
     if causal and order == 2 and inference:
         return _causal_order2_inference(q, k, v, temperature, padding_mask, chunk_size or _ORDER2_CHUNK), None
     fmap = FastmaxFeatureMap(order, temperature)

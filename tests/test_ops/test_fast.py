@@ -248,12 +248,19 @@ def test_fullgraph_compile_equals_eager(causal):
 @pytest.mark.parametrize("n", [1, 63, 129, 260])
 @pytest.mark.parametrize("hkv", [4, 2], ids=["mha", "gqa"])
 @pytest.mark.parametrize("temperature", [1.0, 1.7])
-def test_order2_inference_path_matches_reference(monkeypatch, n, hkv, temperature):
+@pytest.mark.parametrize("path", ["cpu-kernel", "torch"])
+def test_order2_inference_path_matches_reference(monkeypatch, n, hkv, temperature, path):
     """Causal order 2 without autograd takes `_causal_order2_inference` (chunks of 128: partial last chunk, several
-    chunks sharing one feature buffer, D-dimensional denominators, the transposed features with f's coefficients on the query side): equal to
-    the naive reference, with left padding and D = 32."""
+    chunks sharing one feature buffer, D-dimensional denominators, the transposed features with f's coefficients on
+    the query side): equal to the naive reference, with left padding and D = 32; through the C++ kernel of
+    `kernels/fast2_causal` where it is available and through the torch loop (what a CPU without AVX-512 runs)."""
+    from hf_fastattn.kernels import fast2_causal
     from hf_fastattn.ops import fast as fast_module
 
+    if path == "torch":
+        monkeypatch.setattr(fast2_causal, "supports", lambda *tensors: False)
+    elif not fast2_causal.available():
+        pytest.skip("the CPU kernel is not available here (no AVX-512 or no compiler)")
     calls = []
     real = fast_module._causal_order2_inference
     monkeypatch.setattr(fast_module, "_causal_order2_inference", lambda *a: calls.append(1) or real(*a))

@@ -103,8 +103,20 @@ def test_linear_bidirectional_with_an_initial_state_sees_the_earlier_keys():
     torch.testing.assert_close(out, ref, **TOL)
 
 
-@pytest.mark.parametrize("order,temperature", [(1, 1.0), (2, 0.7)], ids=["order1", "order2"])
-def test_fast_in_pieces_equals_the_reference_and_its_state(order, temperature):
+@pytest.mark.parametrize(
+    "order,temperature,path",
+    [(1, 1.0, "torch"), (2, 0.7, "cpu-kernel"), (2, 0.7, "torch")],
+    ids=["order1", "order2-cpu-kernel", "order2-torch"],
+)
+def test_fast_in_pieces_equals_the_reference_and_its_state(monkeypatch, order, temperature, path):
+    """Order 2's pieces longer than one token run on the C++ kernel of `kernels/fast2_causal` where it is available
+    (the state converted to and from the kernel's), or in torch (what a CPU without AVX-512 runs)."""
+    from hf_fastattn.kernels import fast2_causal
+
+    if path == "torch":
+        monkeypatch.setattr(fast2_causal, "supports", lambda *tensors: False)
+    elif not fast2_causal.available():
+        pytest.skip("the CPU kernel is not available here (no AVX-512 or no compiler)")
     q, k, v, mask = _data(1)
     out, (s, z) = _in_pieces(
         lambda q, k, v, m, state: fast_attention_with_state(

@@ -1,0 +1,209 @@
+// Causal FAST (fastmax) attention of order 2 on the CPU, float32, without autograd:
+//
+//     out_i = sum_{j <= i} f(s_ij) v_j / sum_{j <= i} f(s_ij),   f(s) = 1 + s + s^2 / 2,   s_ij = q_hat_i . k_hat_j / T
+//
+// (q_hat, k_hat: each token mean-centred and L2-normalized). The same algorithm as the torch path of
+// `ops/fast._causal_order2_inference`: chunks of `chunk` tokens; inside a chunk the weights f(s) in D dimensions;
+// before it a state S = sum_j phi(k_j) v_j^T over the F = 1 + D + D(D+1)/2 symmetric order-2 features, read with
+// phi(q_i); the denominators from D-dimensional moments (count, sum k, sum k k^T). There the chunk loop runs in
+// Python over all heads at once, each step a separate pass over [heads, F, chunk] temporaries (the features alone
+// are 65 torch calls per chunk). Here one thread takes one (batch, K/V head) at a time: it normalizes the chunk's
+// queries and keys, builds their features in one pass each into its own buffers (a head's chunk stays in cache),
+// and hands the products to torch's GEMM (`at::mm_out` / `addmm_`, single-threaded inside the parallel region).
+// With grouped K/V heads the state is kept once per K/V head and read by all the queries of its group.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+
+namespace {
+
+// rows of x (row stride `stride`) mean-centred and L2-normalized (norm clamped at eps), times `scale`, into y (D wide)
+void normalize_rows(const float* x, int64_t rows, int64_t D, int64_t stride, float scale, float eps, float* y) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * stride;
+    float* yr = y + r * D;
+    float mean = 0.f;
+    for (int64_t d = 0; d < D; ++d) mean += xr[d];
+    mean /= float(D);
+    float sq = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      yr[d] = xr[d] - mean;
+      sq += yr[d] * yr[d];
+    }
+    const float s = scale / std::max(std::sqrt(sq), eps);
+    for (int64_t d = 0; d < D; ++d) yr[d] *= s;
+  }
+}
+
+// the order-2 features of each row of x (D wide) into f (F wide): [1, x, then for every a: diag * x_a^2, x_a x_b for
+// b > a]; the keys' side takes diag 1, the queries' side 1/2 (f's s^2 / 2: the off-diagonal pairs count twice).
+// `keep` (or null): a row with keep 0 gets all-zero features (a padded key).
+void features(const float* x, int64_t rows, int64_t D, int64_t F, float diag, const float* keep, float* f) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * D;
+    float* fr = f + r * F;
+    if (keep && keep[r] == 0.f) {
+      std::fill(fr, fr + F, 0.f);
+      continue;
+    }
+    fr[0] = 1.f;
+    std::copy(xr, xr + D, fr + 1);
+    int64_t off = 1 + D;
+    for (int64_t a = 0; a < D; ++a) {
+      const float xa = xr[a];
+      float* fa = fr + off - a;  // fa[b] for b >= a
+#pragma omp simd
+      for (int64_t b = a; b < D; ++b) fa[b] = xa * xr[b];
+      fr[off] *= diag;
+      off += D - a;
+    }
+  }
+}
+
+void check(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu(), "fast2_causal: ", name, " must be a CPU tensor");
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "fast2_causal: ", name, " must be float32");
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous(), "fast2_causal: ", name, " must be contiguous [B, heads, N, dim]");
+}
+
+// q [B, H, N, D]; k [B, Hkv, N, D]; v [B, Hkv, N, Dv]; keep [B, N] float (1 real, 0 padded) or empty;
+// out [B, H, N, Dv] (written). Hkv divides H. The state, all four empty (start from nothing, keep nothing) or all
+// given (the keys before position 0 on entry, updated in place to the state after the last token):
+// S [B, Hkv, F, Dv] = sum phi(k) v^T in this kernel's features (keys' side: [1, k, k_a k_b for a <= b]),
+// ksum [B, Hkv, D] = sum k_hat, kout [B, Hkv, D, D] = sum k_hat k_hat^T, count [B, Hkv] = number of keys.
+void fast2_causal(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& keep,
+                  torch::Tensor& out, torch::Tensor& S_io, torch::Tensor& ksum_io, torch::Tensor& kout_io,
+                  torch::Tensor& count_io, double temperature, int64_t chunk) {
+  check(q, "q");
+  check(k, "k");
+  check(v, "v");
+  check(out, "out");
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), Dv = v.size(3);
+  TORCH_CHECK(k.size(0) == B && k.size(2) == N && k.size(3) == D && Hkv > 0 && H % Hkv == 0,
+              "fast2_causal: k must be [B, Hkv, N, D] with Hkv dividing H");
+  TORCH_CHECK(v.size(0) == B && v.size(1) == Hkv && v.size(2) == N, "fast2_causal: v must be [B, Hkv, N, Dv]");
+  TORCH_CHECK(out.size(0) == B && out.size(1) == H && out.size(2) == N && out.size(3) == Dv,
+              "fast2_causal: out must be [B, H, N, Dv]");
+  TORCH_CHECK(chunk > 0 && temperature > 0, "fast2_causal: chunk and temperature must be positive");
+  const bool masked = keep.numel() > 0;
+  if (masked) {
+    TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.is_contiguous() && keep.dim() == 2 && keep.size(0) == B &&
+                    keep.size(1) == N,
+                "fast2_causal: keep must be a contiguous float32 [B, N]");
+  }
+  const int64_t G = H / Hkv, F = 1 + D + D * (D + 1) / 2, C = std::max<int64_t>(1, std::min(chunk, N));
+  const bool stateful = S_io.numel() > 0;
+  if (stateful) {
+    for (auto* x : {&S_io, &ksum_io, &kout_io, &count_io})
+      TORCH_CHECK(x->scalar_type() == at::kFloat && x->is_contiguous(), "fast2_causal: the state must be contiguous float32");
+    TORCH_CHECK(S_io.numel() == B * Hkv * F * Dv && ksum_io.numel() == B * Hkv * D &&
+                    kout_io.numel() == B * Hkv * D * D && count_io.numel() == B * Hkv,
+                "fast2_causal: the state must be S [B, Hkv, F, Dv], ksum [B, Hkv, D], kout [B, Hkv, D, D], count [B, Hkv]");
+  }
+  const float inv_t = float(1.0 / temperature), eps = 1e-6f;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* keepp = masked ? keep.data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  const auto opts = q.options();
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t first, int64_t last) {
+    // this thread's buffers, reused over its (batch, K/V head) items and their chunks
+    auto qn = at::empty({G * C, D}, opts), kn = at::empty({C, D}, opts);
+    auto fq = at::empty({G * C, F}, opts), fk = at::empty({C, F}, opts);
+    auto w = at::empty({G * C, C}, opts), num = at::empty({G * C, Dv}, opts), qk = at::empty({G * C, D}, opts);
+    auto S_own = at::empty({F, Dv}, opts), kout_own = at::empty({D, D}, opts);
+    std::vector<float> ksum_own(D), den(G * C), kept(C, 1.f);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / Hkv, hk = item % Hkv;
+      const float* kh = kp + (b * Hkv + hk) * N * D;
+      const float* vh = vp + (b * Hkv + hk) * N * Dv;
+      // the state: this item's slices of the given one (updated in place), or this thread's zeroed buffers
+      at::Tensor S = S_own, kout = kout_own;
+      float* ksum = ksum_own.data();
+      float count_own = 0.f;
+      float* count = &count_own;
+      if (stateful) {
+        S = torch::from_blob(S_io.data_ptr<float>() + item * F * Dv, {F, Dv}, opts);
+        kout = torch::from_blob(kout_io.data_ptr<float>() + item * D * D, {D, D}, opts);
+        ksum = ksum_io.data_ptr<float>() + item * D;
+        count = count_io.data_ptr<float>() + item;
+      } else {
+        S.zero_();
+        kout.zero_();
+        std::fill(ksum, ksum + D, 0.f);
+      }
+      for (int64_t start = 0; start < N; start += C) {
+        const int64_t L = std::min(C, N - start), GL = G * L;
+        const float* kc = keepp ? keepp + b * N + start : kept.data();
+        float* knp = kn.data_ptr<float>();
+        float* qnp = qn.data_ptr<float>();
+        normalize_rows(kh + start * D, L, D, D, 1.f, eps, knp);
+        for (int64_t j = 0; j < L; ++j)
+          if (kc[j] == 0.f) std::fill(knp + j * D, knp + (j + 1) * D, 0.f);
+        for (int64_t g = 0; g < G; ++g)
+          normalize_rows(qp + ((b * H + hk * G + g) * N + start) * D, L, D, D, inv_t, eps, qnp + g * L * D);
+        auto qv = qn.narrow(0, 0, GL), kv = kn.narrow(0, 0, L);
+        auto vv = torch::from_blob(const_cast<float*>(vh + start * Dv), {L, Dv}, opts);
+        auto wv = torch::from_blob(w.data_ptr<float>(), {GL, L}, opts), nv = num.narrow(0, 0, GL);
+        // inside the chunk: f(s) in D dimensions, causal, padded keys dropped
+        at::mm_out(wv, qv, kv.t());
+        float* wp = w.data_ptr<float>();
+        for (int64_t r = 0; r < GL; ++r) {
+          const int64_t i = r % L;
+          float* wr = wp + r * L;
+          float sum = 0.f;
+          for (int64_t j = 0; j < L; ++j) {
+            const float s = wr[j];
+            const float f = (j <= i && kc[j] != 0.f) ? 1.f + s + 0.5f * s * s : 0.f;
+            wr[j] = f;
+            sum += f;
+          }
+          den[r] = sum;
+        }
+        at::mm_out(nv, wv, vv);
+        if (start > 0 || stateful) {  // the chunks before: the state read with the queries' features, denominators from moments
+          auto fqv = fq.narrow(0, 0, GL);
+          features(qnp, GL, D, F, 0.5f, nullptr, fq.data_ptr<float>());
+          nv.addmm_(fqv, S);
+          auto qkv = qk.narrow(0, 0, GL);
+          at::mm_out(qkv, qv, kout);
+          const float* qkp = qk.data_ptr<float>();
+          for (int64_t r = 0; r < GL; ++r) {
+            float lin = 0.f, quad = 0.f;
+            for (int64_t d = 0; d < D; ++d) {
+              lin += qnp[r * D + d] * ksum[d];
+              quad += qnp[r * D + d] * qkp[r * D + d];
+            }
+            den[r] += *count + lin + 0.5f * quad;
+          }
+        }
+        // this chunk's keys into the state and the moments
+        features(knp, L, D, F, 1.f, kc, fk.data_ptr<float>());
+        S.addmm_(fk.narrow(0, 0, L).t(), vv);
+        kout.addmm_(kv.t(), kv);
+        for (int64_t j = 0; j < L; ++j) {
+          for (int64_t d = 0; d < D; ++d) ksum[d] += knp[j * D + d];
+          *count += kc[j];
+        }
+        const float* np = num.data_ptr<float>();
+        for (int64_t g = 0; g < G; ++g) {
+          float* orow = op + ((b * H + hk * G + g) * N + start) * Dv;
+          for (int64_t i = 0; i < L; ++i) {
+            const int64_t r = g * L + i;
+            const float inv = 1.f / std::max(den[r], 1e-6f);
+            for (int64_t e = 0; e < Dv; ++e) orow[i * Dv + e] = np[r * Dv + e] * inv;
+          }
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("fast2_causal", &fast2_causal, "causal fastmax attention of order 2, float32, inference (out written)");
+}
