@@ -5,9 +5,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..ops.common import fast_normalize, fastmax_weight
+from ..ops.common import fast_normalize
 from ..ops.dropout import key_dropout
-from ..ops.fast import fast_attention, fast_feature_map, validate_fast_options
+from ..ops.fast import (
+    fast_attention,
+    fast_attention_with_state,
+    fast_feature_map,
+    fast_recurrent_step_,
+    validate_fast_options,
+)
 from .common import check_backend, check_chunk_size
 from .linear_attention import _linear_like, _recurrent_forward, _with_prefix_state
 from .variants import variant_options
@@ -46,10 +52,22 @@ def fast_attention_forward(module, query, key, value, attention_mask, dropout=0.
     options = variant_options(module.config, "fast")
     layer = getattr(module, "fastattn_recurrent_layer", None)
     if layer is not None:
+
+        def step_(q, k, v, mask, state):  # one token at inference, the layer's state updated in place
+            return fast_recurrent_step_(
+                q, k, v, state, order=options.order, temperature=options.temperature, padding_mask=mask
+            )
+
+        def with_state(q, k, v, mask, state):  # prefill, several guessed tokens, or a step under autograd
+            return fast_attention_with_state(
+                q, k, v, causal=True, order=options.order, temperature=options.temperature, padding_mask=mask,
+                initial_state=state, output_final_state=True, chunk_size=options.chunk_size, backend=options.backend,
+            )
+
         return _recurrent_forward(
             module, layer, query, key, value, attention_mask, "fast", options,
-            fast_feature_map(options.order, options.temperature), normalize=fast_normalize,
-            intra=lambda qc, kc: fastmax_weight(qc @ kc.transpose(-1, -2) / options.temperature, options.order),
+            fast_feature_map(options.order, options.temperature), normalize=fast_normalize, step_=step_,
+            with_state=with_state,
         )
 
     def run(q, k, v, causal, mask, prefix=None):

@@ -132,10 +132,12 @@ def linear_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def _recurrent_forward(module, layer, query, key, value, attention_mask, implementation, options, fmap,
-                       normalize=None, intra=None):
+                       normalize=None, intra=None, step_=None, with_state=None):
     """Decoding on a `RecurrentCache` layer: key/value hold only the new tokens; their features are folded into the
     layer's state (S, z). One token: `recurrent_linear_step`, O(F Dv) per head. Several (prefill, Jacobi guesses):
-    the chunked form started from the stored state. Padded keys (2D mask) never enter the state."""
+    the chunked form started from the stored state. Padded keys (2D mask) never enter the state. A family with its
+    own operators passes them: `step_(query, key, value, mask, state) -> out` for the in-place one-token step and
+    `with_state(query, key, value, mask, state) -> (out, state)` for the rest, on the raw query and key."""
     check_supported(module, implementation)
     if not _is_causal(module, None):
         raise ValueError(f"hf_fastattn {implementation!r}: a RecurrentCache serves causal attention only")
@@ -159,8 +161,15 @@ def _recurrent_forward(module, layer, query, key, value, attention_mask, impleme
         q, k = normalize(q), normalize(k)
     if _steps_in_place(q, k, value, state, options.backend):
         # one token at inference: the step updates the layer's own state tensors (no new state, no copy back)
-        kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
-        out = recurrent_linear_step_(phi(q), kf, value, state)
+        if step_ is not None:
+            out = step_(query, key, value, mask, state)
+        else:
+            kf = phi(k) if mask is None else phi(k) * mask[:, None, :, None]
+            out = recurrent_linear_step_(phi(q), kf, value, state)
+        return out.transpose(1, 2).contiguous(), None
+    if with_state is not None:
+        out, state = with_state(query, key, value, mask, state)
+        layer.set_state(state)
         return out.transpose(1, 2).contiguous(), None
     # one token: the recurrent step; several (prefill, Jacobi guesses): the chunked form from the stored state
     out, state = linear_attention_with_state(

@@ -106,3 +106,58 @@ def new_state(b: int, hkv: int, d: int, dv: int) -> tuple[torch.Tensor, torch.Te
     """The state of no keys: `(S [b, hkv, F, dv], key_sum [b, hkv, d], key_outer [b, hkv, d, d], count [b, hkv])`."""
     f = 1 + d + d * (d + 1) // 2
     return torch.zeros(b, hkv, f, dv), torch.zeros(b, hkv, d), torch.zeros(b, hkv, d, d), torch.zeros(b, hkv)
+
+
+@torch.library.custom_op("hf_fastattn::fast2_step_cpu", mutates_args=("state", "key_sum", "out"), device_types="cpu")
+def _fast2_step_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    state: torch.Tensor,
+    key_sum: torch.Tensor,
+    out: torch.Tensor,
+    temperature: float,
+) -> None:
+    """The decoding step as a torch operator: updates (S, z) and writes `out` in place."""
+    _EXTENSION.load().fast2_step(q, k, v, keep, state, key_sum, out, temperature)
+
+
+@_fast2_step_op.register_fake
+def _(q, k, v, keep, state, key_sum, out, temperature):
+    return None
+
+
+def fast2_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: tuple[torch.Tensor, torch.Tensor],
+    *,
+    temperature: float = 1.0,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decoding step of causal fastmax of order 2 on `FastmaxFeatureMap`'s state, updated in place: the new key
+    and value folded into (S, z), then the new query read against them, each row of S read and written once.
+
+    Args:
+        q: `[B, H, 1, D]`. k: `[B, Hkv, 1, D]`. v: `[B, Hkv, 1, Dv]`; raw (normalized here); Hkv divides H.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])` contiguous float32 over `FastmaxFeatureMap(2, temperature)`'s
+            features of the normalized keys, F = 1 + D + D(D+1)/2 (`ops.linear.state_updatable_in_place`).
+        temperature: T > 0.
+        key_mask: `[B, 1]` or `[B]` bool, False for a padded new key (then it does not enter the state).
+
+    Returns:
+        `[B, H, 1, Dv]` float32.
+    """
+    if not available():
+        raise RuntimeError("fast2_step_: the CPU kernel is not available here (see hf_fastattn.kernels.fast2_causal)")
+    if not supports(q, k, v):
+        raise RuntimeError(
+            f"fast2_step_: expected 4-d CPU tensors q, k, v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    q, k, v = (x.float().contiguous() for x in (q, k, v))
+    keep = q.new_empty(0) if key_mask is None else key_mask.reshape(-1).to(torch.float32).contiguous()
+    out = q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
+    _fast2_step_op(q, k, v, keep, state[0], state[1], out, float(temperature))
+    return out

@@ -7,7 +7,7 @@ Each family (linear, fast, sparse, hybrid) exposes one state-in / state-out entr
 quadratic references in `reference.py` are for tests, and nothing in the library imports them.
 """
 
-from .fast import fast_attention, fast_attention_with_state, fast_feature_map
+from .fast import fast_attention, fast_attention_with_state, fast_feature_map, fast_recurrent_step_
 from .feature_maps import EluFeatureMap, FastmaxFeatureMap, FeatureMap, ReluFeatureMap, get_feature_map
 from .hybrid import HybridState, hybrid_attention_with_state, sliding_window_linear_attention
 from .linear import (
@@ -31,6 +31,7 @@ __all__ = [
     "chunk_linear_attention",
     "fast_attention",
     "fast_attention_with_state",
+    "fast_recurrent_step_",
     "fast_feature_map",
     "get_feature_map",
     "hybrid_attention_with_state",

@@ -33,6 +33,8 @@ from .linear import (
     bidirectional_linear_attention,
     causal_linear_attention,
     linear_attention_with_state,
+    recurrent_linear_step_,
+    state_updatable_in_place,
 )
 
 
@@ -284,6 +286,50 @@ def fast_attention_with_state(
     return causal_linear_attention(
         qn, kn, v, feature_map=fmap, intra_weights=intra, key_mask=padding_mask, chunk_size=chunk_size
     )
+
+
+def fast_recurrent_step_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: State,
+    *,
+    order: int = 2,
+    temperature: float = 1.0,
+    padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One decoding step of causal fastmax with its state updated in place (decoding on a `RecurrentCache`, which
+    owns the state): the new key and value folded into (S, z), the new query read against them. Order 2 runs on the
+    C++ kernel of `kernels/csrc/fast2_causal.cpp` where it is available (features built in a thread's buffer, each
+    row of the 2145 x Dv state read and written once); otherwise the features and `recurrent_linear_step_`.
+
+    Args:
+        q: `[B, H, 1, D]`. k: `[B, Hkv, 1, D]`. v: `[B, Hkv, 1, Dv]`; raw (normalized here); Hkv divides H.
+        state: `(S [B, Hkv, F, Dv], z [B, Hkv, F])`, contiguous float32 over `FastmaxFeatureMap(order, temperature)`'s
+            features of the normalized keys (`ops.linear.state_updatable_in_place`); updated in place.
+        padding_mask: `[B, 1]` bool, False where the new key is padding (it does not enter the state).
+
+    Returns:
+        `[B, H, 1, Dv]` in v's dtype.
+    """
+    validate_fast_options(order, temperature)
+    if q.shape[2] != 1 or k.shape[2] != 1:
+        raise ValueError(f"fast_recurrent_step_ takes one token, got {q.shape[2]}; use fast_attention_with_state")
+    if not state_updatable_in_place(state):
+        raise ValueError(
+            "fast_recurrent_step_ updates a contiguous float32 state (S, z) in place, got dtypes "
+            f"{state[0].dtype} / {state[1].dtype}, contiguous {state[0].is_contiguous()} / {state[1].is_contiguous()}; "
+            "use fast_attention_with_state"
+        )
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *state)):
+        raise ValueError("fast_recurrent_step_ updates the state in place and takes no autograd; use fast_attention_with_state")
+    if order == 2 and fast2_causal.supports(q, k, v):
+        return fast2_causal.fast2_step_(q, k, v, state, temperature=temperature, key_mask=padding_mask).to(v.dtype)
+    fmap = FastmaxFeatureMap(order, temperature)
+    kf = fmap(fast_normalize(k.float()))
+    if padding_mask is not None:
+        kf = kf * padding_mask[:, None, :, None].to(kf.dtype)
+    return recurrent_linear_step_(fmap(fast_normalize(q.float())), kf, v, state)
 
 
 def fast_attention(

@@ -224,16 +224,20 @@ def test_generate_makes_a_recurrent_cache_of_constant_size(case, monkeypatch):
     from hf_fastattn.integration import linear_attention as glue
     from hf_fastattn.ops import linear as linear_ops  # the recurrent step of `linear_attention_with_state`
 
+    from hf_fastattn.integration import fast_attention as fast_glue
+
     def spying(real):
-        def spy(qf, kf, v, state, *args):
+        def spy(qf, kf, v, state, *args, **kwargs):
             steps.append(kf.shape[2])
-            return real(qf, kf, v, state, *args)
+            return real(qf, kf, v, state, *args, **kwargs)
 
         return spy
 
-    # the step that makes a new state, and the one that updates the cache's own in place (inference decoding)
+    # the step that makes a new state, and the ones that update the cache's own in place (inference decoding):
+    # linear's, and fast's (`fast_recurrent_step_`: the C++ step for order 2 where it is available)
     monkeypatch.setattr(linear_ops, "_recurrent_step", spying(linear_ops._recurrent_step))
     monkeypatch.setattr(glue, "recurrent_linear_step_", spying(glue.recurrent_linear_step_))
+    monkeypatch.setattr(fast_glue, "fast_recurrent_step_", spying(fast_glue.fast_recurrent_step_))
     short = gen(model, ids, max_new_tokens=4)
     steps.clear()
     long = gen(model, ids, max_new_tokens=40)

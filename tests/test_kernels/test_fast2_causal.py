@@ -134,3 +134,36 @@ def test_a_state_of_the_wrong_shape_is_refused():
     bad = (torch.zeros(1, 2, 44, 8), torch.zeros(1, 2, 44))  # F = 1 + 8 + 36 = 45 for D = 8
     with pytest.raises(ValueError, match=r"initial_state must be \(S \[1, 2, 45, 8\], z \[1, 2, 45\]\)"):
         fast_attention_with_state(q, q, q, causal=True, initial_state=bad)
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,h,hkv,d,dv,temperature", [(2, 4, 2, 16, 12, 0.7), (1, 3, 1, 32, 32, 1.0)])
+def test_step_equals_the_torch_step(b, h, hkv, d, dv, temperature):
+    """`fast2_step_` on FastmaxFeatureMap's state against the features and `recurrent_linear_step_` over three steps
+    (a padded new key in the second), outputs and the state updated in place."""
+    from hf_fastattn.ops import FastmaxFeatureMap, recurrent_linear_step_
+    from hf_fastattn.ops.common import fast_normalize
+
+    torch.manual_seed(2)
+    phi = FastmaxFeatureMap(2, temperature)
+    f = phi.feature_dim(d)
+    s, z = torch.rand(b, hkv, f, dv), torch.rand(b, hkv, f) + 1
+    ours, ref_state = (s.clone(), z.clone()), (s.clone(), z.clone())
+    for step in range(3):
+        q, k, v = torch.randn(b, h, 1, d), torch.randn(b, hkv, 1, d), torch.randn(b, hkv, 1, dv)
+        mask = None
+        if step == 1:
+            mask = torch.ones(b, 1, dtype=torch.bool)
+            mask[0] = False
+        kf = phi(fast_normalize(k))
+        if mask is not None:
+            kf = kf * mask[:, None, :, None]
+        ref = recurrent_linear_step_(phi(fast_normalize(q)), kf, v, ref_state)
+        out = module.fast2_step_(q, k, v, ours, temperature=temperature, key_mask=mask)
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-4)
+        for got, want in zip(ours, ref_state):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match="one token"):
+        module.fast2_step_(torch.randn(b, h, 2, d), torch.randn(b, hkv, 2, d), torch.randn(b, hkv, 2, dv), ours)
+    args = (q, k, v, torch.empty(0), *ours, torch.empty(b, h, 1, dv), temperature)
+    torch.library.opcheck(module._fast2_step_op, args, test_utils=("test_schema", "test_faketensor"))

@@ -283,3 +283,37 @@ def test_order2_features_dot_products():
     torch.testing.assert_close(
         feats[:, :, :5].transpose(1, 2) @ feats[:, :, 5:], fastmax_weight(q @ k.transpose(1, 2) / 2.0, 2)
     )
+
+
+@pytest.mark.parametrize("order,path", [(2, "cpu-kernel"), (2, "torch"), (1, "torch")])
+def test_recurrent_step_in_place_continues_the_chunked_form(monkeypatch, order, path):
+    """`fast_recurrent_step_` (decoding on a RecurrentCache): a prefill's final state, then one token at a time with
+    the state updated in place, equals the naive reference over the whole sequence, through the C++ step where it is
+    available and through the features and `recurrent_linear_step_`; wrong uses are refused."""
+    from hf_fastattn.kernels import fast2_causal
+    from hf_fastattn.ops import fast_attention_with_state, fast_recurrent_step_
+
+    if path == "torch":
+        monkeypatch.setattr(fast2_causal, "supports", lambda *tensors: False)
+    elif not fast2_causal.available():
+        pytest.skip("the CPU kernel is not available here (no AVX-512 or no compiler)")
+    q, k, v = inputs(2, 4, 2, 12, 8, grad=False)
+    mask = left_padding(2, 12, 3)
+    temperature = 1.3
+    out, state = fast_attention_with_state(
+        q[:, :, :8], k[:, :, :8], v[:, :, :8], causal=True, order=order, temperature=temperature,
+        padding_mask=mask[:, :8], output_final_state=True,
+    )  # fmt: skip
+    state = tuple(x.contiguous() for x in state)  # as a RecurrentCache stores it
+    outs = [out]
+    for t in range(8, 12):
+        outs.append(
+            fast_recurrent_step_(q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1], state, order=order,
+                                 temperature=temperature, padding_mask=mask[:, t : t + 1])  # fmt: skip
+        )
+    ref = naive_fast_attention(q, k, v, causal=True, order=order, temperature=temperature, padding_mask=mask)
+    torch.testing.assert_close(torch.cat(outs, 2), ref, atol=2e-5, rtol=2e-4)
+    with pytest.raises(ValueError, match="takes one token"):
+        fast_recurrent_step_(q[:, :, :2], k[:, :, :2], v[:, :, :2], state, order=order)
+    with pytest.raises(ValueError, match="contiguous float32 state"):
+        fast_recurrent_step_(q[:, :, :1], k[:, :, :1], v[:, :, :1], tuple(x.double() for x in state), order=order)

@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace {
 
@@ -202,8 +203,91 @@ void fast2_causal(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   });
 }
 
+// One decoding step on the state of `FastmaxFeatureMap` (order 2), updated in place: phi(x) = [1, x / sqrt(T),
+// x_a x_b / T for a < b and x_a^2 / (sqrt(2) T) on the diagonal, in row order of the upper triangle], S += phi(k)
+// v^T, z += phi(k), out = phi(q)^T S / max(phi(q) . z, 1e-6) for each query head of the K/V group. The torch step
+// builds phi(q) and phi(k) (a few gathers) and passes over S twice (the update, then the read); here the features
+// are built in the thread's buffer and each row of S is read and written once, the update and the read together.
+// q [B, H, 1, D]; k [B, Hkv, 1, D]; v [B, Hkv, 1, Dv] (raw: normalized here); keep [B] float or empty;
+// S [B, Hkv, F, Dv], z [B, Hkv, F] (updated); out [B, H, 1, Dv] (written).
+void fast2_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Tensor& v, const torch::Tensor& keep,
+                torch::Tensor& S, torch::Tensor& z, torch::Tensor& out, double temperature) {
+  check(q, "q");
+  check(k, "k");
+  check(v, "v");
+  check(out, "out");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Hkv = k.size(1), Dv = v.size(3);
+  const int64_t G = H / Hkv, F = 1 + D + D * (D + 1) / 2;
+  TORCH_CHECK(q.size(2) == 1 && k.size(2) == 1 && v.size(2) == 1, "fast2_step: one token (q, k, v [B, heads, 1, dim])");
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && Hkv > 0 && H % Hkv == 0 && v.size(0) == B && v.size(1) == Hkv,
+              "fast2_step: k [B, Hkv, 1, D] and v [B, Hkv, 1, Dv] with Hkv dividing H");
+  TORCH_CHECK(S.scalar_type() == at::kFloat && z.scalar_type() == at::kFloat && S.is_contiguous() && z.is_contiguous() &&
+                  S.numel() == B * Hkv * F * Dv && z.numel() == B * Hkv * F,
+              "fast2_step: the state must be contiguous float32 S [B, Hkv, F, Dv] and z [B, Hkv, F], F = 1 + D + D(D+1)/2");
+  TORCH_CHECK(out.numel() == B * H * Dv, "fast2_step: out must be [B, H, 1, Dv]");
+  const bool masked = keep.numel() > 0;
+  if (masked)
+    TORCH_CHECK(keep.scalar_type() == at::kFloat && keep.numel() == B, "fast2_step: keep must be float32 [B]");
+  const float lin = float(1.0 / std::sqrt(temperature)), off = float(1.0 / temperature);
+  const float diag = float(1.0 / (std::sqrt(2.0) * temperature)), eps = 1e-6f;
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float* keepp = masked ? keep.data_ptr<float>() : nullptr;
+  float *sp = S.data_ptr<float>(), *zp = z.data_ptr<float>(), *op = out.data_ptr<float>();
+
+  // phi(x_hat) into f (F wide), times `scale`
+  auto phi = [&](const float* x, float scale, float* f) {
+    f[0] = scale;
+    for (int64_t d = 0; d < D; ++d) f[1 + d] = x[d] * lin * scale;
+    int64_t off_f = 1 + D;
+    for (int64_t a = 0; a < D; ++a) {
+      const float xa = x[a] * off * scale;
+      for (int64_t b = a; b < D; ++b) f[off_f + b - a] = xa * x[b];
+      f[off_f] *= diag / off;
+      off_f += D - a;
+    }
+  };
+
+  at::parallel_for(0, B * Hkv, 1, [&](int64_t first, int64_t last) {
+    std::vector<float> kn(D), qn(G * D), fk(F), fq(G * F), num(G * Dv), den(G);
+    for (int64_t item = first; item < last; ++item) {
+      const int64_t b = item / Hkv, hk = item % Hkv;
+      normalize_rows(kp + item * D, 1, D, D, 1.f, eps, kn.data());
+      phi(kn.data(), keepp ? keepp[b] : 1.f, fk.data());
+      for (int64_t g = 0; g < G; ++g) {
+        normalize_rows(qp + (b * H + hk * G + g) * D, 1, D, D, 1.f, eps, qn.data() + g * D);
+        phi(qn.data() + g * D, 1.f, fq.data() + g * F);
+      }
+      std::fill(num.begin(), num.end(), 0.f);
+      std::fill(den.begin(), den.end(), 0.f);
+      const float* vr = vp + item * Dv;
+      float* Sh = sp + item * F * Dv;
+      float* zh = zp + item * F;
+      for (int64_t f = 0; f < F; ++f) {
+        float* row = Sh + f * Dv;
+        const float kf = fk[f];
+#pragma omp simd
+        for (int64_t e = 0; e < Dv; ++e) row[e] += kf * vr[e];
+        zh[f] += kf;
+        for (int64_t g = 0; g < G; ++g) {
+          const float qf = fq[g * F + f];
+          float* ng = num.data() + g * Dv;
+#pragma omp simd
+          for (int64_t e = 0; e < Dv; ++e) ng[e] += qf * row[e];
+          den[g] += qf * zh[f];
+        }
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const float inv = 1.f / std::max(den[g], eps);
+        float* orow = op + (b * H + hk * G + g) * Dv;
+        for (int64_t e = 0; e < Dv; ++e) orow[e] = num[g * Dv + e] * inv;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fast2_causal", &fast2_causal, "causal fastmax attention of order 2, float32, inference (out written)");
+  m.def("fast2_step", &fast2_step, "one decoding step of fastmax of order 2 on its state, updated in place");
 }

@@ -24,8 +24,13 @@ import torch
 import torch.nn.functional as F
 
 from ...integration.variants import benchmark_entries
-from ...ops import fast_attention, linear_attention, recurrent_linear_step_, sparse_attention
-from ...ops.common import fast_normalize
+from ...ops import (
+    fast_attention,
+    fast_recurrent_step_,
+    linear_attention,
+    recurrent_linear_step_,
+    sparse_attention,
+)
 from ...ops.feature_maps import EluFeatureMap, FastmaxFeatureMap
 from .utils import format_table, machine_line, peak_memory_mib, torch_threads
 
@@ -126,23 +131,25 @@ def time_interleaved(runners: dict, repeats: int, warmup: bool) -> dict[str, flo
 
 
 def decode_step_times(heads: int, dim: int, steps: int = 50) -> dict[str, float]:
-    """Median seconds of one recurrent decoding step (B=1, one token, fp32): the feature maps of the new q and k
-    (fast: after fastmax's normalization), then `recurrent_linear_step_` on a state of F x Dv per head, updated in
-    place as decoding on a `RecurrentCache` does; the linear (elu+1, F = D) and fast order 2 (F = 1 + D + D(D+1)/2)
-    steps interleaved."""
+    """Median seconds of one recurrent decoding step (B=1, one token, fp32) on a state of F x Dv per head, updated in
+    place, by the calls decoding on a `RecurrentCache` makes: linear (elu+1, F = D), the feature maps of the new q
+    and k then `recurrent_linear_step_`; fast order 2 (F = 1 + D + D(D+1)/2), `fast_recurrent_step_` (the C++ step
+    of `kernels/csrc/fast2_causal.cpp` where it is available). The two steps interleaved."""
     torch.manual_seed(0)
-    maps = {"linear": (EluFeatureMap(), None), "fast-2": (FastmaxFeatureMap(2, 1.0), fast_normalize)}
-    states, times = {}, {name: [] for name in maps}
-    for name, (phi, _) in maps.items():
-        f = phi(torch.zeros(1, 1, 1, dim)).shape[-1]
-        states[name] = (torch.rand(1, heads, f, dim), torch.rand(1, heads, f) + 1)
+    elu = EluFeatureMap()
+    steppers = {
+        "linear": lambda q, k, v, state: recurrent_linear_step_(elu(q), elu(k), v, state),
+        "fast-2": lambda q, k, v, state: fast_recurrent_step_(q, k, v, state, order=2, temperature=1.0),
+    }
+    features = {"linear": dim, "fast-2": FastmaxFeatureMap(2, 1.0).feature_dim(dim)}
+    states = {name: (torch.rand(1, heads, f, dim), torch.rand(1, heads, f) + 1) for name, f in features.items()}
+    times = {name: [] for name in steppers}
     with torch.no_grad():
         for i in range(steps + 5):
             q, k, v = (torch.randn(1, heads, 1, dim) for _ in range(3))
-            for name, (phi, normalize) in maps.items():
+            for name, step in steppers.items():
                 start = time.perf_counter()
-                qn, kn = (q, k) if normalize is None else (normalize(q), normalize(k))
-                recurrent_linear_step_(phi(qn), phi(kn), v, states[name])
+                step(q, k, v, states[name])
                 if i >= 5:
                     times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
