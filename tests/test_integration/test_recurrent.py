@@ -221,10 +221,9 @@ def test_generate_makes_a_recurrent_cache_of_constant_size(case, monkeypatch):
     model = make(case)
     ids = torch.tensor(prompts([7])[0:1])
     steps = []
+    from hf_fastattn.integration import fast_attention as fast_glue
     from hf_fastattn.integration import linear_attention as glue
     from hf_fastattn.ops import linear as linear_ops  # the recurrent step of `linear_attention_with_state`
-
-    from hf_fastattn.integration import fast_attention as fast_glue
 
     def spying(real):
         def spy(qf, kf, v, state, *args, **kwargs):

@@ -137,10 +137,16 @@ def test_a_state_of_the_wrong_shape_is_refused():
 
 
 @needs_kernel
-@pytest.mark.parametrize("b,h,hkv,d,dv,temperature", [(2, 4, 2, 16, 12, 0.7), (1, 3, 1, 32, 32, 1.0)])
+@pytest.mark.parametrize(
+    "b,h,hkv,d,dv,temperature",
+    [(2, 4, 2, 16, 12, 0.7), (1, 3, 1, 32, 32, 1.0), (1, 2, 2, 8, 64, 1.0), (2, 4, 2, 8, 64, 0.8), (1, 3, 1, 16, 64, 1.2),
+     (1, 4, 1, 8, 64, 1.0)],  # fmt: skip
+    ids=["generic", "generic-gqa", "dv64-g1", "dv64-g2", "dv64-g3", "dv64-g4-generic"],
+)
 def test_step_equals_the_torch_step(b, h, hkv, d, dv, temperature):
     """`fast2_step_` on FastmaxFeatureMap's state against the features and `recurrent_linear_step_` over three steps
-    (a padded new key in the second), outputs and the state updated in place."""
+    (a padded new key in the second), outputs and the state updated in place; the register path for 64-wide values
+    and 1-3 query heads per K/V head, and the generic loop."""
     from hf_fastattn.ops import FastmaxFeatureMap, recurrent_linear_step_
     from hf_fastattn.ops.common import fast_normalize
 

@@ -13,6 +13,7 @@
 // With grouped K/V heads the state is kept once per K/V head and read by all the queries of its group.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
@@ -203,6 +204,47 @@ void fast2_causal(const torch::Tensor& q, const torch::Tensor& k, const torch::T
   });
 }
 
+// The rows of one step for Dv = 64 and G query heads per K/V head: the value row and the G x 64 accumulators in
+// registers, S's row loaded, updated and stored once, read by every query head from the registers.
+template <int G>
+void step_rows_64(const float* fk, const float* fq, int64_t F, const float* vr, float* Sh, float* zh, float* num,
+                  float* den) {
+  const __m512 v0 = _mm512_loadu_ps(vr), v1 = _mm512_loadu_ps(vr + 16), v2 = _mm512_loadu_ps(vr + 32),
+               v3 = _mm512_loadu_ps(vr + 48);
+  __m512 n[G][4];
+  float d[G];
+  for (int g = 0; g < G; ++g) {
+    for (int i = 0; i < 4; ++i) n[g][i] = _mm512_setzero_ps();
+    d[g] = 0.f;
+  }
+  for (int64_t f = 0; f < F; ++f) {
+    float* row = Sh + f * 64;
+    const __m512 kf = _mm512_set1_ps(fk[f]);
+    const __m512 r0 = _mm512_fmadd_ps(kf, v0, _mm512_loadu_ps(row));
+    const __m512 r1 = _mm512_fmadd_ps(kf, v1, _mm512_loadu_ps(row + 16));
+    const __m512 r2 = _mm512_fmadd_ps(kf, v2, _mm512_loadu_ps(row + 32));
+    const __m512 r3 = _mm512_fmadd_ps(kf, v3, _mm512_loadu_ps(row + 48));
+    _mm512_storeu_ps(row, r0);
+    _mm512_storeu_ps(row + 16, r1);
+    _mm512_storeu_ps(row + 32, r2);
+    _mm512_storeu_ps(row + 48, r3);
+    const float zf = (zh[f] += fk[f]);
+    for (int g = 0; g < G; ++g) {
+      const float qs = fq[g * F + f];
+      const __m512 qf = _mm512_set1_ps(qs);
+      n[g][0] = _mm512_fmadd_ps(qf, r0, n[g][0]);
+      n[g][1] = _mm512_fmadd_ps(qf, r1, n[g][1]);
+      n[g][2] = _mm512_fmadd_ps(qf, r2, n[g][2]);
+      n[g][3] = _mm512_fmadd_ps(qf, r3, n[g][3]);
+      d[g] += qs * zf;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    for (int i = 0; i < 4; ++i) _mm512_storeu_ps(num + g * 64 + i * 16, n[g][i]);
+    den[g] = d[g];
+  }
+}
+
 // One decoding step on the state of `FastmaxFeatureMap` (order 2), updated in place: phi(x) = [1, x / sqrt(T),
 // x_a x_b / T for a < b and x_a^2 / (sqrt(2) T) on the diagonal, in row order of the upper triangle], S += phi(k)
 // v^T, z += phi(k), out = phi(q)^T S / max(phi(q) . z, 1e-6) for each query head of the K/V group. The torch step
@@ -262,6 +304,11 @@ void fast2_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
       const float* vr = vp + item * Dv;
       float* Sh = sp + item * F * Dv;
       float* zh = zp + item * F;
+      if (Dv == 64 && G <= 3) {
+        if (G == 1) step_rows_64<1>(fk.data(), fq.data(), F, vr, Sh, zh, num.data(), den.data());
+        if (G == 2) step_rows_64<2>(fk.data(), fq.data(), F, vr, Sh, zh, num.data(), den.data());
+        if (G == 3) step_rows_64<3>(fk.data(), fq.data(), F, vr, Sh, zh, num.data(), den.data());
+      } else {
       for (int64_t f = 0; f < F; ++f) {
         float* row = Sh + f * Dv;
         const float kf = fk[f];
@@ -275,6 +322,7 @@ void fast2_step(const torch::Tensor& q, const torch::Tensor& k, const torch::Ten
           for (int64_t e = 0; e < Dv; ++e) ng[e] += qf * row[e];
           den[g] += qf * zh[f];
         }
+      }
       }
       for (int64_t g = 0; g < G; ++g) {
         const float inv = 1.f / std::max(den[g], eps);
