@@ -138,7 +138,8 @@ def chunk_products(
             z[:, :f] = state[1]
     den = a.new_empty(bh, n) if ones else a.new_empty(0, 0)
     dx = a.new_empty(0, 0, 0) if elu_grad_at is None else elu_grad_at.float().contiguous()
-    _chunk_products_op(a, b, c, *rows, dx, padded_out, den, s, z, reverse, ones, normalize, map == "elu", map_c, eps)
+    args = (a, b, c, *rows, dx, padded_out, den, s, z, reverse, ones, normalize, map == "elu", map_c, eps)
+    _EXTENSION.call(_chunk_products_op, "chunk_products", *args, mutated=(padded_out, den, s, z))
     if ep != e:
         result = padded_out[..., :e]
         out = result if out is None else out.copy_(result)

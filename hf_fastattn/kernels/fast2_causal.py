@@ -98,7 +98,8 @@ def fast2_causal(
         state = (q.new_empty(0),) * 4
     elif not all(x.dtype == torch.float32 and x.is_contiguous() for x in state):
         raise ValueError("fast2_causal: the state must be four contiguous float32 tensors (see `new_state`)")
-    _fast2_causal_op(q, k, v, keep, out, *state, float(temperature), int(chunk))
+    args = (q, k, v, keep, out, *state, float(temperature), int(chunk))
+    _EXTENSION.call(_fast2_causal_op, "fast2_causal", *args, mutated=(out, *state))
     return out
 
 
@@ -159,5 +160,6 @@ def fast2_step_(
     q, k, v = (x.float().contiguous() for x in (q, k, v))
     keep = q.new_empty(0) if key_mask is None else key_mask.reshape(-1).to(torch.float32).contiguous()
     out = q.new_empty(q.shape[0], q.shape[1], 1, v.shape[-1])
-    _fast2_step_op(q, k, v, keep, state[0], state[1], out, float(temperature))
+    args = (q, k, v, keep, state[0], state[1], out, float(temperature))
+    _EXTENSION.call(_fast2_step_op, "fast2_step", *args, mutated=(state[0], state[1], out))
     return out
