@@ -37,8 +37,8 @@ class Recipe:
         score: stage-1 weight of Hedgehog's attention-score loss (`UptrainConfig.transfer_score_weight`).
         warmup: warm-up of each stage, as a share of the stage-2 steps.
         lora_rank: LoRA rank of stage 2 with finetune="lora".
-        seq_len: tokens per training block (the budget is counted in these blocks); None (the default): the
-            model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
+        seq_len: tokens per training block (the budget is counted in these blocks), at most the model's context;
+            None (the default): the model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
         gradient_checkpointing: activation checkpointing of the decoder layers in both stages ("finetune": stage 2
             only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but stage 1 without the
             attention-score loss only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
@@ -141,7 +141,9 @@ _LAYER_TRANSFER_THEN_FULL = dict(
 # mqa / gqa: the pooled K/V projections (and the rest of each attention module) regressed onto the original's module
 # outputs on a quarter of the tokens, then full fine-tuning. On SmolLM2-135M (3 -> 1 K/V heads) the hybrids' stages
 # (three quarters layer transfer at batch 1, fine-tuning at batch 1) did worse: 1.098x / 1.130x at 512 / 2048 after
-# 428K tokens against this recipe's 1.060x / 1.102x after 348K (README, stop 32)
+# 428K tokens against this recipe's 1.060x / 1.102x after 348K (README, stop 32). Training blocks of 512 tokens
+# (stop 34) learn faster per token (40K tokens: 1.21x / 1.27x; 2048-token blocks: 1.61x / 1.78x after 29K, 1.19x /
+# 1.25x after 98K) but carry over less to 2048-token contexts: 1.049x / 1.119x after 240K tokens (45.5 min)
 _POOL_THEN_FULL = dict(
     transfer=0.25,
     transfer_mode="layer",
@@ -244,10 +246,20 @@ def default_seq_len(context: int | None) -> tuple[int, str]:
     return min(context, MAX_SEQ_LEN), f"the model's context ({context} positions), at most {MAX_SEQ_LEN}"
 
 
+def recipe_block_length(seq_len: int | None, context: int | None) -> tuple[int, str | None]:
+    """(training block length, where it comes from; None: the recipe's value as it is) for a recipe whose `seq_len`
+    is `seq_len`, on a model whose context is `context` tokens (None: unknown): the recipe's length, at most the
+    model's context, or the default (`default_seq_len`) when the recipe has none."""
+    if seq_len is None:
+        return default_seq_len(context)
+    if context is not None and seq_len > context:
+        return context, f"the recipe's {seq_len}, at most the model's context ({context} positions)"
+    return seq_len, None
+
+
 def recipe_seq_len(name: str, config) -> int:
     """The training block length of recipe `name` for a model with this config."""
-    seq_len = get_recipe(name).seq_len
-    return seq_len if seq_len is not None else default_seq_len(context_length(config))[0]
+    return recipe_block_length(get_recipe(name).seq_len, context_length(config))[0]
 
 
 # the methods with learned feature maps, which "attention" transfer trains
@@ -434,8 +446,10 @@ def make_plan(
             sources["hybrid"] = "encoder: the sliding-window hybrid is for causal models"
     r = dataclasses.replace(base, options=options, **overrides)
     r.validate()
-    if r.seq_len is None:
-        seq_len, sources["seq_len"] = default_seq_len(context)
+    if "seq_len" not in overrides:  # the recipe's block length (or the default), at most the model's context
+        seq_len, source = recipe_block_length(r.seq_len, context)
+        if source is not None:
+            sources["seq_len"] = source
         r = dataclasses.replace(r, seq_len=seq_len)
     if r.gradient_checkpointing is None:
         on = r.seq_len >= CHECKPOINT_FROM

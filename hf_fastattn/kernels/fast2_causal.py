@@ -157,7 +157,7 @@ def fast2_step_(
         raise RuntimeError(
             f"fast2_step_: expected 4-d CPU tensors q, k, v, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    return _step(q, k, v, state, temperature, key_mask)
+    return step_unchecked(q, k, v, state, temperature, key_mask)
 
 
 _NO_KEEP = torch.empty(0)  # the kernel's "no key mask" (never written)
@@ -167,7 +167,7 @@ def _as_float32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 and x.is_contiguous() else x.float().contiguous()
 
 
-def _step(q, k, v, state, temperature, key_mask) -> torch.Tensor:
+def step_unchecked(q, k, v, state, temperature, key_mask) -> torch.Tensor:
     """`fast2_step_` on inputs `supports` accepted (the decoding loop's call: a step is ~75 us of kernel at 8 heads
     of 64, so each microsecond of Python shows)."""
     q, k, v = _as_float32(q), _as_float32(k), _as_float32(v)

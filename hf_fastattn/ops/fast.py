@@ -324,7 +324,7 @@ def fast_recurrent_step_(
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, *state)):
         raise ValueError("fast_recurrent_step_ updates the state in place and takes no autograd; use fast_attention_with_state")
     if order == 2 and fast2_causal.supports(q, k, v):
-        out = fast2_causal._step(q, k, v, state, temperature, padding_mask)  # (fast2_step_ without its checks)
+        out = fast2_causal.step_unchecked(q, k, v, state, temperature, padding_mask)
         return out if v.dtype == torch.float32 else out.to(v.dtype)
     fmap = FastmaxFeatureMap(order, temperature)
     kf = fmap(fast_normalize(k.float()))

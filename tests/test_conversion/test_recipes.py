@@ -281,7 +281,27 @@ def test_default_block_length_is_the_models_context():
     assert context_length(wrapper) == 4096
     assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=128)) == 128
     assert recipe_seq_len("hedgehog", LlamaConfig(max_position_embeddings=8192)) == MAX_SEQ_LEN == 2048
-    assert recipe_seq_len("mqa", PretrainedConfig()) == MAX_SEQ_LEN
+    assert recipe_seq_len("hedgehog", PretrainedConfig()) == MAX_SEQ_LEN
+
+
+def test_a_recipes_block_length_is_capped_at_the_models_context(monkeypatch):
+    """A recipe's own `seq_len` is used as it is up to the model's context and capped there (the plan says so); an
+    explicit override is the user's and taken as given."""
+    from transformers import LlamaConfig, PretrainedConfig
+
+    from hf_fastattn.conversion.recipes import RECIPES, Recipe, make_plan, recipe_seq_len
+
+    monkeypatch.setitem(RECIPES, "short-blocks", Recipe("mqa", {"init": "mean"}, seq_len=512))
+    assert recipe_seq_len("short-blocks", LlamaConfig(max_position_embeddings=8192)) == 512
+    assert recipe_seq_len("short-blocks", LlamaConfig(max_position_embeddings=128)) == 128
+    assert recipe_seq_len("short-blocks", PretrainedConfig()) == 512
+    long = make_plan("mqa", "short-blocks", max_tokens=4096, context=8192)
+    assert long.recipe.seq_len == 512 and "seq_len" not in long.sources
+    short = make_plan("mqa", "short-blocks", max_tokens=4096, context=128)
+    assert short.recipe.seq_len == 128
+    assert short.source("seq_len") == "the recipe's 512, at most the model's context (128 positions)"
+    given = make_plan("mqa", "short-blocks", max_tokens=4096, context=128, overrides={"seq_len": 256})
+    assert given.recipe.seq_len == 256 and given.source("seq_len") == "override"
 
 
 def test_default_checkpointing_by_stage():
