@@ -26,6 +26,7 @@ RECIPE_FLAGS = {
     "warmup": ("warmup", "--warmup"),
     "lora_rank": ("lora_rank", "--lora-rank"),
     "gradient_checkpointing": ("gradient_checkpointing", "--gradient-checkpointing"),
+    "bf16": ("bf16", "--bf16"),
 }
 # argparse dest -> (method option, flag, the methods that take it)
 OPTION_FLAGS = {
@@ -204,6 +205,13 @@ def build_parser() -> ArgumentParser:
         "one more forward per step) (default: on for blocks of 1024 tokens or more)",
     )
     p.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 mixed precision (float32 weights and optimizer, bfloat16 matrix products) in both stages "
+        f"({RECIPE_DEFAULT}: mqa / gqa on where the CPU or GPU computes bfloat16 natively)",
+    )
+    p.add_argument(
         "--feature-dim",
         type=int_at_least(1),
         default=None,
@@ -306,6 +314,8 @@ def recipe_overrides(args, method: str) -> tuple[dict, dict]:
         sources["hybrid"] = "--no-hybrid"
     if args.gradient_checkpointing is False:
         sources["gradient_checkpointing"] = "--no-gradient-checkpointing"
+    if args.bf16 is False:
+        sources["bf16"] = "--no-bf16"
     if options:
         overrides["options"] = options
     return overrides, sources

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from .uptraining import CHECKPOINT_STAGE2_ONLY, UptrainConfig
+from .uptraining import CHECKPOINT_STAGE2_ONLY, UptrainConfig, native_bf16
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class Recipe:
             only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but stage 1 without the
             attention-score loss only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
             with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`).
+        bf16: bfloat16 mixed precision in both stages (the `Trainer`'s `bf16`: weights, optimizer and losses in
+            float32, matrix products in bfloat16; the teacher's forward too); None: on where the hardware computes
+            bfloat16 matrix products natively (`native_bf16`), off elsewhere.
     """
 
     method: str
@@ -62,6 +65,7 @@ class Recipe:
     lora_rank: int = 16
     seq_len: int | None = None
     gradient_checkpointing: bool | str | None = None
+    bf16: bool | None = False
 
     def validate(self) -> None:
         """Raise ValueError naming the field, its value and what is allowed (the rest is checked by
@@ -80,6 +84,8 @@ class Recipe:
                 f"recipe setting gradient_checkpointing must be True, False, 'finetune' (stage 2 only) or None (auto), "
                 f"got {self.gradient_checkpointing!r}"
             )
+        if self.bf16 not in (None, True, False):
+            raise ValueError(f"recipe setting bf16 must be True, False or None (auto), got {self.bf16!r}")
         if not isinstance(self.options, dict):
             raise ValueError(f"recipe setting options must be a dict, got {self.options!r}")
 
@@ -192,8 +198,8 @@ RECIPES = {
         {"feature_dim": 64, "hybrid": True, "window": 64, "window_init": 4.0},
         **_LAYER_TRANSFER_THEN_FULL,
     ),
-    "mqa": Recipe("mqa", {"init": "calibrated"}, **_POOL_THEN_FULL),
-    "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "calibrated"}, **_POOL_THEN_FULL),
+    "mqa": Recipe("mqa", {"init": "calibrated"}, **_POOL_THEN_FULL, bf16=None),
+    "gqa": Recipe("gqa", {"num_key_value_heads": 2, "init": "calibrated"}, **_POOL_THEN_FULL, bf16=None),
     # linear (elu + 1) and fast (fastmax) have no learned feature map: the pooling recipe's layer transfer (the
     # attention projections regressed onto the original's module outputs), then full fine-tuning with distillation.
     # Not tuned (the defaults of `hf-fastattn convert --method linear / fast`).
@@ -380,6 +386,7 @@ class RecipePlan:
             warmup_steps=int(r.warmup * self.finetune_steps),
             lora_rank=r.lora_rank,
             gradient_checkpointing=r.gradient_checkpointing,
+            bf16=r.bf16,
             distill_weight=r.distill,
             distill_hidden_weight=r.hidden,
             transfer_score_weight=r.score,
@@ -461,6 +468,10 @@ def make_plan(
             source += f"; stage 2 only: stage-1 steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
         sources["gradient_checkpointing"] = source
         r = dataclasses.replace(r, gradient_checkpointing=on)
+    if r.bf16 is None:
+        on, source = native_bf16()
+        sources["bf16"] = source
+        r = dataclasses.replace(r, bf16=on)
     if (max_tokens is None) == (steps is None):
         raise ValueError("give the budget as max_tokens (tokens, every stage counted) or as steps, not both")
     if max_tokens is not None:

@@ -112,7 +112,7 @@ class DistillationTrainer(Trainer):
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
         keys = ("input_ids", "attention_mask", "token_type_ids")
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():  # bf16 mixed precision (`args.bf16`) as the student's
             teacher_out = self.teacher(**{k: v for k, v in inputs.items() if k in keys}, **hidden)
         mask = inputs.get("attention_mask")
         mask = torch.ones(outputs.logits.shape[:2], device=device) if mask is None else mask.to(torch.float32)
@@ -141,7 +141,8 @@ class AttentionTransferTrainer(Trainer):
         self.score_weight = score_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss = attention_transfer_loss(model, inputs, self.score_weight)
+        with self.accelerator.autocast():  # bf16 mixed precision (`args.bf16`); a no-op without
+            loss = attention_transfer_loss(model, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -190,7 +191,8 @@ class LayerTransferTrainer(Trainer):
         device = inputs["input_ids"].device
         if next(self.teacher.parameters()).device != device:
             self.teacher.to(device)
-        loss = layer_transfer_loss(model, self.teacher, inputs, self.score_weight)
+        with self.accelerator.autocast():  # bf16 mixed precision (`args.bf16`); a no-op without
+            loss = layer_transfer_loss(model, self.teacher, inputs, self.score_weight)
         return (loss, None) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

@@ -12,8 +12,11 @@ this asks only for the operators' own large buffers. Elsewhere (other systems, G
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import os
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -66,3 +69,57 @@ def _fault_in(x: torch.Tensor) -> None:
     unchanged). One strided write of a few elements (too few for torch to split over threads); `x` is the fresh,
     contiguous, non-empty tensor `empty` made."""
     x.view(-1)[:: _HUGE_PAGE // x.element_size()].zero_()
+
+
+# glibc's mallopt parameters and their defaults
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# the user's own malloc settings, which `reuse_freed_memory` leaves alone
+_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")
+
+
+def _load_glibc_malloc():
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        functions = libc.mallopt, libc.malloc_trim, libc.gnu_get_libc_version
+    except (OSError, AttributeError):  # not glibc (musl, ...)
+        return None
+    functions[0].argtypes, functions[0].restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    functions[1].argtypes, functions[1].restype = [ctypes.c_size_t], ctypes.c_int
+    return functions[:2]
+
+
+_glibc_malloc = _load_glibc_malloc()
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[bool]:
+    """Inside, glibc's malloc serves large CPU tensors from its heap and keeps what is freed for the next ones, as
+    jemalloc or tcmalloc would, instead of mapping fresh pages for each and unmapping them when freed (the default
+    above 128 KiB to 32 MiB). A training step allocates and frees the same large tensors step after step (at 2 x
+    2048 tokens and a 49K vocabulary, 0.8 GB of logits): with fresh pages each time, faulting them in costs more than
+    the arithmetic on them. Measured on SmolLM2-135M, 2 x 2048-token steps of stage 2 (distillation) on 2 cores of
+    an AMD EPYC: float32 58 -> 44 s per step, bfloat16 autocast 39 -> 21 s. The price: the process keeps its peak
+    memory while inside (it is handed back, `malloc_trim`, on the way out). Yields whether it applies: not outside
+    glibc, nor when the environment sets malloc's own parameters (`MALLOC_MMAP_MAX_`, `GLIBC_TUNABLES`, ...), which
+    are left as the user set them; nested uses apply once."""
+    global _reusing
+    if _glibc_malloc is None or _reusing or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
+        yield False
+        return
+    mallopt, malloc_trim = _glibc_malloc
+    _reusing = True
+    try:
+        mallopt(_M_MMAP_MAX, 0)  # no mmap: large blocks come from the heap, and go back to it
+        mallopt(_M_TRIM_THRESHOLD, -1)  # never trim the heap's free top (-1: glibc takes it as SIZE_MAX)
+        yield True
+    finally:
+        mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+        mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+        malloc_trim(0)
+        _reusing = False
+
+
+_reusing = False

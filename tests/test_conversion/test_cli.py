@@ -370,15 +370,21 @@ def test_each_method_defaults_to_its_recipe(method):
     import dataclasses
 
     from hf_fastattn.conversion.recipes import RECIPES
+    from hf_fastattn.conversion.uptraining import native_bf16
 
     # the recipe's blocks are the model's context: 256 positions here (the tiny models'), at most MAX_SEQ_LEN
     recipe = dataclasses.replace(RECIPES[method], seq_len=256)
     plan = _plan_of("--method", method, "--max-tokens", "204800", context=256)
-    assert plan.name == method and plan.sources == {
+    expected = {
         "seq_len": "the model's context (256 positions), at most 2048",
         "gradient_checkpointing": "blocks of 256 tokens (< 1024)",
     }
-    assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(dataclasses.replace(recipe, gradient_checkpointing=False))
+    bf16 = recipe.bf16
+    if bf16 is None:  # the mqa / gqa recipes: bfloat16 where the hardware has it
+        bf16, expected["bf16"] = native_bf16()
+    assert plan.name == method and plan.sources == expected
+    resolved = dataclasses.replace(recipe, gradient_checkpointing=False, bf16=bf16)
+    assert dataclasses.asdict(plan.recipe) == dataclasses.asdict(resolved)
     blocks = 204800 // recipe.seq_len
     transfer = int(blocks * recipe.transfer) // recipe.transfer_batch
     assert plan.transfer_steps == transfer

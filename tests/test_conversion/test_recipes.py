@@ -213,6 +213,7 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     distillation, on 16 blocks of 32 tokens)."""
     from hf_fastattn.conversion.recipes import RECIPES
     from hf_fastattn.conversion.runner import convert_with_recipe
+    from hf_fastattn.conversion.uptraining import native_bf16
 
     teacher = tiny_model("llama")
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -221,7 +222,11 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
         teacher, "mqa", data, 16 * 32, overrides={"seq_len": 32}, output_dir=str(tmp_path)
     )
     assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr
-    assert plan.sources == {"seq_len": "override", "gradient_checkpointing": "blocks of 32 tokens (< 1024)"}
+    assert plan.sources == {
+        "seq_len": "override",
+        "gradient_checkpointing": "blocks of 32 tokens (< 1024)",
+        "bf16": native_bf16()[1],
+    }
     assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
     assert model.config.fastattn_conversion == {"method": "mqa", "init": "calibrated"} and not model.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())

@@ -1,0 +1,183 @@
+"""bfloat16 mixed precision in uptraining (`UptrainConfig.bf16`, the recipes' `bf16`, `--bf16`), and the reuse of
+freed memory during it (`ops.memory.reuse_freed_memory`)."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from hf_fastattn.conversion import convert
+from hf_fastattn.conversion.data import lm_dataset
+from hf_fastattn.conversion.recipes import RECIPES, make_plan
+from hf_fastattn.conversion.uptraining import UptrainConfig, native_bf16, uptrain
+from hf_fastattn.ops import memory
+
+
+def _dataset(tokenizer, text, n=32):
+    return lm_dataset(text[:20_000], tokenizer, n)
+
+
+def _record_dtypes(model, out: list):
+    """Record the output dtype of every nn.Linear of `model` into `out`; returns the hook handles."""
+    return [
+        m.register_forward_hook(lambda _m, _a, y: out.append(y.dtype))
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+
+
+@pytest.mark.parametrize("stage", ["layer transfer", "distillation"])
+@pytest.mark.parametrize("bf16", [True, False])
+def test_each_stage_runs_student_and_teacher_in_the_precision_asked(stage, bf16, tokenizer, text, tmp_path):
+    """With bf16, the student's and the teacher's matrix products run in bfloat16 (autocast) in both stages; the
+    weights stay float32 (mixed precision, not a cast model). Without, everything is float32."""
+    teacher = tiny_model("llama", vocab_size=len(tokenizer))
+    model = convert(teacher, "mqa")
+    layer = stage == "layer transfer"
+    cfg = UptrainConfig(
+        transfer_steps=1 if layer else 0,
+        transfer_mode="layer",
+        finetune="none" if layer else "full",
+        finetune_steps=0 if layer else 1,
+        distill_weight=1.0,
+        batch_size=2,
+        bf16=bf16,
+        output_dir=str(tmp_path),
+    )
+    student_dtypes, teacher_dtypes = [], []
+    handles = _record_dtypes(model, student_dtypes) + _record_dtypes(teacher, teacher_dtypes)
+    try:
+        uptrain(model, _dataset(tokenizer, text), cfg, teacher=teacher)
+    finally:
+        for h in handles:
+            h.remove()
+    expected = torch.bfloat16 if bf16 else torch.float32
+    assert student_dtypes and teacher_dtypes
+    assert set(student_dtypes) == {expected} and set(teacher_dtypes) == {expected}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
+
+
+def test_bf16_training_follows_float32_training(tokenizer, text, tmp_path):
+    """The same steps in bfloat16 mixed precision move the weights as float32 training does, within bfloat16's
+    rounding: the two updates point the same way and have about the same size."""
+    teacher = tiny_model("llama", vocab_size=len(tokenizer))
+    data = _dataset(tokenizer, text)
+    start = {n: p.detach().clone() for n, p in convert(teacher, "mqa").named_parameters()}
+    updates = {}
+    for bf16 in (False, True):
+        torch.manual_seed(0)
+        model = convert(teacher, "mqa")
+        cfg = UptrainConfig(
+            finetune="full", finetune_steps=4, finetune_lr=1e-3, distill_weight=1.0, batch_size=2, bf16=bf16,
+            output_dir=str(tmp_path / str(bf16)),
+        )
+        uptrain(model, data, cfg, teacher=teacher)
+        updates[bf16] = torch.cat([(p.detach() - start[n]).flatten() for n, p in model.named_parameters()])
+    full, mixed = updates[False], updates[True]
+    assert full.norm() > 0
+    cosine = torch.nn.functional.cosine_similarity(full, mixed, dim=0)
+    assert cosine > 0.9, cosine
+    assert 0.8 < mixed.norm() / full.norm() < 1.25
+
+
+def test_mqa_and_gqa_recipes_take_bf16_where_the_hardware_has_it():
+    """The mqa / gqa recipes leave bf16 to the machine (`native_bf16`), and the plan says so; the other recipes
+    train in float32 unless asked; `--bf16` / `--no-bf16` (overrides) win and are named as the source."""
+    on, why = native_bf16()
+    for name in ("mqa", "gqa"):
+        plan = make_plan(recipe=name, max_tokens=8192, context=256)
+        assert RECIPES[name].bf16 is None
+        assert plan.recipe.bf16 is on and plan.sources["bf16"] == why
+        assert plan.uptrain_config().bf16 is on
+    for name in ("hedgehog", "t2r", "linear"):
+        plan = make_plan(recipe=name, max_tokens=8192, context=256)
+        assert plan.recipe.bf16 is False and "bf16" not in plan.sources
+    plan = make_plan(recipe="mqa", max_tokens=8192, context=256, overrides={"bf16": False}, sources={"bf16": "--no-bf16"})
+    assert plan.recipe.bf16 is False and plan.sources["bf16"] == "--no-bf16"
+    assert make_plan(recipe="hedgehog", max_tokens=8192, context=256, overrides={"bf16": True}).recipe.bf16 is True
+    with pytest.raises(ValueError, match="recipe setting bf16 must be True, False or None"):
+        make_plan(recipe="mqa", max_tokens=8192, overrides={"bf16": "yes"})
+    with pytest.raises(ValueError, match="bf16 must be True or False"):
+        UptrainConfig(bf16=None)
+
+
+def test_native_bf16_reads_the_cpu_features(monkeypatch):
+    """Off, and saying why, on a CPU without AVX512-BF16 or AMX; on, naming the feature, where one is present."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    assert native_bf16() == (False, "this CPU has no native bfloat16 (AVX512-BF16 or AMX): float32")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    on, why = native_bf16()
+    assert on and "AMX" in why
+
+
+def test_the_cli_flag_sets_bf16():
+    from hf_fastattn.conversion import cli
+
+    def plan_of(*argv):
+        args = cli.build_parser().parse_args(["SRC", "--train-file", "t.txt", "--out", "o", "--max-tokens", "8k", *argv])
+        return cli.make_cli_plan(args, cli.method_of(args), context=256)
+
+    plan = plan_of("--method", "mqa", "--no-bf16")
+    assert plan.recipe.bf16 is False and plan.sources["bf16"] == "--no-bf16"
+    plan = plan_of("--method", "hedgehog", "--bf16")
+    assert plan.recipe.bf16 is True and plan.sources["bf16"] == "--bf16"
+    assert any(line.split()[:2] == ["bf16", "True"] for line in plan.describe())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# reuse of freed memory
+
+needs_glibc = pytest.mark.skipif(memory._glibc_malloc is None, reason="glibc's malloc only (Linux with glibc)")
+MIB = 1 << 20
+
+
+def _faults_of_a_fresh_tensor(nbytes: int = 64 * MIB) -> int:
+    """Minor page faults of allocating and filling a tensor of `nbytes`, after one of the same size was freed."""
+    warm = torch.empty(nbytes // 4)
+    warm.fill_(1.0)
+    del warm
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    x = torch.empty(nbytes // 4)
+    x.fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    del x
+    return faults
+
+
+def _transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@needs_glibc
+def test_freed_memory_is_reused_inside_and_given_back_after(monkeypatch):
+    """Inside, a large tensor freed and allocated again reuses the same pages (almost no page faults); outside
+    (before and after: the settings are restored) each one faults its pages in afresh."""
+    for name in memory._MALLOC_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    pages = 64 * MIB // resource.getpagesize()
+    if not _transparent_huge_pages_always():  # with huge pages everywhere a fresh tensor faults ~500x less
+        assert _faults_of_a_fresh_tensor() > pages // 2
+    with memory.reuse_freed_memory() as applied:
+        assert applied
+        assert _faults_of_a_fresh_tensor() < pages // 20
+        with memory.reuse_freed_memory() as nested:
+            assert not nested  # applied once; the outer one restores
+    if not _transparent_huge_pages_always():
+        assert _faults_of_a_fresh_tensor() > pages // 2
+
+
+@needs_glibc
+def test_the_users_malloc_settings_are_left_alone(monkeypatch):
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    with memory.reuse_freed_memory() as applied:
+        assert not applied
