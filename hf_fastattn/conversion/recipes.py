@@ -149,7 +149,9 @@ _LAYER_TRANSFER_THEN_FULL = dict(
 # (three quarters layer transfer at batch 1, fine-tuning at batch 1) did worse: 1.098x / 1.130x at 512 / 2048 after
 # 428K tokens against this recipe's 1.060x / 1.102x after 348K (README, stop 32). Training blocks of 512 tokens
 # (stop 34) learn faster per token (40K tokens: 1.21x / 1.27x; 2048-token blocks: 1.61x / 1.78x after 29K, 1.19x /
-# 1.25x after 98K) but carry over less to 2048-token contexts: 1.049x / 1.119x after 240K tokens (45.5 min)
+# 1.25x after 98K) but carry over less to 2048-token contexts: 1.049x / 1.119x after 240K tokens (45.5 min). In
+# bfloat16 mixed precision where the hardware has it (bf16=None; stop 35, AMD EPYC with AVX512-BF16: stage-2 steps
+# 28-30 s instead of 63.5 with float32 and fresh pages): 1.049x / 1.093x after 397K tokens in 41.7 min
 _POOL_THEN_FULL = dict(
     transfer=0.25,
     transfer_mode="layer",

@@ -286,6 +286,15 @@ def uptrain(
         return _uptrain(model, train_dataset, cfg, data_collator, teacher)
 
 
+def _train(trainer: Trainer) -> None:
+    """`trainer.train()`, then the model's own forward back: under `bf16` accelerate wraps the model's `forward` in
+    autocast, and left there the returned model would keep computing in bfloat16 (its K/V cache too)."""
+    try:
+        trainer.train()
+    finally:
+        trainer.accelerator.unwrap_model(trainer.model_wrapped, keep_fp32_wrapper=False)
+
+
 def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator, teacher) -> nn.Module:
     has_maps = any(_is_new_parameter(n) for n, _ in model.named_parameters())
     distills = cfg.distill_weight > 0 or cfg.distill_hidden_weight > 0
@@ -316,7 +325,7 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
             score_weight=cfg.transfer_score_weight,
         )
         with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
-            trainer.train()
+            _train(trainer)
     elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
         args = training_arguments(
@@ -330,7 +339,7 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
             score_weight=cfg.transfer_score_weight,
         )
         with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
-            trainer.train()
+            _train(trainer)
     if cfg.finetune_steps and cfg.finetune != "none":
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
         if cfg.finetune != "lora":
@@ -353,7 +362,7 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
         if cfg.finetune == "lora":
             refuse_fsdp(trainer, "finetune='lora' (its adapters are merged after training)")
         with activation_checkpointing(target, bool(cfg.gradient_checkpointing)):
-            trainer.train()
+            _train(trainer)
         if cfg.finetune == "lora":
             model = target.merge_and_unload()
     for p in model.parameters():

@@ -99,9 +99,9 @@ def reuse_freed_memory() -> Iterator[bool]:
     """Inside, glibc's malloc serves large CPU tensors from its heap and keeps what is freed for the next ones, as
     jemalloc or tcmalloc would, instead of mapping fresh pages for each and unmapping them when freed (the default
     above 128 KiB to 32 MiB). A training step allocates and frees the same large tensors step after step (at 2 x
-    2048 tokens and a 49K vocabulary, 0.8 GB of logits): with fresh pages each time, faulting them in costs more than
-    the arithmetic on them. Measured on SmolLM2-135M, 2 x 2048-token steps of stage 2 (distillation) on 2 cores of
-    an AMD EPYC: float32 58 -> 44 s per step, bfloat16 autocast 39 -> 21 s. The price: the process keeps its peak
+    2048 tokens and a 49K vocabulary, 0.8 GB of logits): with fresh pages each time, faulting them in is a large part of
+    the step. Measured on SmolLM2-135M, 2 x 2048-token steps of stage 2 (distillation) on 2 cores of
+    an AMD EPYC: float32 58 -> 46 s per step, bfloat16 autocast 39 -> 30 s. The price: the process keeps its peak
     memory while inside (it is handed back, `malloc_trim`, on the way out). Yields whether it applies: not outside
     glibc, nor when the environment sets malloc's own parameters (`MALLOC_MMAP_MAX_`, `GLIBC_TUNABLES`, ...), which
     are left as the user set them; nested uses apply once."""
