@@ -79,19 +79,22 @@ _MALLOC_ENVIRONMENT = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMA
 
 
 def _load_glibc_malloc():
+    """(mallopt, malloc_trim) of glibc, or None (another system or C library)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(None)
-        functions = libc.mallopt, libc.malloc_trim, libc.gnu_get_libc_version
-    except (OSError, AttributeError):  # not glibc (musl, ...)
+        libc.gnu_get_libc_version  # noqa: B018 (present in glibc only: musl has mallopt but not its parameters)
+        mallopt, malloc_trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
         return None
-    functions[0].argtypes, functions[0].restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    functions[1].argtypes, functions[1].restype = [ctypes.c_size_t], ctypes.c_int
-    return functions[:2]
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return mallopt, malloc_trim
 
 
 _glibc_malloc = _load_glibc_malloc()
+_reusing = False  # inside `reuse_freed_memory`
 
 
 @contextlib.contextmanager
@@ -104,7 +107,8 @@ def reuse_freed_memory() -> Iterator[bool]:
     an AMD EPYC: float32 58 -> 46 s per step, bfloat16 autocast 39 -> 30 s. The price: the process keeps its peak
     memory while inside (it is handed back, `malloc_trim`, on the way out). Yields whether it applies: not outside
     glibc, nor when the environment sets malloc's own parameters (`MALLOC_MMAP_MAX_`, `GLIBC_TUNABLES`, ...), which
-    are left as the user set them; nested uses apply once."""
+    are left as the user set them; nested uses apply once. A thread whose malloc arena is not the main one still maps
+    blocks above 64 MiB afresh (glibc's per-thread heaps are at most that size)."""
     global _reusing
     if _glibc_malloc is None or _reusing or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
         yield False
@@ -120,6 +124,3 @@ def reuse_freed_memory() -> Iterator[bool]:
         mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
         malloc_trim(0)
         _reusing = False
-
-
-_reusing = False

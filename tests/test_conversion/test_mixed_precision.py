@@ -1,9 +1,7 @@
-"""bfloat16 mixed precision in uptraining (`UptrainConfig.bf16`, the recipes' `bf16`, `--bf16`), and the reuse of
-freed memory during it (`ops.memory.reuse_freed_memory`)."""
+"""bfloat16 mixed precision in uptraining (`UptrainConfig.bf16`, the recipes' `bf16`, `--bf16`). The reuse of freed
+memory during uptraining (`ops.memory.reuse_freed_memory`) is tested in `tests/test_ops/test_memory.py`."""
 
 from __future__ import annotations
-
-import resource
 
 import pytest
 import torch
@@ -13,14 +11,13 @@ from hf_fastattn.conversion import convert
 from hf_fastattn.conversion.data import lm_dataset
 from hf_fastattn.conversion.recipes import RECIPES, make_plan
 from hf_fastattn.conversion.uptraining import UptrainConfig, native_bf16, uptrain
-from hf_fastattn.ops import memory
 
 
 def _dataset(tokenizer, text, n=32):
     return lm_dataset(text[:20_000], tokenizer, n)
 
 
-def convert_back_free_forward(model, ids):
+def _class_forward_logits(model, ids):
     """The logits of `model`'s class forward (whatever wrapper its instance `forward` may carry)."""
     return type(model).forward(model, ids).logits
 
@@ -68,7 +65,7 @@ def test_each_stage_runs_student_and_teacher_in_the_precision_asked(stage, bf16,
     ids = torch.randint(0, len(tokenizer), (1, 16))
     with torch.no_grad():
         assert model(ids).logits.dtype == torch.float32
-        torch.testing.assert_close(model(ids).logits, convert_back_free_forward(model, ids))
+        torch.testing.assert_close(model(ids).logits, _class_forward_logits(model, ids))
 
 
 def test_bf16_training_follows_float32_training(tokenizer, text, tmp_path):
@@ -138,60 +135,3 @@ def test_the_cli_flag_sets_bf16():
     plan = plan_of("--method", "hedgehog", "--bf16")
     assert plan.recipe.bf16 is True and plan.sources["bf16"] == "--bf16"
     assert any(line.split()[:2] == ["bf16", "True"] for line in plan.describe())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# reuse of freed memory
-
-needs_glibc = pytest.mark.skipif(memory._glibc_malloc is None, reason="glibc's malloc only (Linux with glibc)")
-MIB = 1 << 20
-
-
-def _faults_of_a_fresh_tensor(nbytes: int = 64 * MIB) -> int:
-    """Minor page faults of allocating and filling a tensor of `nbytes`, after one of the same size was freed."""
-    warm = torch.empty(nbytes // 4)
-    warm.fill_(1.0)
-    del warm
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.empty(nbytes // 4)
-    x.fill_(1.0)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-    del x
-    return faults
-
-
-def _transparent_huge_pages_always() -> bool:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            return "[always]" in f.read()
-    except OSError:
-        return False
-
-
-@needs_glibc
-def test_freed_memory_is_reused_inside_and_given_back_after(monkeypatch):
-    """Inside, a large tensor freed and allocated again reuses the same pages (almost no page faults); outside
-    (before and after: the settings are restored) each one faults its pages in afresh."""
-    for name in memory._MALLOC_ENVIRONMENT:
-        monkeypatch.delenv(name, raising=False)
-    # 64 MiB: above glibc's largest mmap threshold (32 MiB), so mapped afresh by default
-    pages = 64 * MIB // resource.getpagesize()
-    if not _transparent_huge_pages_always():  # with huge pages everywhere a fresh tensor faults ~500x less
-        assert _faults_of_a_fresh_tensor() > pages // 2
-    with memory.reuse_freed_memory() as applied:
-        assert applied
-        # the heap grows on the first ones (sometimes twice: measured 0 or all pages), then its pages are reused,
-        # as a training loop's steps reuse the last one's
-        faults = [_faults_of_a_fresh_tensor() for _ in range(3)]
-        assert faults[-1] < pages // 20, faults
-        with memory.reuse_freed_memory() as nested:
-            assert not nested  # applied once; the outer one restores
-    if not _transparent_huge_pages_always():
-        assert _faults_of_a_fresh_tensor() > pages // 2
-
-
-@needs_glibc
-def test_the_users_malloc_settings_are_left_alone(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
-    with memory.reuse_freed_memory() as applied:
-        assert not applied
