@@ -31,19 +31,19 @@ def _record_dtypes(model, out: list):
     ]
 
 
-@pytest.mark.parametrize("stage", ["layer transfer", "distillation"])
+@pytest.mark.parametrize("stage", ["layer transfer", "distillation", "both"])
 @pytest.mark.parametrize("bf16", [True, False])
 def test_each_stage_runs_student_and_teacher_in_the_precision_asked(stage, bf16, tokenizer, text, tmp_path):
-    """With bf16, the student's and the teacher's matrix products run in bfloat16 (autocast) in both stages; the
-    weights stay float32 (mixed precision, not a cast model). Without, everything is float32."""
+    """With bf16, the student's and the teacher's matrix products run in bfloat16 (autocast) in both stages, also in
+    stage 2 after a stage 1 ("both": the first stage's autocast taken off the model must be put back for the second);
+    the weights stay float32 (mixed precision, not a cast model). Without, everything is float32."""
     teacher = tiny_model("llama", vocab_size=len(tokenizer))
     model = convert(teacher, "mqa")
-    layer = stage == "layer transfer"
     cfg = UptrainConfig(
-        transfer_steps=1 if layer else 0,
+        transfer_steps=0 if stage == "distillation" else 1,
         transfer_mode="layer",
-        finetune="none" if layer else "full",
-        finetune_steps=0 if layer else 1,
+        finetune="none" if stage == "layer transfer" else "full",
+        finetune_steps=0 if stage == "layer transfer" else 1,
         distill_weight=1.0,
         batch_size=2,
         bf16=bf16,
