@@ -227,7 +227,8 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
         "gradient_checkpointing": "blocks of 32 tokens (< 1024)",
         "bf16": native_bf16()[1],
     }
-    assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 6, 16 * 32)
+    # a quarter of the 16 blocks for stage 1 (2 steps of 2), the other 12 for stage 2 at the recipe's batch
+    assert (plan.transfer_steps, plan.finetune_steps, plan.tokens) == (2, 12 // RECIPES["mqa"].batch, 16 * 32)
     assert model.config.fastattn_conversion == {"method": "mqa", "init": "calibrated"} and not model.training
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     # without the override the blocks are the model's context (its 256 positions)
