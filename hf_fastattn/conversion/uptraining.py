@@ -297,7 +297,7 @@ def _train(trainer: Trainer) -> None:
     finally:
         wrapped = trainer.model_wrapped
         model = trainer.accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
-        for prepared in {id(m): m for m in (wrapped, model, trainer.model)}.values():
+        for prepared in (wrapped, model):  # the DDP wrapper, if any, and the model itself
             prepared.__dict__.pop("_is_accelerate_prepared", None)
 
 
