@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(args) -> int:
     from .distill import lm_dataset, perplexity, split_text
     from .families import family_of, head_counts, learned_position_limit
-    from .recipes import context_length
+    from .recipes import activation_width, context_length
     from .runner import run_plan
 
     main_process = int(os.environ.get("RANK", "0")) == 0
@@ -158,7 +158,9 @@ def run(args) -> int:
     causal = family.causal
     # the plan again, knowing the model: an encoder's drops what needs a causal LM (stage 2, the hybrid), saying so;
     # the recipe's default block length is the model's context (at most recipes.MAX_SEQ_LEN)
-    plan = make_cli_plan(args, method, causal=causal, context=context_length(config))
+    plan = make_cli_plan(
+        args, method, causal=causal, context=context_length(config), width=activation_width(config)
+    )
     seq_len = plan.recipe.seq_len
     seq_len_flag = f"--seq-len {seq_len}" + ("" if args.seq_len else f" ({plan.source('seq_len')})")
     try:

@@ -321,7 +321,7 @@ def recipe_overrides(args, method: str) -> tuple[dict, dict]:
     return overrides, sources
 
 
-def make_cli_plan(args, method: str, causal: bool = True, context: int | None = None):
+def make_cli_plan(args, method: str, causal: bool = True, context: int | None = None, width: int | None = None):
     """The `RecipePlan` of this command line: the recipe, the flags given, the budget; checks the combination."""
     from .core import method_config
     from .recipes import make_plan
@@ -337,6 +337,7 @@ def make_cli_plan(args, method: str, causal: bool = True, context: int | None = 
         sources=sources,
         causal=causal,
         context=context,
+        width=width,
     )
     if plan.recipe.score and plan.options.get("hybrid"):
         raise ValueError(

@@ -40,9 +40,11 @@ class Recipe:
         seq_len: tokens per training block (the budget is counted in these blocks), at most the model's context;
             None (the default): the model's context, its `max_position_embeddings` (or `n_positions`, ...), at most `MAX_SEQ_LEN`.
         gradient_checkpointing: activation checkpointing of the decoder layers in both stages ("finetune": stage 2
-            only); None (the default): on for blocks of `CHECKPOINT_FROM` tokens or more, but stage 1 without the
-            attention-score loss only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2048 tokens: stage 2 peaks at 8.1 GiB
-            with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`).
+            only); None (the default): stage 2 from `CHECKPOINT_ACTIVATIONS` tokens per step x hidden size x layers
+            (the model's size unknown: blocks of `CHECKPOINT_FROM` tokens or more), stage 1 without the
+            attention-score loss only from steps of `TRANSFER_CHECKPOINT_FROM` tokens (SmolLM2-135M at 2 x 2048
+            tokens: stage 2 peaks at 8.1 GiB with it, about 20 GiB without; see `benchmarks/bench_uptrain_memory.py`;
+            at 1 x 2048 it is left off, an 8.2 GB process). See `_auto_checkpointing`.
         bf16: bfloat16 mixed precision in both stages (the `Trainer`'s `bf16`: weights, optimizer and losses in
             float32, matrix products in bfloat16; the teacher's forward too); None: on where the hardware computes
             bfloat16 matrix products natively (`native_bf16`), off elsewhere.
@@ -225,10 +227,16 @@ RECIPES = {
 # the longest default training block: the recipes train at the model's context up to this many tokens (SmolLM2-135M:
 # 2048 of its 8192 positions; the small teacher of `bench conversion`: the 128 it was trained at)
 MAX_SEQ_LEN = 2048
-# from this block length on, gradient checkpointing is on unless a recipe or flag says otherwise: at 1024 tokens stage
-# 2 of SmolLM2-135M peaks at 10.8 GiB without it and 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about
-# one more forward per step
+# from this block length on, gradient checkpointing is on unless a recipe or flag says otherwise, for a model whose
+# size is not known to the plan: at 1024 tokens stage 2 of SmolLM2-135M at batch 2 peaks at 10.8 GiB without it and
+# 4.5 GiB with (`benchmarks/bench_uptrain_memory.py`), for about one more forward per step
 CHECKPOINT_FROM = 1024
+# knowing the model (`activation_width`: hidden size x layers), stage 2 is checkpointed from this many "activation
+# units" per step (tokens per step x hidden size x layers), what its stored activations grow with. SmolLM2-135M
+# (576 x 30) at one 2048-token block per step is 35.4M: without checkpointing the mqa recipe's stage 2 (full
+# fine-tuning, bfloat16) is an 8.2 GB process and 8.1 instead of 9.8-10 s per step (stop 37, alone on 2 cores); at
+# two blocks (70.8M) it would need about 20 GiB. A 1B model (2048 x 16) is checkpointed from one 2048-token block.
+CHECKPOINT_ACTIVATIONS = 40_000_000
 # stage 1 (attention or layer transfer, fed the original's inputs) keeps only each layer's attention module for its
 # backward, while checkpointing recomputes whole layers, softmax attention and MLP included. SmolLM2-135M, alone on 2
 # cores: the hedgehog recipe's attention transfer (one 2048-token block per step) 12.6 -> 7.1 s per step without it
@@ -246,6 +254,21 @@ def context_length(config) -> int | None:
             value = getattr(cfg, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value >= 2:
                 return value
+    return None
+
+
+_WIDTH_FIELDS = ("hidden_size", "n_embd", "d_model", "dim")
+_DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def activation_width(config) -> int | None:
+    """hidden size x number of layers as the model's config states them (a multimodal config's `text_config`), or
+    None: what a training step's stored activations grow with per token (`CHECKPOINT_ACTIVATIONS`)."""
+    for cfg in (getattr(config, "text_config", None), config):
+        width = next((getattr(cfg, n) for n in _WIDTH_FIELDS if isinstance(getattr(cfg, n, None), int)), None)
+        depth = next((getattr(cfg, n) for n in _DEPTH_FIELDS if isinstance(getattr(cfg, n, None), int)), None)
+        if width and depth:
+            return width * depth
     return None
 
 
@@ -399,6 +422,35 @@ class RecipePlan:
         )
 
 
+def _auto_checkpointing(r: Recipe, width: int | None) -> tuple[Recipe, str]:
+    """(the recipe with `gradient_checkpointing` decided, the reason). Stage 2: on from `CHECKPOINT_ACTIVATIONS` units
+    per step (tokens per step x `width`), or, the model's size unknown, for blocks of `CHECKPOINT_FROM` tokens or more.
+    Stage 1 keeps only the attention modules' graphs: checkpointed only from steps of `TRANSFER_CHECKPOINT_FROM`
+    tokens, or with Hedgehog's attention-score loss (its N x N weights) at blocks of `CHECKPOINT_FROM` tokens or
+    more; otherwise "finetune" (stage 2 only). One flag covers both stages, so a stage 1 that needs it checkpoints stage 2 too."""
+    if width is None:
+        on = r.seq_len >= CHECKPOINT_FROM
+        source = f"blocks of {r.seq_len} tokens ({'>=' if on else '<'} {CHECKPOINT_FROM})"
+    else:
+        units = r.batch * r.seq_len * width
+        on = r.finetune != "none" and units >= CHECKPOINT_ACTIVATIONS
+        source = (
+            f"stage-2 steps of {r.batch} x {r.seq_len} tokens x {width} (hidden size x layers) = {units:,} "
+            f"({'>=' if on else '<'} {CHECKPOINT_ACTIVATIONS:,})"
+        )
+    step = r.transfer_batch * r.seq_len
+    scored = r.score > 0 and r.seq_len >= CHECKPOINT_FROM
+    stage1 = r.transfer > 0 and (step >= TRANSFER_CHECKPOINT_FROM or scored)
+    if stage1 and not on:
+        on = True
+        why = f"steps of {step} tokens (>= {TRANSFER_CHECKPOINT_FROM})" if not scored else "the attention-score loss"
+        source += f"; on for stage 1: {why}"
+    elif on and r.transfer > 0 and not stage1:
+        on = CHECKPOINT_STAGE2_ONLY
+        source += f"; stage 2 only: stage-1 steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
+    return dataclasses.replace(r, gradient_checkpointing=on), source
+
+
 def make_plan(
     method: str | None = None,
     recipe: str | None = None,
@@ -410,6 +462,7 @@ def make_plan(
     sources: dict[str, str] | None = None,
     causal: bool = True,
     context: int | None = None,
+    width: int | None = None,
 ) -> RecipePlan:
     """The plan of a conversion: `RECIPES[recipe]` (default: `method`'s default recipe) with `overrides` applied
     (recipe fields such as `lr=`, `batch=`, `seq_len=`; `options=` is merged into the recipe's options), and the
@@ -422,7 +475,8 @@ def make_plan(
     `sources` names where each override came from (the CLI passes its flags; default "override").
     `causal=False` (an encoder) drops what needs a causal LM: stage 2 (no LM head to fine-tune; asking for it is
     an error) and the sliding-window hybrid (unless asked for). `context`: the model's context in tokens
-    (`context_length(config)`), which sets a recipe's default block length (`default_seq_len`).
+    (`context_length(config)`), which sets a recipe's default block length (`default_seq_len`). `width`: hidden size
+    x layers (`activation_width(config)`), which decides the automatic gradient checkpointing (`_auto_checkpointing`).
     """
     if recipe is None:
         if method is None:
@@ -463,15 +517,7 @@ def make_plan(
             sources["seq_len"] = source
         r = dataclasses.replace(r, seq_len=seq_len)
     if r.gradient_checkpointing is None:
-        on = r.seq_len >= CHECKPOINT_FROM
-        relation = ">=" if on else "<"
-        source = f"blocks of {r.seq_len} tokens ({relation} {CHECKPOINT_FROM})"
-        step = r.transfer_batch * r.seq_len
-        if on and r.transfer > 0 and r.score == 0 and step < TRANSFER_CHECKPOINT_FROM:
-            on = CHECKPOINT_STAGE2_ONLY
-            source += f"; stage 2 only: stage-1 steps of {step} tokens (< {TRANSFER_CHECKPOINT_FROM})"
-        sources["gradient_checkpointing"] = source
-        r = dataclasses.replace(r, gradient_checkpointing=on)
+        r, sources["gradient_checkpointing"] = _auto_checkpointing(r, width)
     if r.bf16 is None:
         on, source = native_bf16()
         sources["bf16"] = source

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .recipes import RecipePlan, context_length, make_plan, recipe_seq_len
+from .recipes import RecipePlan, activation_width, context_length, make_plan, recipe_seq_len
 
 # tokens of the training data run through the original model for the statistics a calibrated init fits to ("mqa" /
 # "gqa" init="calibrated"); not counted in the training budget (forward only, no update): on SmolLM2-135M 8 blocks of
@@ -80,7 +80,8 @@ def convert_with_recipe(
 
     causal = family_of(teacher).causal
     context = context_length(teacher.config)
-    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal, context=context)
+    width = activation_width(teacher.config)
+    plan = make_plan(method, recipe, max_tokens, overrides=overrides, causal=causal, context=context, width=width)
     return run_plan(teacher, plan, dataset, output_dir, seed=seed), plan
 
 
@@ -91,6 +92,11 @@ def convert_and_uptrain(teacher, method: str, dataset, steps: int, batch_size: i
     `steps * batch_size * seq_len` stays the number of training tokens used. Kept for callers that count in steps;
     `convert_with_recipe` takes the budget in tokens."""
     seq_len = len(dataset[0]["input_ids"]) if dataset is not None else recipe_seq_len(method, teacher.config)
-    plan = make_plan(recipe=method, max_tokens=steps * batch_size * seq_len, overrides={"seq_len": seq_len})
+    plan = make_plan(
+        recipe=method,
+        max_tokens=steps * batch_size * seq_len,
+        overrides={"seq_len": seq_len},
+        width=activation_width(teacher.config),
+    )
     model = run_plan(teacher, plan, dataset, output_dir)
     return model, -(-plan.tokens // (batch_size * seq_len))

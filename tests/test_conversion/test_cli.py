@@ -434,8 +434,10 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
     import dataclasses
     import json
 
+    from transformers import AutoConfig
+
     import hf_fastattn.conversion.distill as distill
-    from hf_fastattn.conversion.recipes import RECIPE_FIELDS, RECIPES
+    from hf_fastattn.conversion.recipes import RECIPE_FIELDS, RECIPES, activation_width
 
     teachers = []
     real = distill.DistillationTrainer.compute_loss
@@ -455,7 +457,8 @@ def test_convert_cli_runs_the_default_recipe_with_the_teacher(tmp_path, src, tra
     printed = capsys.readouterr().out
     recipe = dataclasses.replace(RECIPES["t2r"], seq_len=256, gradient_checkpointing=False)
     context = "the model's context (256 positions), at most 2048"
-    checkpointing = "blocks of 256 tokens (< 1024)"
+    width = activation_width(AutoConfig.from_pretrained(src))  # hidden size x layers, read from SRC by the CLI
+    checkpointing = f"stage-2 steps of 1 x 256 tokens x {width} (hidden size x layers) = {256 * width:,} (< 40,000,000)"
     for name in RECIPE_FIELDS:  # each setting on its line, from the recipe (the block length from the model)
         source = {"seq_len": context, "gradient_checkpointing": checkpointing}.get(name, "recipe 't2r'")
         assert any(line.split()[:2] == [name, repr(getattr(recipe, name))] and source in line

@@ -216,6 +216,7 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     from hf_fastattn.conversion.uptraining import native_bf16
 
     teacher = tiny_model("llama")
+    assert teacher.config.hidden_size * teacher.config.num_hidden_layers == 128  # the plan reads the model's size
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     data = lm_dataset(text[:20_000], tokenizer, 32, max_blocks=64)
     model, plan = convert_with_recipe(
@@ -224,7 +225,7 @@ def test_convert_with_recipe_keeps_the_teacher(tmp_path, text, tokenizer):
     assert plan.name == "mqa" and plan.recipe.lr == RECIPES["mqa"].lr
     assert plan.sources == {
         "seq_len": "override",
-        "gradient_checkpointing": "blocks of 32 tokens (< 1024)",
+        "gradient_checkpointing": "stage-2 steps of 1 x 32 tokens x 128 (hidden size x layers) = 4,096 (< 40,000,000)",
         "bf16": native_bf16()[1],
     }
     # a quarter of the 16 blocks for stage 1 (2 steps of 2), the other 12 for stage 2 at the recipe's batch
@@ -335,3 +336,44 @@ def test_default_checkpointing_by_stage():
     assert plan("hedgehog", 2048, gradient_checkpointing=True).recipe.gradient_checkpointing is True
     with pytest.raises(ValueError, match="gradient_checkpointing must be True, False, 'finetune'"):
         plan("hedgehog", 2048, gradient_checkpointing="stage1")
+
+
+def test_default_checkpointing_by_model_size():
+    """Knowing the model, stage 2 is checkpointed by its stored activations: tokens per step x hidden size x layers
+    from `CHECKPOINT_ACTIVATIONS`. SmolLM2-135M at one 2048-token block is under it (no checkpointing), at two
+    blocks or a 1B model at one block over it; stage 1's own rule (steps of `TRANSFER_CHECKPOINT_FROM` tokens, the
+    attention-score loss) still holds, and without a known size the block-length rule of the test above."""
+    from transformers import GPT2Config, LlamaConfig, PretrainedConfig
+
+    from hf_fastattn.conversion.recipes import CHECKPOINT_ACTIVATIONS, activation_width, make_plan
+
+    smol = activation_width(LlamaConfig(hidden_size=576, num_hidden_layers=30))
+    big = activation_width(LlamaConfig(hidden_size=2048, num_hidden_layers=16))
+    assert (smol, big) == (576 * 30, 2048 * 16)
+    assert activation_width(GPT2Config(n_embd=64, n_layer=3)) == 192
+    assert activation_width(PretrainedConfig()) is None
+    assert 2048 * smol < CHECKPOINT_ACTIVATIONS <= 2 * 2048 * smol and 2048 * big >= CHECKPOINT_ACTIVATIONS
+
+    def plan(name, width, **overrides):
+        return make_plan(name, max_tokens=64 * 2048, context=8192, width=width, overrides=overrides)
+
+    mqa = plan("mqa", smol)  # the recipe's stage 2 at batch 1
+    assert mqa.recipe.gradient_checkpointing is False and mqa.uptrain_config().gradient_checkpointing is False
+    assert mqa.source("gradient_checkpointing") == (
+        "stage-2 steps of 1 x 2048 tokens x 17280 (hidden size x layers) = 35,389,440 (< 40,000,000)"
+    )
+    assert plan("mqa", smol, batch=2).recipe.gradient_checkpointing == "finetune"
+    assert plan("gqa", smol).recipe.gradient_checkpointing == "finetune"  # batch 2
+    assert plan("mqa", big).recipe.gradient_checkpointing == "finetune"
+    assert plan("mqa", smol, seq_len=512).recipe.gradient_checkpointing is False
+    assert plan("hedgehog", smol).recipe.gradient_checkpointing is False
+    stage1 = plan("hedgehog", smol, transfer_batch=4)  # 8192-token attention-transfer steps
+    assert stage1.recipe.gradient_checkpointing is True
+    assert stage1.source("gradient_checkpointing").endswith("; on for stage 1: steps of 8192 tokens (>= 8192)")
+    scored = plan("t2r", smol)  # the attention-score loss at 2048 tokens: N x N weights per layer and head
+    assert scored.recipe.gradient_checkpointing is True
+    assert scored.source("gradient_checkpointing").endswith("; on for stage 1: the attention-score loss")
+    assert plan("mqa", smol, gradient_checkpointing=True).recipe.gradient_checkpointing is True
+    assert plan("mqa", None).recipe.gradient_checkpointing == "finetune"  # blocks of 2048 >= CHECKPOINT_FROM
+    tiny = activation_width(LlamaConfig(hidden_size=64, num_hidden_layers=2))
+    assert plan("hedgehog", tiny, seq_len=128).recipe.gradient_checkpointing is False
