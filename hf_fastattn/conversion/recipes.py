@@ -263,14 +263,13 @@ _DEPTH_FIELDS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 
 def activation_width(config) -> int | None:
-    """hidden size x number of layers as the model's config states them (a multimodal config's `text_config`), or
-    None: what a training step's stored activations grow with per token (`CHECKPOINT_ACTIVATIONS`)."""
-    for cfg in (getattr(config, "text_config", None), config):
-        width = next((getattr(cfg, n) for n in _WIDTH_FIELDS if isinstance(getattr(cfg, n, None), int)), None)
-        depth = next((getattr(cfg, n) for n in _DEPTH_FIELDS if isinstance(getattr(cfg, n, None), int)), None)
-        if width and depth:
-            return width * depth
-    return None
+    """hidden size x number of layers as the model's (text) config states them, or None: what a training step's
+    stored activations grow with per token (`CHECKPOINT_ACTIVATIONS`)."""
+    from .families import _int_attr, _text_config
+
+    text = _text_config(config)
+    width, depth = _int_attr(text, _WIDTH_FIELDS), _int_attr(text, _DEPTH_FIELDS)
+    return width * depth if width and depth else None
 
 
 def default_seq_len(context: int | None) -> tuple[int, str]:
