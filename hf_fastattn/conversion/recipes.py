@@ -428,6 +428,8 @@ def _auto_checkpointing(r: Recipe, width: int | None) -> tuple[Recipe, str]:
     Stage 1 keeps only the attention modules' graphs: checkpointed only from steps of `TRANSFER_CHECKPOINT_FROM`
     tokens, or with Hedgehog's attention-score loss (its N x N weights) at blocks of `CHECKPOINT_FROM` tokens or
     more; otherwise "finetune" (stage 2 only). One flag covers both stages, so a stage 1 that needs it checkpoints stage 2 too."""
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise ValueError(f"width must be hidden size x layers, an int >= 1 (or None: unknown), got {width!r}")
     if width is None:
         on = r.seq_len >= CHECKPOINT_FROM
         source = f"blocks of {r.seq_len} tokens ({'>=' if on else '<'} {CHECKPOINT_FROM})"

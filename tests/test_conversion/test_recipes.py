@@ -375,5 +375,8 @@ def test_default_checkpointing_by_model_size():
     assert scored.source("gradient_checkpointing").endswith("; on for stage 1: the attention-score loss")
     assert plan("mqa", smol, gradient_checkpointing=True).recipe.gradient_checkpointing is True
     assert plan("mqa", None).recipe.gradient_checkpointing == "finetune"  # blocks of 2048 >= CHECKPOINT_FROM
+    for bad in (0, -5, 1.5, "576"):
+        with pytest.raises(ValueError, match=r"width must be hidden size x layers, an int >= 1"):
+            plan("mqa", bad)
     tiny = activation_width(LlamaConfig(hidden_size=64, num_hidden_layers=2))
     assert plan("hedgehog", tiny, seq_len=128).recipe.gradient_checkpointing is False
