@@ -39,6 +39,7 @@ from ..integration.registry import (
 )
 from ..ops.common import allowed_mask, repeat_kv
 from .families import attention_modules, family_of
+from .sharding import is_sharded
 
 TRANSFER_IMPLEMENTATION = "fastattn_transfer"
 # "linear" attention that also stores Hedgehog's attention-score loss on the module (the "layer" stage 1 with
@@ -113,8 +114,8 @@ def transfer_attention_forward(
         loss = F.mse_loss(student.float(), teacher.float())
     if not _in_backward():
         module.fastattn_transfer_loss = loss
-    _store_score_loss(module, query, key, attention_mask, scaling, causal)
-    return teacher.detach(), None
+    score = _store_score_loss(module, query, key, attention_mask, scaling, causal)
+    return _routed(module, teacher.detach(), loss, score), None
 
 
 def scored_linear_attention_forward(
@@ -150,11 +151,99 @@ def data_parallel_mean(x: torch.Tensor) -> torch.Tensor:
     return total / world
 
 
-def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> None:
-    if getattr(module, "_fastattn_score_loss", False):
-        loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
-        if not _in_backward():
-            module.fastattn_score_loss = loss
+def _store_score_loss(module, query, key, attention_mask, scaling, causal) -> torch.Tensor | None:
+    """Compute and store `attention_score_loss` on `module` if it asks for it (returned, else None)."""
+    if not getattr(module, "_fastattn_score_loss", False):
+        return None
+    loss = attention_score_loss(module, query, key, attention_mask, scaling, causal)
+    if not _in_backward():
+        module.fastattn_score_loss = loss
+    return loss
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# stage 1 under FSDP: the losses travel through the layers' outputs
+#
+# Stage 1 takes its losses inside each attention module and passes the original's output on, so no gradient crosses
+# a decoder layer's output. FSDP (torch's FSDP2, `fully_shard` per decoder layer) re-gathers a layer's parameters for
+# the backward, and reduces their gradients after, from hooks on the layer's outputs and inputs: with nothing flowing
+# there, attention transfer got no gradient at all and layer transfer's backward met freed parameters (checked on 2
+# CPU processes). So on a sharded model each module's loss is attached to the output it passes on (`_Attach`: an
+# identity whose backward also hands the loss its gradient) and the step's loss is read out through the model's last
+# hidden state (`_Readout`: the loss's value, whose backward sends zeros into the model): the backward then walks the
+# layers from the last to the first, through FSDP's hooks, and reaches each module's loss inside its own layer. The
+# same technique as Megatron's auxiliary losses (`MoEAuxLossAutoScaler`). The gradients are those of the plain path
+# (tested against one process); the price is a backward through the layers' residual stream (and, in attention
+# transfer, through their frozen MLPs) that the plain path skips. Off a sharded model nothing changes.
+
+
+class LossRoute:
+    """The weights of one stage-1 loss through the model (`1 / layers` for each module's output loss, `score_weight /
+    layers` for its score loss) and the gradient of the step's loss, set by `_Readout`'s backward before any
+    `_Attach` backward runs (they all lie upstream of it)."""
+
+    def __init__(self, layers: int, score_weight: float):
+        self.weight = 1.0 / layers
+        self.score_weight = score_weight
+        self.grad: torch.Tensor | None = None
+
+
+class _Attach(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, output, loss, route):
+        ctx.route, ctx.loss_shape, ctx.loss_dtype = route, loss.shape, loss.dtype
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.route.grad is None:
+            raise RuntimeError("a stage-1 loss routed through the model was reached without its read-out (_Readout)")
+        loss_grad = (ctx.route.grad * ctx.route.weight).to(ctx.loss_dtype).expand(ctx.loss_shape)
+        return grad, loss_grad, None
+
+
+class _Readout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, anchor, route):
+        ctx.route, ctx.anchor = route, (anchor.shape, anchor.dtype, anchor.device)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.route.grad = grad
+        shape, dtype, device = ctx.anchor
+        return None, torch.zeros(shape, dtype=dtype, device=device), None
+
+
+def _routed(module: nn.Module, output: torch.Tensor, loss: torch.Tensor, score: torch.Tensor | None) -> torch.Tensor:
+    """`output` with `module`'s stage-1 losses attached when a `LossRoute` is set on it (a sharded model)."""
+    route = module.__dict__.get("_fastattn_route")
+    if route is None or not torch.is_grad_enabled():
+        return output
+    if score is not None:
+        loss = loss + route.score_weight * score
+    return _Attach.apply(output, loss, route)
+
+
+@contextlib.contextmanager
+def _loss_route(model: nn.Module, modules: list[nn.Module], score_weight: float) -> Iterator[LossRoute | None]:
+    """While inside, on an FSDP-sharded `model` with gradients on, a `LossRoute` is set on `modules` (yielded; None
+    otherwise). Nested inside another (`stage1_step`), the outer one's route is reused."""
+    outer = modules[0].__dict__.get("_fastattn_route") if modules else None
+    if outer is not None:
+        yield outer
+        return
+    if not (torch.is_grad_enabled() and is_sharded(model)):
+        yield None
+        return
+    route = LossRoute(len(modules), score_weight)
+    for m in modules:
+        m._fastattn_route = route
+    try:
+        yield route
+    finally:
+        for m in modules:
+            m.__dict__.pop("_fastattn_route", None)
 
 
 def register_transfer_attention() -> None:
@@ -229,14 +318,19 @@ def _score_losses(modules: list[nn.Module], score_weight: float) -> Iterator[Non
                 m._fastattn_score_loss = before
 
 
-def _stage1_loss(modules: list[nn.Module], score_weight: float) -> torch.Tensor:
-    """The mean over layers of each module's output loss, plus `score_weight` times its attention-score loss."""
+def _stage1_loss(
+    modules: list[nn.Module], score_weight: float, route: LossRoute | None = None, outputs=None
+) -> torch.Tensor:
+    """The mean over layers of each module's output loss, plus `score_weight` times its attention-score loss. With a
+    `route` (a sharded model), that value read out through the model's last hidden state in `outputs`."""
     loss = torch.stack([m.__dict__.pop("fastattn_transfer_loss") for m in modules]).mean()
     if score_weight > 0:
         loss = (
             loss + score_weight * torch.stack([m.__dict__.pop("fastattn_score_loss") for m in modules]).mean()
         )
-    return loss
+    if route is None:
+        return loss
+    return _Readout.apply(loss, outputs.hidden_states[-1], route)
 
 
 def _stage1_forward_kwargs(model: nn.Module) -> dict:
@@ -257,9 +351,13 @@ def attention_transfer_loss(model: nn.Module, inputs: dict, score_weight: float 
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = _stage1_forward_kwargs(model)
-    with attention_transfer(model) as modules, _score_losses(modules, score_weight):
-        model(**inputs, **extra)
-        return _stage1_loss(modules, score_weight)
+    with (
+        attention_transfer(model) as modules,
+        _score_losses(modules, score_weight),
+        _loss_route(model, modules, score_weight) as route,
+    ):
+        outputs = model(**inputs, **extra, **({"output_hidden_states": True} if route else {}))
+        return _stage1_loss(modules, score_weight, route, outputs)
 
 
 def _frozen_blocks(module: nn.Module, attention: set[int], prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
@@ -292,8 +390,15 @@ def _same_weights(block: nn.Module, twin: nn.Module) -> bool:
     MLPs and head, against seconds per step)."""
     mine, theirs = block.state_dict(keep_vars=True), twin.state_dict(keep_vars=True)
     return mine.keys() == theirs.keys() and all(
-        v.shape == theirs[k].shape and torch.equal(v.detach(), theirs[k].detach()) for k, v in mine.items()
+        v.shape == theirs[k].shape and torch.equal(_whole(v.detach()), theirs[k].detach()) for k, v in mine.items()
     )
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or the whole tensor of an FSDP shard (a DTensor: all-gathered, a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _answer_from(queue: list, block: nn.Module):
@@ -390,6 +495,7 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
             loss = err.sum() / norm
             if not _in_backward():
                 module.fastattn_transfer_loss = loss
+            target = _routed(module, target, loss, module.__dict__.get("fastattn_score_loss"))
             return (target, *output[1:]) if isinstance(output, tuple) else target
 
         return hook
@@ -427,7 +533,11 @@ def layer_transfer_loss(
         _check_scorable(model)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = _stage1_forward_kwargs(model)
-    with layer_transfer(model, teacher) as modules, _score_losses(modules, score_weight):
+    with (
+        layer_transfer(model, teacher) as modules,
+        _score_losses(modules, score_weight),
+        _loss_route(model, modules, score_weight) as route,
+    ):
         mask = inputs.get("attention_mask")
         for m in modules:
             m._fastattn_token_mask = None if mask is None else mask.float()
@@ -439,8 +549,8 @@ def layer_transfer_loss(
             if scored
             else contextlib.nullcontext()
         ):
-            model(**inputs, **extra)
-        return _stage1_loss(modules, score_weight)
+            outputs = model(**inputs, **extra, **({"output_hidden_states": True} if route else {}))
+        return _stage1_loss(modules, score_weight, route, outputs)
 
 
 @contextlib.contextmanager
@@ -455,13 +565,18 @@ def stage1_step(
     if score_weight > 0:
         _check_scorable(model)
     if teacher is None:
-        with attention_transfer(model) as modules, _score_losses(modules, score_weight):
+        with (
+            attention_transfer(model) as modules,
+            _score_losses(modules, score_weight),
+            _loss_route(model, modules, score_weight),
+        ):
             yield
         return
     scored = score_weight > 0
     with (
         layer_transfer(model, teacher) as modules,
         _score_losses(modules, score_weight),
+        _loss_route(model, modules, score_weight),
         _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)
         if scored
         else contextlib.nullcontext(),

@@ -21,19 +21,6 @@ def _is_new_parameter(name: str) -> bool:
     return any(part in name for part in NEW_PARAMETER_NAMES)
 
 
-def refuse_fsdp(trainer: Trainer, what: str) -> None:
-    """Raise a ValueError if `trainer` runs under FSDP and `what` (a stage) cannot. Checked with torch's FSDP2
-    (`fully_shard`) on 2 CPU processes: stage 1's losses are taken inside each attention module and no gradient
-    crosses the layers' outputs, where FSDP hooks its re-gathering of parameters and its gradient reduction, so
-    attention transfer got no gradient at all (silently) and layer transfer's backward failed on freed parameters;
-    and peft's merge of LoRA adapters into sharded (DTensor) weights fails."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        raise ValueError(
-            f"{what} does not run under FSDP (sharded parameters would get no gradient, or cannot be merged into); "
-            "run it data-parallel instead (accelerate's MULTI_GPU, e.g. examples/accelerate/ddp_8gpu.yaml)"
-        )
-
-
 # positions per piece of `distillation_kl`: 256 x a 49K vocabulary is 50 MB per temporary
 KL_CHUNK_ROWS = 256
 
@@ -137,7 +124,6 @@ class AttentionTransferTrainer(Trainer):
 
     def __init__(self, *args, score_weight: float = 0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        refuse_fsdp(self, "stage 1 (attention transfer)")
         self.score_weight = score_weight
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -165,7 +151,6 @@ class LayerTransferTrainer(Trainer):
         self, *args, teacher: nn.Module, map_lr: float | None = None, score_weight: float = 0.0, **kwargs
     ):
         super().__init__(*args, **kwargs)
-        refuse_fsdp(self, "stage 1 (layer transfer)")
         self.teacher = teacher.eval()
         self.map_lr = map_lr
         self.score_weight = score_weight

@@ -22,13 +22,13 @@ from transformers import Trainer, TrainingArguments
 from ..ops.memory import reuse_freed_memory
 from .families import attention_modules, family_of
 from .losses import _unwrap
+from .sharding import gather
 from .trainers import (
     NEW_PARAMETER_NAMES,
     AttentionTransferTrainer,
     DistillationTrainer,
     LayerTransferTrainer,
     _is_new_parameter,
-    refuse_fsdp,
 )
 
 STAGES = ("attention_transfer", "lora", "full", "attention")
@@ -286,12 +286,13 @@ def uptrain(
         return _uptrain(model, train_dataset, cfg, data_collator, teacher)
 
 
-def _train(trainer: Trainer) -> None:
-    """`trainer.train()`, then the model as it was before: under `bf16` accelerate wraps the model's `forward` in
-    autocast, and left there the returned model would keep computing in bfloat16 (its K/V cache too); and it marks
-    the model prepared (`_is_accelerate_prepared`), which would make the next stage's `Trainer` take it as it is,
-    without its own autocast (stage 2 after stage 1 then ran in float32: 38-44 s per step on SmolLM2 instead of
-    29)."""
+def _train(trainer: Trainer) -> nn.Module:
+    """`trainer.train()`; returns the trained model as it was before: under `bf16` accelerate wraps the model's
+    `forward` in autocast, and left there the returned model would keep computing in bfloat16 (its K/V cache too);
+    it marks the model prepared (`_is_accelerate_prepared`), which would make the next stage's `Trainer` take it as
+    it is, without its own autocast (stage 2 after stage 1 then ran in float32: 38-44 s per step on SmolLM2 instead
+    of 29); and under FSDP its weights are shards, which `sharding.gather` makes whole again (a plain model, for the
+    next stage to shard again, for LoRA's merge and for `save_pretrained`)."""
     try:
         trainer.train()
     finally:
@@ -299,6 +300,7 @@ def _train(trainer: Trainer) -> None:
         model = trainer.accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
         for prepared in (wrapped, model):  # the DDP wrapper, if any, and the model itself
             prepared.__dict__.pop("_is_accelerate_prepared", None)
+    return gather(model)
 
 
 def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator, teacher) -> nn.Module:
@@ -331,7 +333,7 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
             score_weight=cfg.transfer_score_weight,
         )
         with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
-            _train(trainer)
+            model = _train(trainer)
     elif cfg.transfer_steps and has_maps:
         set_trainable(model, "attention_transfer")
         args = training_arguments(
@@ -345,7 +347,7 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
             score_weight=cfg.transfer_score_weight,
         )
         with activation_checkpointing(model, cfg.gradient_checkpointing is True, input_grads=False):
-            _train(trainer)
+            model = _train(trainer)
     if cfg.finetune_steps and cfg.finetune != "none":
         target = add_lora(model, cfg.lora_rank) if cfg.finetune == "lora" else model
         if cfg.finetune != "lora":
@@ -365,12 +367,9 @@ def _uptrain(model: nn.Module, train_dataset, cfg: UptrainConfig, data_collator,
             trainer = Trainer(
                 model=target, args=args, train_dataset=train_dataset, data_collator=data_collator
             )
-        if cfg.finetune == "lora":
-            refuse_fsdp(trainer, "finetune='lora' (its adapters are merged after training)")
         with activation_checkpointing(target, bool(cfg.gradient_checkpointing)):
-            _train(trainer)
-        if cfg.finetune == "lora":
-            model = target.merge_and_unload()
+            target = _train(trainer)
+        model = target.merge_and_unload() if cfg.finetune == "lora" else target
     for p in model.parameters():
         p.requires_grad_(True)
     return model

@@ -2,11 +2,13 @@
 
     python distributed_uptrain_worker.py OUT [--checkpointing]                         # one process
     python -m torch.distributed.run --nproc_per_node 2 distributed_uptrain_worker.py OUT  # two (gloo on CPU)
-    accelerate launch --config_file FSDP.yaml distributed_uptrain_worker.py OUT            # FSDP (see the test)
+    accelerate launch --config_file examples/accelerate/fsdp_8gpu.yaml --num_processes 2 --mixed_precision no \
+        distributed_uptrain_worker.py OUT --fsdp-on-cpu                                 # FSDP (see the test)
 
 Recipes: "attention-lora" (Hedgehog hybrid: attention transfer, then LoRA distilled from the original's logits) and
 "layer-full" (T2R: layer transfer with the attention-score loss, then full fine-tuning distilled from the logits and
-hidden states). The global batch is 4 blocks whatever the number of processes (`UptrainConfig.batch_size`).
+hidden states). The global batch is 4 blocks whatever the number of processes (`UptrainConfig.batch_size`). Rank 0
+saves each trained model's weights (`NAME.pt`) and `save_pretrained`s it (`NAME-saved/`).
 """
 
 from __future__ import annotations
@@ -72,8 +74,31 @@ def _record_wrapping(seen: list[str]) -> None:
     Trainer.train = recorded
 
 
+def _fsdp_on_cpu() -> None:
+    """Make accelerate shard with FSDP on CPU: it resolves an FSDP request (`ACCELERATE_USE_FSDP=true` and the
+    `FSDP_*` variables, what `accelerate launch` sets from an FSDP config) to MULTI_CPU on a machine without GPUs and
+    keeps the model whole. After its state is set up this turns that back into FSDP with the plugin accelerate built
+    from the request, the one change: accelerate's own FSDP2 preparation (`fully_shard` of each decoder layer and of
+    the model, gloo collectives) then runs, as it does on GPUs."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def fsdp_init(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    AcceleratorState.__init__ = fsdp_init
+
+
 def main() -> None:
     out = sys.argv[1]
+    if "--fsdp-on-cpu" in sys.argv:
+        _fsdp_on_cpu()
     checkpointing = "--checkpointing" in sys.argv
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     wrapped: list[str] = []
@@ -101,6 +126,8 @@ def main() -> None:
         if rank == 0:
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             torch.save(state, os.path.join(out, f"{name}.pt"))
+            model.save_pretrained(os.path.join(out, f"{name}-saved"))
+            result.setdefault("returned", {})[name] = type(model).__name__
             batch = {"input_ids": torch.tensor(data[:4]["input_ids"])}
             with torch.no_grad():
                 lm = model(**batch, labels=batch["input_ids"]).loss.item()

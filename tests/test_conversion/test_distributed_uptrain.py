@@ -1,12 +1,14 @@
-"""Uptraining data-parallel over 2 CPU processes (torch.distributed, gloo) ends where 1 process does on the same global
-batch (issue 16, "beyond one machine"), for both kinds of recipe: attention transfer then LoRA with distillation,
-and layer transfer then full fine-tuning with logit and hidden-state distillation. The 2-process run also turns on
-activation checkpointing, so the stage-1 state held over the backward is checked under DDP too.
+"""Uptraining over 2 CPU processes (torch.distributed, gloo) ends where 1 process does on the same global batch (issue
+16, "beyond one machine"), data-parallel (DDP) and sharded (FSDP2), for both kinds of recipe: attention transfer then
+LoRA with distillation, and layer transfer then full fine-tuning with logit and hidden-state distillation. The
+2-process runs also turn on activation checkpointing, so the stage-1 state held over the backward is checked there too.
 
-FSDP is not tested here: on a machine without GPUs accelerate (1.16) does not shard. With `ACCELERATE_USE_FSDP=true`
-(what `accelerate launch --use_fsdp` / an FSDP config sets) its state resolves to `MULTI_CPU` and the Trainer wraps
-the model in DDP; `test_fsdp_request_on_cpu_falls_back_to_ddp` pins that down, so that the README's statement of
-what is tested where stays true.
+FSDP: on a machine without GPUs accelerate (1.16) does not shard. With an FSDP request (`ACCELERATE_USE_FSDP=true`,
+what `accelerate launch` sets from an FSDP config) its state resolves to `MULTI_CPU` and the Trainer wraps the model
+in DDP (`test_fsdp_request_on_cpu_falls_back_to_ddp` pins that down). `test_fsdp_matches_one_process` launches the
+worker with the project's FSDP config (`examples/accelerate/fsdp_8gpu.yaml`, 2 processes, float32) and the worker's
+`--fsdp-on-cpu`, which turns accelerate's resolved state back into FSDP with the plugin it built from the config:
+accelerate's own FSDP2 preparation (`fully_shard` by decoder layer) then runs on CPU, as it does on GPUs.
 """
 
 from __future__ import annotations
@@ -59,13 +61,10 @@ def single(tmp_path_factory):
     return out, _run([sys.executable, str(WORKER), str(out)], out)
 
 
-def test_two_processes_match_one(single, tmp_path):
-    one_dir, one = single
-    two = _run(_torchrun(WORKER, tmp_path, "--checkpointing"), tmp_path)
+def _assert_same_training(one_dir, one, two_dir, two):
     assert one["world_size"] == 1 and two["world_size"] == 2
-    assert two["distributed_type"] == "MULTI_CPU" and two["wrapped"] == "DistributedDataParallel"
     for name in ("attention-lora", "layer-full"):
-        a, b = torch.load(one_dir / f"{name}.pt"), torch.load(tmp_path / f"{name}.pt")
+        a, b = torch.load(one_dir / f"{name}.pt"), torch.load(two_dir / f"{name}.pt")
         assert a.keys() == b.keys()
         for key in a:
             # Adam at lr 1e-2 turns float rounding (gradients summed in another order) into ~1e-5 weight changes
@@ -76,47 +75,45 @@ def test_two_processes_match_one(single, tmp_path):
         assert one["trained"][name] > 0  # the weights moved from the original's
 
 
+def test_two_processes_match_one(single, tmp_path):
+    one_dir, one = single
+    two = _run(_torchrun(WORKER, tmp_path, "--checkpointing"), tmp_path)
+    assert two["distributed_type"] == "MULTI_CPU" and two["wrapped"] == "DistributedDataParallel"
+    _assert_same_training(one_dir, one, tmp_path, two)
+
+
+def test_fsdp_matches_one_process(single, tmp_path):
+    """Both recipes under accelerate's FSDP2 (the project's FSDP config, 2 CPU processes, float32): stage 1's losses
+    routed through the layers' outputs (`losses._Attach`), LoRA trained on sharded weights, each stage's model
+    gathered whole (`sharding.gather`) for the next stage and for LoRA's merge. The same weights and losses as one
+    process, a plain model returned, and `save_pretrained` on rank 0 gives a checkpoint that reloads to them."""
+    from transformers import AutoModelForCausalLM
+
+    one_dir, one = single
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp_8gpu.yaml"),
+        "--num_processes", "2", "--mixed_precision", "no",
+        str(WORKER), str(tmp_path), "--fsdp-on-cpu", "--checkpointing",
+    ]  # fmt: skip
+    two = _run(cmd, tmp_path)
+    assert two["distributed_type"] == "FSDP"
+    assert two["wrapped"] == ["FSDPHfFastattnLlamaForCausalLM", "FSDPPeftModel"]  # both stages' models were sharded
+    assert two["returned"] == {"attention-lora": "HfFastattnLlamaForCausalLM", "layer-full": "HfFastattnLlamaForCausalLM"}
+    _assert_same_training(one_dir, one, tmp_path, two)
+    import hf_fastattn  # noqa: F401  (registers the converted model types)
+
+    for name in ("attention-lora", "layer-full"):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / f"{name}-saved").state_dict()
+        trained = torch.load(tmp_path / f"{name}.pt")
+        assert saved.keys() == trained.keys()
+        for key, value in trained.items():
+            torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+
+
 def test_fsdp_request_on_cpu_falls_back_to_ddp(tmp_path):
-    """What accelerate does with an FSDP request on CPU: no sharding (DDP). If this starts failing, accelerate
-    shards on CPU: extend `test_two_processes_match_one` to FSDP and update the README."""
+    """What accelerate does with an FSDP request on CPU: no sharding (DDP), hence the worker's `--fsdp-on-cpu` in
+    `test_fsdp_matches_one_process`. If this starts failing, accelerate shards on CPU by itself: drop that flag and
+    update the README."""
     run = _run(_torchrun(WORKER, tmp_path, "--only", "attention-lora"), tmp_path, ACCELERATE_USE_FSDP="true")
     assert run["distributed_type"] == "MULTI_CPU" and run["wrapped"] == "DistributedDataParallel"
-
-
-def _blocks():
-    import datasets
-
-    ids = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
-    return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * 16] * 4, "labels": ids})
-
-
-@pytest.mark.parametrize("stage", ["attention", "layer", "lora"])
-def test_fsdp_is_refused_where_it_cannot_work(monkeypatch, tmp_path, stage):
-    """Under FSDP stage 1 would get no gradient (attention transfer) or fail in the backward (layer transfer): checked
-    by hand with torch's fully_shard on 2 CPU processes, which accelerate does not use on CPU. The trainers refuse
-    up front, naming the data-parallel alternative; so does `uptrain` before a LoRA stage 2, whose adapters cannot
-    be merged into sharded weights."""
-    from conftest import tiny_model
-    from transformers import Trainer, TrainingArguments
-
-    from hf_fastattn.conversion import convert
-    from hf_fastattn.conversion.trainers import AttentionTransferTrainer, LayerTransferTrainer
-    from hf_fastattn.conversion.uptraining import UptrainConfig, uptrain
-
-    init = Trainer.__init__
-
-    def fsdp_init(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        self.is_fsdp_enabled = True  # what Trainer sets when accelerate shards with FSDP
-
-    monkeypatch.setattr(Trainer, "__init__", fsdp_init)
-    teacher = tiny_model("llama")
-    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
-    with pytest.raises(ValueError, match="does not run under FSDP.*ddp_8gpu"):
-        if stage == "attention":
-            AttentionTransferTrainer(model=convert(teacher, "hedgehog"), args=args)
-        elif stage == "layer":
-            LayerTransferTrainer(model=convert(teacher, "hedgehog"), args=args, teacher=teacher)
-        else:
-            cfg = UptrainConfig(finetune="lora", finetune_steps=1, batch_size=2, output_dir=str(tmp_path))
-            uptrain(convert(teacher, "hedgehog"), _blocks(), cfg)
