@@ -42,7 +42,6 @@ def _empty_twin(model: nn.Module) -> nn.Module:
         raise ValueError(f"cannot gather a sharded {type(base).__name__}: it has no config to rebuild it from")
     with torch.device("meta"):
         twin = _plain_class(base)(config)
-    twin.train(base.training)
     if getattr(base, "generation_config", None) is not None:
         twin.generation_config = copy.deepcopy(base.generation_config)
     if peft_config:
@@ -59,7 +58,8 @@ def gather(model: nn.Module) -> nn.Module:
 
     The copy is built on the meta device and given the gathered tensors (`load_state_dict(assign=True)`); the
     tensors FSDP does not shard (buffers, and tensors a module keeps as attributes, such as a rotary embedding's
-    `original_inv_freq`) are taken over from `model`, whose parameters are then left as they were (sharded)."""
+    `original_inv_freq`) are taken over from `model`, as are each module's train / eval mode and each parameter's
+    `requires_grad`; `model`'s parameters are left as they were (sharded)."""
     if not is_sharded(model):
         return model
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -70,6 +70,7 @@ def gather(model: nn.Module) -> nn.Module:
     sources = dict(model.named_modules())
     for name, module in twin.named_modules():
         source = sources[name]
+        module.training = source.training
         for key, buffer in list(module._buffers.items()):
             if buffer is not None and key not in module._non_persistent_buffers_set and buffer.device.type != "meta":
                 continue
