@@ -39,7 +39,7 @@ from ..integration.registry import (
 )
 from ..ops.common import allowed_mask, repeat_kv
 from .families import attention_modules, family_of
-from .sharding import is_sharded
+from .sharding import is_sharded, whole_tensor
 
 TRANSFER_IMPLEMENTATION = "fastattn_transfer"
 # "linear" attention that also stores Hedgehog's attention-score loss on the module (the "layer" stage 1 with
@@ -390,15 +390,8 @@ def _same_weights(block: nn.Module, twin: nn.Module) -> bool:
     MLPs and head, against seconds per step)."""
     mine, theirs = block.state_dict(keep_vars=True), twin.state_dict(keep_vars=True)
     return mine.keys() == theirs.keys() and all(
-        v.shape == theirs[k].shape and torch.equal(_whole(v.detach()), theirs[k].detach()) for k, v in mine.items()
+        v.shape == theirs[k].shape and torch.equal(whole_tensor(v.detach()), theirs[k].detach()) for k, v in mine.items()
     )
-
-
-def _whole(t: torch.Tensor) -> torch.Tensor:
-    """`t`, or the whole tensor of an FSDP shard (a DTensor: all-gathered, a collective)."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def _answer_from(queue: list, block: nn.Module):

@@ -22,6 +22,13 @@ def is_sharded(model: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
+def whole_tensor(t: torch.Tensor) -> torch.Tensor:
+    """`t`, or the whole tensor of an FSDP shard (a DTensor: all-gathered, a collective every process must join)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _plain_class(module: nn.Module) -> type:
     """The class `fully_shard` derived `type(module)` from (`FSDP<Class>` has bases `(FSDPModule, Class)`)."""
     from torch.distributed.fsdp import FSDPModule
