@@ -1,6 +1,6 @@
 """Worker of `test_distributed_uptrain.py`: uptrain a tiny Llama with two recipes and save the weights (rank 0).
 
-    python distributed_uptrain_worker.py OUT [--checkpointing]                         # one process
+    python distributed_uptrain_worker.py OUT [--checkpointing] [--save-steps]          # one process
     python -m torch.distributed.run --nproc_per_node 2 distributed_uptrain_worker.py OUT  # two (gloo on CPU)
     accelerate launch --config_file examples/accelerate/fsdp_8gpu.yaml --num_processes 2 --mixed_precision no \
         distributed_uptrain_worker.py OUT --fsdp-on-cpu                                 # FSDP (see the test)
@@ -8,7 +8,8 @@
 Recipes: "attention-lora" (Hedgehog hybrid: attention transfer, then LoRA distilled from the original's logits) and
 "layer-full" (T2R: layer transfer with the attention-score loss, then full fine-tuning distilled from the logits and
 hidden states). The global batch is 4 blocks whatever the number of processes (`UptrainConfig.batch_size`). Rank 0
-saves each trained model's weights (`NAME.pt`) and `save_pretrained`s it (`NAME-saved/`).
+saves each trained model's weights (`NAME.pt`) and `save_pretrained`s it (`NAME-saved/`). With `--save-steps` the
+Trainer also checkpoints each stage at its last step (`OUT/trainer/NAME/STAGE/checkpoint-STEPS`).
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def main() -> None:
     if "--fsdp-on-cpu" in sys.argv:
         _fsdp_on_cpu()
     checkpointing = "--checkpointing" in sys.argv
+    save_steps = STEPS if "--save-steps" in sys.argv else 0
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     wrapped: list[str] = []
     _record_wrapping(wrapped)
@@ -120,6 +122,7 @@ def main() -> None:
             output_dir=os.path.join(out, "trainer", name),
             logging_steps=1,
             gradient_checkpointing=checkpointing,
+            save_steps=save_steps,
             **stages,
         )
         model = uptrain(model, data, cfg, teacher=teacher)

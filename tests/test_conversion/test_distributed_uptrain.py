@@ -58,7 +58,7 @@ def _torchrun(*args):
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
     out = tmp_path_factory.mktemp("one")
-    return out, _run([sys.executable, str(WORKER), str(out)], out)
+    return out, _run([sys.executable, str(WORKER), str(out), "--save-steps"], out)
 
 
 def _assert_same_training(one_dir, one, two_dir, two):
@@ -75,6 +75,53 @@ def _assert_same_training(one_dir, one, two_dir, two):
         assert one["trained"][name] > 0  # the weights moved from the original's
 
 
+def _assert_checkpoints_are_the_model(out: pathlib.Path) -> None:
+    """The Trainer's checkpoints at each stage's last step (`--save-steps`) hold the trained weights, whole: stage 2
+    of "layer-full" (full fine-tuning) reloads with `from_pretrained` to exactly the returned model; stage 2 of
+    "attention-lora" is a peft adapter whose LoRA product, added to the original's projections (attention transfer
+    leaves them alone), gives the returned (merged) model's; each stage-1 checkpoint reloads with every weight."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import hf_fastattn  # noqa: F401  (registers the converted model types)
+
+    sys.path.insert(0, str(HERE))
+    from conftest import tiny_model
+
+    full = torch.load(out / "layer-full.pt")
+    stage2 = AutoModelForCausalLM.from_pretrained(out / "trainer" / "layer-full" / "finetune" / "checkpoint-3")
+    saved = stage2.state_dict()
+    assert saved.keys() == full.keys()
+    for key, value in full.items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"layer-full checkpoint: {key}")
+    stage1_dir = out / "trainer" / "layer-full" / "layer_transfer" / "checkpoint-3"
+    stage1 = AutoModelForCausalLM.from_pretrained(stage1_dir)
+    assert stage1.state_dict().keys() == full.keys()
+    assert any(not torch.equal(stage1.state_dict()[k], full[k]) for k in full)  # stage 2 trained on from it
+
+    merged = torch.load(out / "attention-lora.pt")
+    original = tiny_model("llama", initializer_range=0.2).state_dict()
+    adapter_dir = out / "trainer" / "attention-lora" / "finetune" / "checkpoint-3"
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    scale = config["lora_alpha"] / config["r"]
+    pairs = [k[: -len(".lora_A.weight")] for k in adapter if k.endswith(".lora_A.weight")]
+    assert pairs, sorted(adapter)
+    for prefix in pairs:
+        a, b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+        key = prefix.removeprefix("base_model.model.") + ".weight"
+        assert b.abs().max() > 0, f"{prefix}: LoRA B never trained"
+        torch.testing.assert_close(merged[key], original[key] + scale * b @ a, rtol=1e-5, atol=1e-6, msg=key)
+    stage1_dir = out / "trainer" / "attention-lora" / "attention_transfer" / "checkpoint-3"
+    stage1 = AutoModelForCausalLM.from_pretrained(stage1_dir)
+    assert stage1.state_dict().keys() == merged.keys()
+
+
+def test_checkpoints_one_process(single):
+    """The reference for the FSDP run's checkpoints: one process, the Trainer's own saving."""
+    _assert_checkpoints_are_the_model(single[0])
+
+
 def test_two_processes_match_one(single, tmp_path):
     one_dir, one = single
     two = _run(_torchrun(WORKER, tmp_path, "--checkpointing"), tmp_path)
@@ -86,7 +133,8 @@ def test_fsdp_matches_one_process(single, tmp_path):
     """Both recipes under accelerate's FSDP2 (the project's FSDP config, 2 CPU processes, float32): stage 1's losses
     routed through the layers' outputs (`losses._Attach`), LoRA trained on sharded weights, each stage's model
     gathered whole (`sharding.gather`) for the next stage and for LoRA's merge. The same weights and losses as one
-    process, a plain model returned, and `save_pretrained` on rank 0 gives a checkpoint that reloads to them."""
+    process, a plain model returned, `save_pretrained` on rank 0 gives a checkpoint that reloads to them, and the
+    Trainer's own checkpoints (`save_steps`) hold the whole trained weights."""
     from transformers import AutoModelForCausalLM
 
     one_dir, one = single
@@ -94,7 +142,7 @@ def test_fsdp_matches_one_process(single, tmp_path):
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "examples" / "accelerate" / "fsdp_8gpu.yaml"),
         "--num_processes", "2", "--mixed_precision", "no",
-        str(WORKER), str(tmp_path), "--fsdp-on-cpu", "--checkpointing",
+        str(WORKER), str(tmp_path), "--fsdp-on-cpu", "--checkpointing", "--save-steps",
     ]  # fmt: skip
     two = _run(cmd, tmp_path)
     assert two["distributed_type"] == "FSDP"
@@ -109,6 +157,8 @@ def test_fsdp_matches_one_process(single, tmp_path):
         assert saved.keys() == trained.keys()
         for key, value in trained.items():
             torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"{name}: {key}")
+    # the Trainer's checkpoints under FSDP (`FULL_STATE_DICT` in the config): whole weights, as in one process
+    _assert_checkpoints_are_the_model(tmp_path)
 
 
 def test_fsdp_request_on_cpu_falls_back_to_ddp(tmp_path):
