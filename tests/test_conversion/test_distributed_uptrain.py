@@ -21,6 +21,7 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_model
 
 HERE = pathlib.Path(__file__).resolve().parent
 WORKER = HERE / "distributed_uptrain_worker.py"
@@ -85,9 +86,6 @@ def _assert_checkpoints_are_the_model(out: pathlib.Path) -> None:
 
     import hf_fastattn  # noqa: F401  (registers the converted model types)
 
-    sys.path.insert(0, str(HERE))
-    from conftest import tiny_model
-
     full = torch.load(out / "layer-full.pt")
     stage2 = AutoModelForCausalLM.from_pretrained(out / "trainer" / "layer-full" / "finetune" / "checkpoint-3")
     saved = stage2.state_dict()
@@ -95,9 +93,9 @@ def _assert_checkpoints_are_the_model(out: pathlib.Path) -> None:
     for key, value in full.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"layer-full checkpoint: {key}")
     stage1_dir = out / "trainer" / "layer-full" / "layer_transfer" / "checkpoint-3"
-    stage1 = AutoModelForCausalLM.from_pretrained(stage1_dir)
-    assert stage1.state_dict().keys() == full.keys()
-    assert any(not torch.equal(stage1.state_dict()[k], full[k]) for k in full)  # stage 2 trained on from it
+    stage1 = AutoModelForCausalLM.from_pretrained(stage1_dir).state_dict()
+    assert stage1.keys() == full.keys()
+    assert any(not torch.equal(stage1[k], full[k]) for k in full)  # stage 2 trained on from it
 
     merged = torch.load(out / "attention-lora.pt")
     original = tiny_model("llama", initializer_range=0.2).state_dict()
@@ -113,8 +111,7 @@ def _assert_checkpoints_are_the_model(out: pathlib.Path) -> None:
         assert b.abs().max() > 0, f"{prefix}: LoRA B never trained"
         torch.testing.assert_close(merged[key], original[key] + scale * b @ a, rtol=1e-5, atol=1e-6, msg=key)
     stage1_dir = out / "trainer" / "attention-lora" / "attention_transfer" / "checkpoint-3"
-    stage1 = AutoModelForCausalLM.from_pretrained(stage1_dir)
-    assert stage1.state_dict().keys() == merged.keys()
+    assert AutoModelForCausalLM.from_pretrained(stage1_dir).state_dict().keys() == merged.keys()
 
 
 def test_checkpoints_one_process(single):
