@@ -183,7 +183,7 @@ def build_parser() -> ArgumentParser:
         type=float_in(0),
         default=None,
         help="stage 1: weight of Hedgehog's attention-score loss added to the output MSE "
-        f"(t2r / hedgehog / linear without the hybrid) ({RECIPE_DEFAULT})",
+        f"(t2r / hedgehog / linear without the hybrid; mqa / gqa in layer transfer) ({RECIPE_DEFAULT})",
     )
     p.add_argument(
         "--warmup",
@@ -291,7 +291,7 @@ def recipe_overrides(args, method: str) -> tuple[dict, dict]:
         for dest, (_, flag, methods) in OPTION_FLAGS.items()
         if getattr(args, dest) is not None and method not in methods
     ]
-    if args.score_weight and method not in ("t2r", "hedgehog", "linear"):
+    if args.score_weight and method not in ("t2r", "hedgehog", "linear", "mqa", "gqa"):
         ignored.append("--score-weight")
     if ignored:
         raise ValueError(f"option(s) {ignored} do not apply to method {method!r}")

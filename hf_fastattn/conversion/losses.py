@@ -25,9 +25,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
 from ..integration.registry import (
@@ -285,19 +287,169 @@ def attention_transfer(model: nn.Module) -> Iterator[list[nn.Module]]:
         yield attention_modules(base, family_of(base))
 
 
-def _check_scorable(model: nn.Module) -> None:
-    """`transfer_score_weight > 0` needs plain linear attention, whose weights are phi(q) . phi(k) normalized."""
+def _check_scorable(model: nn.Module, teacher: nn.Module | None = None) -> str:
+    """Which attention-score loss `transfer_score_weight > 0` takes on `model`: "linear" (Hedgehog's, plain linear
+    attention: its weights are phi(q) . phi(k) normalized) or "softmax" (`softmax_score_loss`: softmax attention,
+    e.g. K/V heads pooled by mqa / gqa, in layer transfer, where `teacher` gives the original's q and k). A
+    ValueError for anything else."""
     base = _unwrap(model)
     implementation = base.config._attn_implementation
     if implementation in (TRANSFER_IMPLEMENTATION, SCORED_LINEAR_IMPLEMENTATION):  # inside `stage1_step`
         implementation = "linear"  # both run the model's own linear attention as the student
-    if implementation != "linear" or get_options(base.config).window is not None:
-        what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
-        raise ValueError(
-            f"transfer_score_weight > 0 compares linear attention's weights with softmax's; this model has {what}. "
-            "It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True; "
-            "use transfer_score_weight=0 here"
+    if implementation == "linear" and get_options(base.config).window is None:
+        return "linear"
+    if implementation.startswith(_SCORED_SOFTMAX):  # inside `stage1_step`
+        return "softmax"
+    teacher_implementation = None if teacher is None else _unwrap(teacher).config._attn_implementation
+    if implementation in SOFTMAX_SCORE_IMPLEMENTATIONS and teacher_implementation in SOFTMAX_SCORE_IMPLEMENTATIONS:
+        return "softmax"
+    what = "the sliding-window hybrid" if implementation == "linear" else f"{implementation!r} attention"
+    if implementation in SOFTMAX_SCORE_IMPLEMENTATIONS:
+        what += (
+            " without the original's attention to compare with (attention transfer)"
+            if teacher is None
+            else f" and an original on {teacher_implementation!r} attention"
         )
+    raise ValueError(
+        f"transfer_score_weight > 0 compares the converted model's attention weights with the original's; this model "
+        f"has {what}. It applies to models converted with 't2r', 'hedgehog' or 'linear' without hybrid=True, and in "
+        f"layer transfer (transfer_mode='layer') to softmax attention ('mqa', 'gqa') on "
+        f"{' or '.join(repr(i) for i in SOFTMAX_SCORE_IMPLEMENTATIONS)} attention in both models; "
+        "use transfer_score_weight=0 here"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the attention-score loss of a softmax student (K/V heads pooled by mqa / gqa), in layer transfer
+#
+# The student's weights softmax(q_s k_s^T) are compared with the original's softmax(q_t k_t^T) on the same inputs:
+# the original's q and k are captured while it runs just before (its attention function wrapped, `_CAPTURE`), the
+# student's scored in its own (wrapped, `_SCORED_SOFTMAX`). Both are N x N per head, so only every
+# `SOFTMAX_SCORE_STRIDE`-th query is scored (the last always), over all its keys, and the scoring is recomputed in
+# the backward instead of kept (activation-checkpointed): what stays per layer is the sampled queries and the keys.
+
+# every this many queries are scored: SmolLM2-135M at 2 x 2048 tokens, 2.7 s more per stage-1 step (11 -> 13.7 s)
+SOFTMAX_SCORE_STRIDE = 8
+# the attention implementations the wrappers run (eager's weights are sdpa's: "eager" runs sdpa under the wrapper)
+SOFTMAX_SCORE_IMPLEMENTATIONS = ("sdpa", "eager")
+_CAPTURE = "fastattn_capture_"
+_SCORED_SOFTMAX = "fastattn_scored_"
+
+
+def score_positions(n: int, stride: int = SOFTMAX_SCORE_STRIDE, device=None) -> torch.Tensor:
+    """The query positions `softmax_score_loss` scores in a block of `n`: every `stride`-th, ending at the last."""
+    return torch.arange(n - 1, -1, -stride, device=device).flip(0)
+
+
+def _softmax_score_rows(query, key, teacher_query, teacher_key, allowed, keep, scaling):
+    with torch.autocast(query.device.type, enabled=False):
+
+        def log_weights(q, k):
+            logits = (q.float() @ repeat_kv(k, q.shape[1]).float().transpose(-1, -2)) * scaling
+            return logits.masked_fill(~allowed, torch.finfo(torch.float32).min).log_softmax(-1)
+
+        with torch.no_grad():
+            target = log_weights(teacher_query, teacher_key)
+        kl = (target.exp() * (target - log_weights(query, key))).masked_fill(~allowed, 0).sum(-1)  # [B, H, M]
+        return (kl * keep[:, None, :]).sum() / (keep.sum() * kl.shape[1]).clamp_min(1)
+
+
+def softmax_score_loss(
+    query, key, teacher_query, teacher_key, positions, token_mask=None, scaling=None, causal=True
+) -> torch.Tensor:
+    """KL(original's attention weights || student's) of softmax attention, summed over keys and averaged over heads
+    and the real (not padded) queries at `positions` (Hedgehog's attention-score loss with a softmax student: the
+    same gradient as its cross-entropy, 0 when the weightings agree).
+
+    query, teacher_query `[B, H, M, D]`: the queries at `positions` `[M]` (after RoPE); key `[B, Hkv, N, D]`,
+    teacher_key `[B, Hkv_t, N, D]` (each repeated to the H query heads); token_mask: `[B, N]` (1: real token) or
+    None. The scoring is recomputed in the backward (activation-checkpointed) instead of kept."""
+    n = key.shape[2]
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    keys = torch.arange(n, device=key.device)
+    allowed = keys[None, :] <= positions[:, None] if causal else torch.ones(
+        len(positions), n, dtype=torch.bool, device=key.device
+    )
+    allowed = allowed[None, None]  # [1, 1, M, N]
+    keep = torch.ones(query.shape[0], len(positions), device=query.device)
+    if token_mask is not None:
+        real = token_mask.to(torch.bool)
+        allowed = allowed & real[:, None, None, :]
+        keep = real[:, positions].float()
+    args = (query, key, teacher_query, teacher_key, allowed, keep, scaling)
+    if torch.is_grad_enabled() and query.requires_grad:
+        return checkpoint(_softmax_score_rows, *args, use_reentrant=False)
+    return _softmax_score_rows(*args)
+
+
+def _attention_function(name: str):
+    """The attention function transformers runs for `name` ("eager": sdpa, which computes the same weights)."""
+    return ALL_ATTENTION_FUNCTIONS.get_interface(name, sdpa_attention_forward)
+
+
+def _capture_forward(name: str):
+    inner = _attention_function(name)
+
+    def forward(module, query, key, value, attention_mask, *args, **kwargs):
+        positions = score_positions(query.shape[2], device=query.device)
+        module._fastattn_teacher_qk = (query[:, :, positions].detach(), key.detach(), positions)
+        return inner(module, query, key, value, attention_mask, *args, **kwargs)
+
+    return forward
+
+
+def _scored_forward(name: str):
+    inner = _attention_function(name)
+
+    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        out = inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
+                    **kwargs)
+        if getattr(module, "_fastattn_score_loss", False):
+            teacher_query, teacher_key, positions = module.__dict__["_fastattn_teacher"]._fastattn_teacher_qk
+            loss = softmax_score_loss(
+                query[:, :, positions], key, teacher_query, teacher_key, positions,
+                module.__dict__.get("_fastattn_token_mask"), scaling, _is_causal(module, is_causal),
+            )
+            if not _in_backward():
+                module.fastattn_score_loss = loss
+        return out
+
+    return forward
+
+
+def _wrapped_implementation(prefix: str, name: str) -> str:
+    """The registered name of `name`'s attention wrapped by `_capture_forward` or `_scored_forward` (its masks
+    `name`'s own), registered on first use."""
+    wrapped = prefix + name
+    if wrapped not in ALL_ATTENTION_FUNCTIONS:
+        make = _capture_forward if prefix == _CAPTURE else _scored_forward
+        AttentionInterface.register(wrapped, make(name))
+        AttentionMaskInterface.register(wrapped, ALL_MASK_ATTENTION_FUNCTIONS[name])
+    return wrapped
+
+
+@contextlib.contextmanager
+def _scoring(model: nn.Module, teacher: nn.Module | None, score_weight: float) -> Iterator[None]:
+    """While inside, with `score_weight > 0`, `model` runs the attention function that stores its score loss
+    (`_check_scorable` says which) and, for a softmax student, `teacher` the one that captures its q and k."""
+    if score_weight <= 0:
+        yield
+        return
+    kind = _check_scorable(model, teacher)
+    if kind == "linear":
+        with _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION):
+            yield
+        return
+    implementation = _unwrap(model).config._attn_implementation
+    if implementation.startswith(_SCORED_SOFTMAX):  # nested inside `stage1_step`: already set
+        yield
+        return
+    teacher_implementation = _unwrap(teacher).config._attn_implementation
+    with (
+        _attention_implementation(model, _wrapped_implementation(_SCORED_SOFTMAX, implementation)),
+        _attention_implementation(teacher, _wrapped_implementation(_CAPTURE, teacher_implementation)),
+    ):
+        yield
 
 
 @contextlib.contextmanager
@@ -500,6 +652,8 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
     skipped, teacher_hooks = ([], []) if keep else _reuse_teacher_outputs(base, tbase, modules)
     handles += teacher_hooks
     base._fastattn_layer_transfer = (tbase, modules)
+    for m, t in zip(modules, targets, strict=True):  # a softmax student's score loss reads the original's q and k
+        m.__dict__["_fastattn_teacher"] = t  # not `m._fastattn_teacher = t`: that would make it a submodule
     try:
         yield modules
     finally:
@@ -510,6 +664,9 @@ def layer_transfer(model: nn.Module, teacher: nn.Module) -> Iterator[list[nn.Mod
         for m in modules:
             m.__dict__.pop("_fastattn_token_mask", None)
             m.__dict__.pop("_fastattn_norm", None)
+            m.__dict__.pop("_fastattn_teacher", None)
+        for t in targets:
+            t.__dict__.pop("_fastattn_teacher_qk", None)
         base.__dict__.pop("_fastattn_layer_transfer", None)
         outputs.clear()
 
@@ -520,29 +677,25 @@ def layer_transfer_loss(
     """The "layer" stage-1 loss on one batch: the mean over attention modules of the normalized MSE
     `|student - teacher|^2 / |teacher|^2` of the module outputs (padded tokens excluded), the teacher's module
     outputs fed forward (see `layer_transfer`); plus `score_weight` times the mean of Hedgehog's
-    `attention_score_loss` on the converted modules' own q and k (linear attention only). With activation
+    `attention_score_loss` on the converted modules' own q and k (linear attention), or of `softmax_score_loss`
+    against the original's q and k (softmax attention: K/V heads pooled by mqa / gqa). With activation
     checkpointing on, call it and its `backward()` inside `stage1_step(model, teacher, score_weight)`."""
     if score_weight > 0:
-        _check_scorable(model)
+        _check_scorable(model, teacher)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = _stage1_forward_kwargs(model)
     with (
         layer_transfer(model, teacher) as modules,
         _score_losses(modules, score_weight),
         _loss_route(model, modules, score_weight) as route,
+        _scoring(model, teacher, score_weight),
     ):
         mask = inputs.get("attention_mask")
         for m in modules:
             m._fastattn_token_mask = None if mask is None else mask.float()
         with torch.no_grad():
             teacher(**inputs, **_stage1_forward_kwargs(teacher))
-        scored = score_weight > 0
-        with (
-            _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)
-            if scored
-            else contextlib.nullcontext()
-        ):
-            outputs = model(**inputs, **extra, **({"output_hidden_states": True} if route else {}))
+        outputs = model(**inputs, **extra, **({"output_hidden_states": True} if route else {}))
         return _stage1_loss(modules, score_weight, route, outputs)
 
 
@@ -556,7 +709,7 @@ def stage1_step(
     `attention_transfer_loss` / `layer_transfer_loss` called inside reuse this state. The stage-1 trainers wrap
     each `training_step` in it; call `loss.backward()` inside it when computing these losses by hand."""
     if score_weight > 0:
-        _check_scorable(model)
+        _check_scorable(model, teacher)
     if teacher is None:
         with (
             attention_transfer(model) as modules,
@@ -565,13 +718,10 @@ def stage1_step(
         ):
             yield
         return
-    scored = score_weight > 0
     with (
         layer_transfer(model, teacher) as modules,
         _score_losses(modules, score_weight),
         _loss_route(model, modules, score_weight),
-        _attention_implementation(model, SCORED_LINEAR_IMPLEMENTATION)
-        if scored
-        else contextlib.nullcontext(),
+        _scoring(model, teacher, score_weight),
     ):
         yield

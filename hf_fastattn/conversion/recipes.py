@@ -251,6 +251,8 @@ CHECKPOINT_ACTIVATIONS = 40_000_000
 # (5.9 GB process), mqa's layer transfer (two blocks) 9 s less per step (5.3 GB). So stage 1 is checkpointed only
 # from steps of this many tokens, or with Hedgehog's attention-score loss (its N x N weights per layer and head)
 TRANSFER_CHECKPOINT_FROM = 8192
+# the methods whose converted attention is softmax (their score loss: `losses.softmax_score_loss`)
+SOFTMAX_STUDENT_METHODS = ("mqa", "gqa")
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
@@ -448,7 +450,9 @@ def _auto_checkpointing(r: Recipe, width: int | None) -> tuple[Recipe, str]:
             f"({'>=' if on else '<'} {CHECKPOINT_ACTIVATIONS:,})"
         )
     step = r.transfer_batch * r.seq_len
-    scored = r.score > 0 and r.seq_len >= CHECKPOINT_FROM
+    # Hedgehog's score loss on linear attention keeps N x N weights per layer; a softmax student's (mqa / gqa) scores
+    # every 8th query and recomputes it in the backward (`losses.softmax_score_loss`)
+    scored = r.score > 0 and r.seq_len >= CHECKPOINT_FROM and r.method not in SOFTMAX_STUDENT_METHODS
     stage1 = r.transfer > 0 and (step >= TRANSFER_CHECKPOINT_FROM or scored)
     if stage1 and not on:
         on = True

@@ -135,9 +135,11 @@ class UptrainConfig:
         needs `uptrain(..., teacher=)`); 0: the plain LM loss, 1: distillation only.
     distill_hidden_weight: stage 2: weight of a hidden-state distillation term added to that loss, the normalized
         MSE of each layer's output against the teacher's (see `DistillationTrainer`; needs the teacher); 0: none.
-    transfer_score_weight: stage 1: weight of Hedgehog's attention-score loss (`attention_score_loss`: linear
-        attention's weights against softmax's, cross-entropy) added to the output MSE, in either mode; linear
-        attention with a feature map only (t2r, hedgehog, linear), not the hybrid; 0: none.
+    transfer_score_weight: stage 1: weight of Hedgehog's attention-score loss added to the output MSE: linear
+        attention with a feature map (t2r, hedgehog, linear; not the hybrid), in either mode
+        (`attention_score_loss`: its weights against softmax's, cross-entropy), or softmax attention with pooled
+        K/V heads (mqa, gqa) in layer transfer (`softmax_score_loss`: its weights against the original's, KL, on
+        every 8th query); 0: none.
     weight_decay: stage 2 AdamW weight decay (stage 1, the feature maps, never decays).
     lr_scheduler: the Trainer's `lr_scheduler_type` of both stages ("cosine", "linear", "constant_with_warmup").
     gradient_checkpointing: activation checkpointing of the decoder layers in both stages (transformers'

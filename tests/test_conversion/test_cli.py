@@ -85,7 +85,7 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method, recip
         (["--method", "gqa", "--num-key-value-heads", "3"], "--num-key-value-heads 3 must divide the 4 key/value"),
         (["--method", "t2r", "--feature-dim", "0"], "argument --feature-dim: must be at least 1, got 0"),
         (["--method", "t2r", "--hybrid", "--score-weight", "1"], "not with --hybrid"),
-        (["--method", "mqa", "--score-weight", "1"], "do not apply to method 'mqa'"),
+        (["--method", "fast", "--score-weight", "1"], "do not apply to method 'fast'"),
         (["--method", "t2r", "--transfer-steps", "1", "--score-weight", "-1"], "argument --score-weight"),
         (["--method", "t2r", "--recipe", "fastest"], "unknown recipe 'fastest'; valid recipes are ["),
         (["--method", "mqa", "--recipe", "hedgehog"], "recipe 'hedgehog' converts with method 'hedgehog', not 'mqa'"),
@@ -106,7 +106,7 @@ def test_convert_cli_end_to_end(tmp_path, src, train_file, capsys, method, recip
         "gqa-groups",
         "feature-dim",
         "score-hybrid",
-        "score-mqa",
+        "score-fast",
         "score-negative",
         "unknown-recipe",
         "recipe-of-another-method",
@@ -194,6 +194,26 @@ def test_convert_cli_score_weight_reaches_attention_transfer(tmp_path, src, trai
     assert cli_main(argv) == 0
     assert len(calls) == 2 * 2  # 2 steps x 2 layers
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.fastattn_conversion["method"] == "t2r"
+
+
+def test_convert_cli_score_weight_reaches_mqa_layer_transfer(tmp_path, src, train_file, monkeypatch):
+    """With mqa, --score-weight scores the pooled model's softmax weights against the original's in layer transfer."""
+    import hf_fastattn.conversion.losses as losses
+
+    calls = []
+    real = losses.softmax_score_loss
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "softmax_score_loss", spy)
+    argv = ["convert", str(src), "--method", "mqa", "--train-file", str(train_file), "--transfer-steps", "2",
+            "--score-weight", "0.5", "--max-steps", "0", "--seq-len", "32", "--batch-size", "2",
+            "--out", str(tmp_path / "o")]
+    assert cli_main(argv) == 0
+    assert len(calls) == 2 * 2  # 2 steps x 2 layers
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_key_value_heads == 1
 
 
 def _quick_argv(src, train_file, out, *extra):

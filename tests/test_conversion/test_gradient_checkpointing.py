@@ -67,6 +67,7 @@ STAGE1 = {
     "attention-t2r-score": ("llama", "t2r", {"feature_dim": 16}, "attention", 1.0),
     "layer-t2r-score": ("llama", "t2r", {"feature_dim": 16}, "layer", 1.0),
     "layer-mqa": ("llama", "mqa", {}, "layer", 0.0),
+    "layer-mqa-score": ("llama", "mqa", {}, "layer", 1.0),
     # an encoder, with dropout (the recompute replays the forward's masks)
     "attention-bert-hedgehog": ("bert", "hedgehog", {}, "attention", 0.0),
     "layer-bert-hedgehog": ("bert", "hedgehog", {}, "layer", 0.0),

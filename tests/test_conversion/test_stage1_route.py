@@ -21,6 +21,8 @@ CASES = {
     "attention-score": ("attention", "t2r", {"feature_dim": 16}, 1.0),
     "layer": ("layer", "hedgehog", {"hybrid": True, "window": 4}, 0.0),
     "layer-score": ("layer", "t2r", {"feature_dim": 16}, 0.5),
+    # a softmax student's score loss (`losses.softmax_score_loss`, against the original's captured q and k)
+    "layer-mqa-score": ("layer", "mqa", {}, 1.0),
 }
 
 

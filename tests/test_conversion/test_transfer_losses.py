@@ -157,14 +157,17 @@ def test_uptrain_with_both_signals_and_their_errors(tmp_path, text, tokenizer):
     with pytest.raises(ValueError, match="teacher="):
         uptrain(convert(teacher, "t2r"), data, UptrainConfig(finetune="full", finetune_steps=1,
                                                              distill_hidden_weight=1.0, output_dir=str(tmp_path)))
-    # the score loss compares linear attention's weights: not the hybrid's, not MQA's softmax
+    # the score loss compares plain linear attention's weights, or softmax's against the original's in layer
+    # transfer (mqa: `test_softmax_score.py`): not the hybrid's, not MQA's without the original to compare with
     score = UptrainConfig(transfer_steps=1, transfer_mode="layer", finetune="none", transfer_score_weight=1.0,
                           output_dir=str(tmp_path))
     batch = {"input_ids": _ids()}
-    for converted, what in ((convert(teacher, "t2r", hybrid=True), "hybrid"), (convert(teacher, "mqa"), "sdpa")):
-        with pytest.raises(ValueError, match=f"transfer_score_weight.*{what}.*t2r"):
-            uptrain(converted, data, score, teacher=teacher)
-        with pytest.raises(ValueError, match=f"transfer_score_weight.*{what}"):
-            layer_transfer_loss(converted, teacher, batch, 1.0)
+    hybrid = convert(teacher, "t2r", hybrid=True)
+    with pytest.raises(ValueError, match="transfer_score_weight.*hybrid.*t2r"):
+        uptrain(hybrid, data, score, teacher=teacher)
+    with pytest.raises(ValueError, match="transfer_score_weight.*hybrid"):
+        layer_transfer_loss(hybrid, teacher, batch, 1.0)
     with pytest.raises(ValueError, match="transfer_score_weight.*hybrid"):
         attention_transfer_loss(convert(teacher, "hedgehog", hybrid=True), batch, 1.0)
+    with pytest.raises(ValueError, match="transfer_score_weight.*'sdpa' attention without the original's"):
+        attention_transfer_loss(convert(teacher, "mqa"), batch, 1.0)
