@@ -82,10 +82,12 @@ def _eager_weights(model, batch):
         return model(**batch, output_attentions=True).attentions
 
 
-def test_layer_transfer_stores_the_kl_of_the_eager_weights_and_trains_it_down():
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_layer_transfer_stores_the_kl_of_the_eager_weights_and_trains_it_down(implementation):
     torch.manual_seed(0)
     teacher = tiny_model("llama", initializer_range=0.2)
     student = convert(teacher, "mqa")
+    teacher.config._attn_implementation = student.config._attn_implementation = implementation
     ids = random_ids(0, 2, 40)
     mask = torch.ones_like(ids)
     mask[1, :6] = 0  # left padding
@@ -109,7 +111,7 @@ def test_layer_transfer_stores_the_kl_of_the_eager_weights_and_trains_it_down():
     score = scored - plain
     assert score > 1e-3 and math.isclose(doubled - plain, 2 * score, rel_tol=1e-4)
     # the wrappers are gone afterwards: both models run their own attention again, nothing is left on the modules
-    assert student.config._attn_implementation == teacher.config._attn_implementation == "sdpa"
+    assert student.config._attn_implementation == teacher.config._attn_implementation == implementation
     for m in modules + attention_modules(teacher, family_of(teacher)):
         assert not [k for k in m.__dict__ if "fastattn" in k]
     params = [student.get_parameter(name) for name in set_trainable(student, "attention")]
