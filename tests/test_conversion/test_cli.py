@@ -176,44 +176,31 @@ def test_convert_cli_bad_paths(tmp_path, src, train_file, capsys, monkeypatch):
     assert "--out must differ from SRC" in capsys.readouterr().err
 
 
-def test_convert_cli_score_weight_reaches_attention_transfer(tmp_path, src, train_file, monkeypatch):
-    """--score-weight adds Hedgehog's attention-score loss to pure t2r's attention transfer (each layer, each step)."""
+@pytest.mark.parametrize(
+    "method,loss",
+    [
+        ("t2r", "attention_score_loss"),  # Hedgehog's score loss in pure t2r's attention transfer
+        ("mqa", "softmax_score_loss"),  # the pooled model's softmax weights against the original's, layer transfer
+    ],
+)
+def test_convert_cli_score_weight_reaches_stage_one(tmp_path, src, train_file, monkeypatch, method, loss):
+    """--score-weight adds the method's attention-score loss to stage 1 (each layer, each step)."""
     import hf_fastattn.conversion.losses as losses
 
     calls = []
-    real = losses.attention_score_loss
+    real = getattr(losses, loss)
 
     def spy(*args, **kwargs):
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(losses, "attention_score_loss", spy)
-    argv = ["convert", str(src), "--method", "t2r", "--train-file", str(train_file), "--transfer-steps", "2",
+    monkeypatch.setattr(losses, loss, spy)
+    argv = ["convert", str(src), "--method", method, "--train-file", str(train_file), "--transfer-steps", "2",
             "--score-weight", "0.5", "--max-steps", "0", "--seq-len", "32", "--batch-size", "2",
             "--out", str(tmp_path / "o")]
     assert cli_main(argv) == 0
     assert len(calls) == 2 * 2  # 2 steps x 2 layers
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.fastattn_conversion["method"] == "t2r"
-
-
-def test_convert_cli_score_weight_reaches_mqa_layer_transfer(tmp_path, src, train_file, monkeypatch):
-    """With mqa, --score-weight scores the pooled model's softmax weights against the original's in layer transfer."""
-    import hf_fastattn.conversion.losses as losses
-
-    calls = []
-    real = losses.softmax_score_loss
-
-    def spy(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "softmax_score_loss", spy)
-    argv = ["convert", str(src), "--method", "mqa", "--train-file", str(train_file), "--transfer-steps", "2",
-            "--score-weight", "0.5", "--max-steps", "0", "--seq-len", "32", "--batch-size", "2",
-            "--out", str(tmp_path / "o")]
-    assert cli_main(argv) == 0
-    assert len(calls) == 2 * 2  # 2 steps x 2 layers
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.num_key_value_heads == 1
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "o").config.fastattn_conversion["method"] == method
 
 
 def _quick_argv(src, train_file, out, *extra):
