@@ -286,12 +286,14 @@ def method_of(args) -> str:
 
 def recipe_overrides(args, method: str) -> tuple[dict, dict]:
     """(overrides, sources) for `recipes.make_plan`: the recipe settings and method options given as flags."""
+    from .recipes import SOFTMAX_STUDENT_METHODS
+
     ignored = [
         flag
         for dest, (_, flag, methods) in OPTION_FLAGS.items()
         if getattr(args, dest) is not None and method not in methods
     ]
-    if args.score_weight and method not in ("t2r", "hedgehog", "linear", "mqa", "gqa"):
+    if args.score_weight and method not in ("t2r", "hedgehog", "linear", *SOFTMAX_STUDENT_METHODS):
         ignored.append("--score-weight")
     if ignored:
         raise ValueError(f"option(s) {ignored} do not apply to method {method!r}")

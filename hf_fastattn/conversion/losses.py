@@ -338,6 +338,8 @@ _SCORED_SOFTMAX = "fastattn_scored_"
 
 def score_positions(n: int, stride: int = SOFTMAX_SCORE_STRIDE, device=None) -> torch.Tensor:
     """The query positions `softmax_score_loss` scores in a block of `n`: every `stride`-th, ending at the last."""
+    if n < 1 or stride < 1:
+        raise ValueError(f"score_positions needs a block of n >= 1 tokens and a stride >= 1, got n={n}, stride={stride}")
     return torch.arange(n - 1, -1, -stride, device=device).flip(0)
 
 
@@ -362,8 +364,16 @@ def softmax_score_loss(
     same gradient as its cross-entropy, 0 when the weightings agree).
 
     query, teacher_query `[B, H, M, D]`: the queries at `positions` `[M]` (after RoPE); key `[B, Hkv, N, D]`,
-    teacher_key `[B, Hkv_t, N, D]` (each repeated to the H query heads); token_mask: `[B, N]` (1: real token) or
-    None. The scoring is recomputed in the backward (activation-checkpointed) instead of kept."""
+    teacher_key `[B, Hkv_t, N, D]` (each repeated to the H query heads); positions: e.g. `score_positions(N)`;
+    token_mask: `[B, N]` (1: real token) or None. The scoring is recomputed in the backward (activation-checkpointed)
+    instead of kept."""
+    m = len(positions)
+    if query.shape[:3] != teacher_query.shape[:3] or query.shape[2] != m or key.shape[2] != teacher_key.shape[2]:
+        raise ValueError(
+            f"softmax_score_loss needs query and teacher_query [B, H, M, D] at the M={m} positions and keys of one "
+            f"length; got query {tuple(query.shape)}, teacher_query {tuple(teacher_query.shape)}, key "
+            f"{tuple(key.shape)}, teacher_key {tuple(teacher_key.shape)}"
+        )
     n = key.shape[2]
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     keys = torch.arange(n, device=key.device)
@@ -680,8 +690,6 @@ def layer_transfer_loss(
     `attention_score_loss` on the converted modules' own q and k (linear attention), or of `softmax_score_loss`
     against the original's q and k (softmax attention: K/V heads pooled by mqa / gqa). With activation
     checkpointing on, call it and its `backward()` inside `stage1_step(model, teacher, score_weight)`."""
-    if score_weight > 0:
-        _check_scorable(model, teacher)
     inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     extra = _stage1_forward_kwargs(model)
     with (

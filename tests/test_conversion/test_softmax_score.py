@@ -150,3 +150,14 @@ def test_softmax_score_does_not_force_activation_checkpointing():
     t2r = make_plan(recipe="t2r", max_tokens=500_000, overrides={"score": 1.0, "transfer_batch": 1}, context=8192,
                     width=width)
     assert t2r.recipe.gradient_checkpointing is True
+
+
+def test_softmax_score_loss_refuses_mismatched_shapes_and_bad_positions():
+    positions = score_positions(6, stride=2)
+    q, k = torch.randn(1, 2, len(positions), 4), torch.randn(1, 1, 6, 4)
+    with pytest.raises(ValueError, match="at the M=3 positions.*teacher_query \\(1, 2, 2, 4\\)"):
+        softmax_score_loss(q, k, q[:, :, :2], k, positions)
+    with pytest.raises(ValueError, match="keys of one length"):
+        softmax_score_loss(q, k, q, k[:, :, :5], positions)
+    with pytest.raises(ValueError, match="stride >= 1, got n=6, stride=0"):
+        score_positions(6, stride=0)
