@@ -10,7 +10,16 @@ from hf_fastattn.kernels import linear_attention_triton, recurrent_linear_step_t
 from hf_fastattn.ops.linear import chunk_linear_attention, linear_attention, recurrent_linear_step  # noqa: E402
 from hf_fastattn.ops.reference import naive_feature_attention, naive_linear_attention  # noqa: E402
 
-from .helpers import DEVICE, LENGTHS, assert_bf16_close, assert_close_all, assert_fp16_close, rand, randn  # noqa: E402
+from .helpers import (  # noqa: E402
+    DEVICE,
+    LENGTHS,
+    assert_bf16_close,
+    assert_close_all,
+    assert_fp16_close,
+    leaves,
+    rand,
+    randn,
+)
 
 pytestmark = pytest.mark.triton
 
@@ -177,3 +186,27 @@ def test_bad_inputs_name_the_limit():
         linear_attention_triton(qf, kf, v, causal=True, initial_state=state(1, 2, 8, 16))
     with pytest.raises(ValueError, match="one token"):
         recurrent_linear_step_triton(qf, kf, v, state(1, 2, 16, 16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_backward_scans_take_the_forward_precision(dtype, monkeypatch):
+    """The backward's three scans pick their tl.dot precision as the forward did: tf32 (tensor cores) for 16-bit
+    inputs, exact fp32 for fp32 ones. An fp32 gradient fed to them as is made every product "ieee", which on an H100
+    made the backward 30-120x slower than the forward (stop 42)."""
+    from hf_fastattn.kernels import linear_attn
+
+    picked = []
+
+    def recording(*tensors):
+        picked.append(real(*tensors))
+        return picked[-1]
+
+    real = linear_attn.dot_precision
+    monkeypatch.setattr(linear_attn, "dot_precision", recording)
+    qf, kf, v = leaves(features(1, 2, 20, 16, 16), dtype)
+    out = linear_attention_triton(qf, kf, v, causal=True)[0]
+    assert len(picked) == 1
+    out.float().pow(2).sum().backward()  # the gradient reaching the kernel is fp32 (the division runs in fp32)
+    expected = "ieee" if dtype == torch.float32 else "tf32"
+    assert picked == [expected] * 4, picked
+    assert all(t.grad.dtype == dtype and torch.isfinite(t.grad).all() for t in (qf, kf, v))
