@@ -82,7 +82,40 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
             "set, so triton's own library (tl.sum, tl.cdiv, ...) is compiled-mode and the interpreter cannot run the "
             "kernels. Set TRITON_INTERPRET=1 in the environment before starting Python, or use backend='torch'"
         )
+    if not on_cuda and (reason := interpreter_loop_error()):
+        raise RuntimeError(f"backend='triton' on CPU tensors: {reason}")
     return "triton"
+
+
+@functools.cache
+def interpreter_loop_error() -> str | None:
+    """None where Triton's interpreter runs a loop with a run-time bound (every kernel here has one), else why not.
+
+    Triton 3.6's interpreter turns a loop bound into an int with `int()` of a one-element array, which numpy 2.4
+    refuses ("only 0-dimensional arrays can be converted to Python scalars"); triton 3.9's runs it. Checked once per
+    process, on a two-step kernel, in interpreter mode only.
+    """
+    import numpy
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _count(x_ptr, n):
+        for i in range(0, n):
+            tl.store(x_ptr + i, i + 1.0)
+
+    x = torch.zeros(2)
+    try:
+        _count[(1,)](x, 2)
+    except Exception as exc:  # the interpreter wraps the numpy error in its own InterpreterError
+        return (
+            f"Triton {triton.__version__}'s interpreter cannot run a loop with a run-time bound under numpy "
+            f"{numpy.__version__} ({exc}), and every kernel here has one. Triton 3.9's interpreter runs them: "
+            "upgrade triton, or use backend='torch'"
+        )
+    if x.tolist() != [1.0, 2.0]:
+        return f"Triton {triton.__version__}'s interpreter ran a two-step loop wrong here (got {x.tolist()}): use backend='torch'"
+    return None
 
 
 def interpreter_ready() -> bool:
@@ -97,4 +130,12 @@ def interpreter_ready() -> bool:
     return isinstance(tl.standard.sum, InterpretedFunction)
 
 
-__all__ = ["BACKENDS", "ENV_VAR", "interpreter_enabled", "interpreter_ready", "resolve_backend", "triton_available"]
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "interpreter_enabled",
+    "interpreter_loop_error",
+    "interpreter_ready",
+    "resolve_backend",
+    "triton_available",
+]
