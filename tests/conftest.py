@@ -5,8 +5,11 @@ Test modules get the builders through the fixtures `make_tiny_config` / `make_ti
 finds depends on collection order.
 """
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import torch
 
@@ -18,6 +21,12 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# hf_fastattn's cache (models dequantized or trained on first use, the decoding fast path's measured row plans) in a
+# folder of this run, as on CI's fresh machine: row plans timed under the suite's load must not reach the user's
+# cache, where later runs and benchmarks would take them as measured
+if "HF_FASTATTN_CACHE" not in os.environ:
+    os.environ["HF_FASTATTN_CACHE"] = tempfile.mkdtemp(prefix="hf_fastattn_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["HF_FASTATTN_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
