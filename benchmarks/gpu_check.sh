@@ -25,7 +25,7 @@ timeout "${TEST_TIMEOUT:-180}" python3 -m pytest -q -p no:cacheprovider -n "${WO
     --ignore=tests/test_kernels/test_rows_linear.py 2>&1 | tee "$OUT_DIR/kernel_tests.log" | tail -60
 
 # ours against sdpa first; fla apart (its first calls autotune for minutes), so a time limit on it costs ours nothing
-timeout "${BENCH_TIMEOUT:-160}" python3 -m hf_fastattn.cli bench kernels --methods sdpa linear fast-1 fast-2 sparse \
+timeout "${BENCH_TIMEOUT:-160}" python3 -m hf_fastattn.cli bench kernels --methods sdpa linear linear-torch fast-1 fast-2 sparse \
     --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.log" | tail -40
 if python3 -c "import fla.ops.linear_attn" >/dev/null 2>&1; then
     timeout "${FLA_TIMEOUT:-100}" python3 -m hf_fastattn.cli bench kernels --methods sdpa linear fla_linear \

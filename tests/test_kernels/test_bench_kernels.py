@@ -20,10 +20,10 @@ ON_GPU = DEVICE.type == "cuda"
 def test_bench_kernels_quick(tmp_path, capsys):
     # on a GPU: ours and sdpa (fla, when installed, autotunes each kernel for minutes at its first call)
     small = ["--lengths", "64", "128", "--heads", "2", "--head-dim", "16", "--dtype", "float32"]
-    small += ["--methods", "sdpa", "linear", "fast-1", "fast-2", "sparse"]
+    small += ["--methods", "sdpa", "linear", "linear-torch", "fast-1", "fast-2", "sparse"]
     assert main([*(small if ON_GPU else ["--quick"]), "--out", str(tmp_path)]) == 0
     data = json.loads((tmp_path / "kernels.json").read_text())
-    assert set(data["results"]) >= {"sdpa", "linear", "fast-1", "fast-2", "sparse"}
+    assert set(data["results"]) >= {"sdpa", "linear", "linear-torch", "fast-1", "fast-2", "sparse"}
     for by_mode in data["results"].values():
         for mode in ("fwd", "fwd+bwd"):
             assert len(by_mode[mode]) == len(data["lengths"]) and all(t > 0 for t in by_mode[mode])

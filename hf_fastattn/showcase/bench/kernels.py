@@ -6,6 +6,7 @@ For users with a GPU: causal forward and forward+backward, B=1, H=16, D=64, bf16
     flash_attn    flash_attn.flash_attn_func, if the flash-attn package is installed
     fla_linear    fla.ops.linear_attn.chunk_linear_attn (elu+1 features, normalized), if fla is installed
     linear        hf_fastattn linear attention (elu+1), Triton chunk kernel
+    linear-torch  the same operator's PyTorch form (chunked matmuls), what backend="auto" would otherwise run
     fast-1/fast-2 hf_fastattn FAST fastmax order 1 / 2, Triton
     sparse        hf_fastattn block-sparse strided pattern (stride 128), Triton
 
@@ -35,6 +36,8 @@ def _methods(device: str) -> dict:
     methods = {
         "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
         "linear": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="triton"),
+        # the same operator's PyTorch form (chunked matmuls): whether the Triton kernel beats our own fallback
+        "linear-torch": lambda q, k, v: linear_attention(q, k, v, causal=True, backend="torch"),
         "fast-1": lambda q, k, v: fast_attention(q, k, v, causal=True, order=1, backend="triton"),
         "fast-2": lambda q, k, v: fast_attention(q, k, v, causal=True, order=2, backend="triton"),
         "sparse": lambda q, k, v: sparse_attention(
