@@ -270,10 +270,11 @@ def _chunk_linear_backward(ctx, do, ds):
     q, k, v, s0 = ctx.saved_tensors
     causal, reverse = ctx.causal, ctx.reverse
     # do enters the scans below as a q, k or v, so its dtype picks their dot precision (`dot_precision`): 16-bit
-    # inputs get do in their dtype, as flash-attn and fla take it, and the scans run in tf32 on tensor cores like the
-    # forward; an fp32 do would make every product exact fp32 ("ieee", no tensor cores), which on an H100 made the
-    # backward 30-120x slower than the forward (stop 42). fp32 inputs keep an fp32 do and exact products.
-    grad_dtype = torch.float32 if torch.float32 in (q.dtype, k.dtype, v.dtype) else q.dtype
+    # inputs get do in bfloat16 (fp32's range: the normalizer's gradient, -do.num / den^2, can pass fp16's 65504), as
+    # flash-attn and fla take a 16-bit do, and the scans run in tf32 on tensor cores like the forward; an fp32 do
+    # would make every product exact fp32 ("ieee", no tensor cores), which on an H100 made the backward 30-120x
+    # slower than the forward (stop 42). fp32 inputs keep an fp32 do and exact products.
+    grad_dtype = torch.float32 if torch.float32 in (q.dtype, k.dtype, v.dtype) else torch.bfloat16
     do = torch.zeros(*q.shape[:3], v.shape[-1], device=q.device, dtype=grad_dtype) if do is None else do.to(grad_dtype)
     # dq_i = do_i S_i^T: the same scan with keys v, values k and state S0^T
     s0_t = None if s0 is None else s0.float().transpose(-1, -2).contiguous()
