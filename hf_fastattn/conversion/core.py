@@ -52,8 +52,10 @@ def convert(
         calibration_data: token id batches (tensors `[B, T]` or `[T]`, or dicts with "input_ids" and an optional
             "attention_mask", e.g. a few rows of the training dataset) run through the original model for the
             statistics of what its layers see; required by the options that fit to them (init="calibrated" of
-            "mqa" / "gqa") and refused by the others. `runner.convert_with_recipe` passes the training data's first
-            blocks.
+            "mqa" / "gqa") and refused by the others. Their longest sequence is the context the fit serves: rotary
+            pairs that turn less than half a radian over it are fit as unrotated dims (`kv_pooling.fit_kv`), so
+            calibrate on sequences as long as those the model will see. `runner.convert_with_recipe` passes the
+            training data's first blocks.
         **options: the method's options (e.g. `feature_dim=64` for "t2r", `num_key_value_heads=2` for "gqa",
             `hybrid=True` for "hedgehog").
 

@@ -4,6 +4,8 @@ weight-only fit where the inputs are anisotropic (as a pretrained LM's are), and
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import random_ids as _ids
@@ -12,7 +14,15 @@ from conftest import tiny_model
 from hf_fastattn.conversion import convert
 from hf_fastattn.conversion.distill import lm_dataset
 from hf_fastattn.conversion.families import family_of
-from hf_fastattn.conversion.kv_pooling import input_second_moments
+from hf_fastattn.conversion.kv_pooling import (
+    SLOW_TURN,
+    _rope_pairs,
+    _rotary_frequencies,
+    _slow_pairs_unrotated,
+    calibration_length,
+    fit_kv,
+    input_second_moments,
+)
 from hf_fastattn.conversion.runner import calibration_blocks, convert_with_recipe
 
 
@@ -24,8 +34,11 @@ def _out(model, x):
 def _anisotropic(family: str):
     """A tiny model whose attention inputs have a few dims 8x larger than the rest (a pretrained LM's norms do
     this): the weight-only fit weighs every input direction the same, which such inputs do not."""
-    model = tiny_model(family, initializer_range=0.2)
-    norms = [layer.input_layernorm for layer in model.model.layers] if family != "gpt2" else [
+    return _emphasize_norm_dims(tiny_model(family, initializer_range=0.2))
+
+
+def _emphasize_norm_dims(model):
+    norms = [layer.input_layernorm for layer in model.model.layers] if hasattr(model, "model") else [
         block.ln_1 for block in model.transformer.h
     ]
     with torch.no_grad():
@@ -65,6 +78,33 @@ def test_calibrated_fit_is_exact_without_pooling_and_closer_than_the_weight_fit(
         errors[init] = (_out(pooled, held_out) - ref).pow(2).mean().item()
     assert errors["calibrated"] < errors["svd"] and errors["calibrated"] < errors["mean"], errors
     assert pooled.config.fastattn_conversion == {"method": "mqa", "init": "calibrated"}
+
+
+def test_slow_rotary_pairs_are_fit_as_plain_dims_over_the_calibration_context():
+    """Rotary pairs that barely turn over the calibration blocks' length are fit like unrotated dims (one shared
+    real subspace, a full per-head query map there): on held-out sequences of that length the pooled model is closer
+    to the original than with every pair fit by its own complex factor (the fit without a context)."""
+    model = _anisotropic("llama")
+    model.config.rope_parameters = {"rope_theta": 1e5, "rope_type": "default"}
+    model = type(model)(model.config).eval()  # rebuilt: the rotary module reads its frequencies at construction
+    _emphasize_norm_dims(model)
+    calibration = [_ids(seed=1, batch=4, n=32)]
+    held_out = _ids(seed=2, batch=2, n=32)
+    ref = _out(model, held_out)
+    frequencies = _rotary_frequencies(model)
+    torch.testing.assert_close(frequencies, model.model.rotary_emb.inv_freq)
+    rope = _rope_pairs(model, 16)
+    fast, plain = _slow_pairs_unrotated(rope, frequencies, 32)
+    slow = [pair for pair, f in zip(rope[0], frequencies.tolist(), strict=True) if f * 32 < SLOW_TURN]
+    assert len(slow) == 5 and fast == rope[0][:3] and plain == sorted(i for pair in slow for i in pair)
+    assert _slow_pairs_unrotated(rope, frequencies, None) == rope
+    fitted = convert(model, "mqa", init="calibrated", calibration_data=calibration)  # context: the blocks' 32
+    without = copy.deepcopy(model)
+    family = family_of(without)
+    fit_kv(without, family, 1, input_second_moments(without, family, calibration))
+    error, error_without = ((_out(m, held_out) - ref).pow(2).mean().item() for m in (fitted, without))
+    assert error < 0.95 * error_without, (error, error_without)
+    assert calibration_length([{"input_ids": _ids(n=8)}, _ids(n=12)[0]]) == 12
 
 
 def test_calibration_errors():
