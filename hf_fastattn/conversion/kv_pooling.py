@@ -232,7 +232,7 @@ def _rotary_frequencies(model: nn.Module) -> torch.Tensor | None:
     found = [
         buf.detach().float().cpu()
         for name, buf in model.named_buffers()
-        if (leaf := name.rsplit(".", 1)[-1]) == "inv_freq" or (leaf.endswith("_inv_freq") and not leaf.startswith("original"))
+        if (leaf := name.rsplit(".", 1)[-1]).endswith("inv_freq") and "original" not in leaf
     ]
     if not found or len({len(f) for f in found}) != 1:
         return None
