@@ -84,10 +84,8 @@ def test_slow_rotary_pairs_are_fit_as_plain_dims_over_the_calibration_context():
     """Rotary pairs that barely turn over the calibration blocks' length are fit like unrotated dims (one shared
     real subspace, a full per-head query map there): on held-out sequences of that length the pooled model is closer
     to the original than with every pair fit by its own complex factor (the fit without a context)."""
-    model = _anisotropic("llama")
-    model.config.rope_parameters = {"rope_theta": 1e5, "rope_type": "default"}
-    model = type(model)(model.config).eval()  # rebuilt: the rotary module reads its frequencies at construction
-    _emphasize_norm_dims(model)
+    rope_parameters = {"rope_theta": 1e5, "rope_type": "default"}
+    model = _emphasize_norm_dims(tiny_model("llama", initializer_range=0.2, rope_parameters=rope_parameters))
     calibration = [_ids(seed=1, batch=4, n=32)]
     held_out = _ids(seed=2, batch=2, n=32)
     ref = _out(model, held_out)
