@@ -436,8 +436,9 @@ def fit_kv(
     recognize, or value heads of another size: a ValueError says which.
 
     `second_moments` (from `input_second_moments`): fit in the norm the inputs induce ("calibrated"). `context`: the
-    longest sequence the fit serves (for "calibrated", the calibration blocks' length); the rotary pairs that turn
-    less than `SLOW_TURN` radians over it are fit as unrotated dims (`_slow_pairs_unrotated`). None: none are.
+    longest sequence the fit serves (for "calibrated", `calibration_length` of the calibration blocks); the rotary
+    pairs that turn less than `SLOW_TURN` radians over it are fit as unrotated dims (`_slow_pairs_unrotated`). None:
+    none are.
     """
     _kv_check(model, family)
     modules = _check_groups(model, groups)
